@@ -1,0 +1,41 @@
+# hookline: `make run` starts the service on embedded defaults, `make test` runs everything CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint unit chaos fuzz bench test-mongo install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/hookline serve --demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check statemachine callbacks service tests bench
+	$(VENV)/bin/ruff format --check statemachine callbacks service tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not chaos and not browser"
+
+chaos: $(STAMP)
+	HOOKLINE_CHAOS_N=1000 $(PY) -m pytest -q -p no:cacheprovider -m chaos
+
+test-mongo: $(STAMP)
+	@test -n "$$HOOKLINE_TEST_MONGODB_URL" || { echo "set HOOKLINE_TEST_MONGODB_URL (see deploy/docker-compose.yml)"; exit 2; }
+	$(PY) -m pytest -q -p no:cacheprovider tests/contract
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) var
