@@ -1,0 +1,118 @@
+"""Configuration from HOOKLINE_* environment variables (and .env), with embedded defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from statemachine.decide import Deadlines
+
+ProviderName = Literal["sim", "replicate", "fal", "bfl"]
+
+
+class Settings(BaseSettings):
+    """Every knob of hookline. Names are the documented environment variables without HOOKLINE_."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HOOKLINE_", env_file=".env", extra="ignore", case_sensitive=False
+    )
+
+    # where things live
+    store_url: str = "sqlite:///var/hookline.db"
+    blob_url: str = "file://var/blobs"
+    public_url: str = "http://127.0.0.1:8000"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    secret_key: SecretStr | None = None  # signs file URLs; generated under var/ when unset
+    var_dir: Path = Path("var")
+    roles: str = "api,dispatcher,reaper"
+
+    # S3 / MinIO
+    s3_endpoint: str | None = None
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_secure: bool = True
+    s3_region: str | None = None
+    s3_public_endpoint: str | None = None
+
+    # providers
+    provider: ProviderName = "sim"
+    replicate_api_token: SecretStr | None = None
+    replicate_base_url: str = "https://api.replicate.com/v1"
+    replicate_model: str = "black-forest-labs/flux-schnell"
+    replicate_webhook_secret: SecretStr | None = None
+    fal_key: SecretStr | None = None
+    fal_base_url: str = "https://queue.fal.run"
+    fal_model: str = "fal-ai/flux/dev"
+    fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+    bfl_api_key: SecretStr | None = None
+    bfl_base_url: str = "https://api.bfl.ai/v1"
+    bfl_model: str = "flux-pro-1.1"
+    output_hosts: str | None = None  # comma-separated; None = the provider's own defaults
+    input_hosts: str = ""
+    provider_concurrency: int = 64  # jobs in flight per provider; beyond it tasks stay pending
+    styles_path: Path | None = None
+
+    # the simulator (HOOKLINE_PROVIDER=sim mounts it under /sim)
+    sim_latency: str = "uniform:1:3"  # fixed:S | uniform:A:B | lognormal:MU:SIGMA | seed
+    sim_time_scale: float = 1.0  # multiplies every simulated latency
+    sim_failure_rate: float = 0.0
+    sim_webhook_loss: float = 0.0
+    sim_webhook_duplicate: float = 0.0
+    sim_webhook_delay_s: float = 0.0
+    sim_webhook_bad_signature: float = 0.0
+    sim_output_5xx: float = 0.0
+    sim_seed: int | None = None
+
+    # lifecycle timing
+    ai_deadline_s: float = 600.0
+    ai_hard_cap_s: float = 1800.0
+    lease_s: float = 60.0
+    handoff_s: float = 10.0
+    reaper_interval_s: float = 5.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 2.0
+
+    # HTTP edges
+    max_body_bytes: int = 1_000_000  # JSON bodies
+    max_upload_bytes: int = 20_000_000
+    max_image_pixels: int = 40_000_000
+    max_inputs: int = 4
+    max_prompt_chars: int = 2000
+    rate_limit_per_s: float = 50.0
+    rate_limit_burst: int = 200
+    metrics_token: SecretStr | None = None
+    cors_origins: str = ""
+    file_url_ttl_s: int = 3600
+
+    # watermark
+    watermark_text: str = "hookline"
+    watermark_logo: Path | None = None
+    watermark_position: Literal[
+        "top-left", "top-right", "bottom-left", "bottom-right", "center"
+    ] = "bottom-right"
+    watermark_opacity: float = Field(default=0.5, ge=0.0, le=1.0)
+    watermark_scale: float = Field(default=0.2, gt=0.0, le=1.0)
+    watermark_margin: float = Field(default=0.03, ge=0.0, le=0.5)
+    watermark_tile: bool = False
+    output_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
+    output_quality: int = Field(default=90, ge=1, le=100)
+
+    log_level: str = "info"
+    log_format: Literal["console", "json"] = "console"
+
+    def deadlines(self) -> Deadlines:
+        return Deadlines(
+            handoff_s=self.handoff_s,
+            lease_s=self.lease_s,
+            ai_deadline_s=self.ai_deadline_s,
+            ai_hard_cap_s=self.ai_hard_cap_s,
+            retry_backoff_s=self.retry_backoff_s,
+            max_attempts=self.max_attempts,
+        )
+
+    def role_set(self) -> frozenset[str]:
+        return frozenset(r.strip() for r in self.roles.split(",") if r.strip())

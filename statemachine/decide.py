@@ -1,0 +1,138 @@
+"""Pure decisions: given a task, an event and the time, what the next record looks like.
+
+Nothing here does I/O. A caller persists the result with the store's compare-and-set and only then
+starts side effects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from statemachine.states import LEASED_STATES, REFUNDED_STATES, TERMINAL, Event, State, next_state
+from statemachine.task import HistoryEntry, Task
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """How long each non-terminal state may last before the reaper looks at the task."""
+
+    handoff_s: float = 10.0  # pending / watermarking: time for a dispatcher to pick the task up
+    lease_s: float = 60.0  # processing / watermarking: a worker's lease
+    ai_deadline_s: float = 600.0  # ai_processing: until the reaper polls the provider
+    ai_hard_cap_s: float = 1800.0  # ai_processing: the most an attempt may run, polls included
+    retry_backoff_s: float = 2.0  # base of the exponential backoff between attempts
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """An allowed transition, ready to persist."""
+
+    source: State
+    dest: State
+    event: Event
+    at: float
+    deadline: float | None
+    entry: HistoryEntry
+
+
+@dataclass(frozen=True, slots=True)
+class NotAllowed:
+    """The machine forbids ``event`` in ``state``; ``reason`` says why in words."""
+
+    state: State
+    event: Event
+    reason: str
+
+
+def decide(
+    task: Task,
+    event: Event,
+    now: float,
+    deadlines: Deadlines,
+    *,
+    detail: str | None = None,
+    delay_s: float | None = None,
+) -> Transition | NotAllowed:
+    """Decide ``event`` for ``task`` at ``now``: the new state, its history entry and deadline.
+
+    ``delay_s`` overrides the state's default deadline (a retry's backoff, an extension).
+    """
+    dest = next_state(task.state, event)
+    if dest is None:
+        terminal = " (terminal)" if task.state in TERMINAL else ""
+        reason = f"{event.value!r} is not allowed in state {task.state.value!r}{terminal}"
+        return NotAllowed(task.state, event, reason)
+    if event is Event.RETRY and task.attempts >= deadlines.max_attempts:
+        return NotAllowed(task.state, event, f"no attempts left ({task.attempts} used)")
+    deadline = now + delay_s if delay_s is not None else default_deadline(dest, now, deadlines)
+    entry = HistoryEntry(task.state, dest, event.value, now, detail)
+    return Transition(task.state, dest, event, now, deadline, entry)
+
+
+def default_deadline(state: State, now: float, deadlines: Deadlines) -> float | None:
+    """When the reaper should look at a task that has just entered ``state``."""
+    if state in TERMINAL:
+        return None
+    if state is State.AI_PROCESSING:
+        return now + deadlines.ai_deadline_s
+    if state is State.PROCESSING:
+        return now + deadlines.lease_s
+    return now + deadlines.handoff_s
+
+
+def apply(task: Task, transition: Transition, **changes: Any) -> Task:
+    """The record after ``transition``: new state, deadline, history; version + 1.
+
+    The lease is dropped unless ``changes`` sets one. Entering failed/cancelled marks the task
+    refunded: the store writes the refund in the same compare-and-set, exactly once.
+    """
+    fields: dict[str, Any] = {
+        "state": transition.dest,
+        "version": task.version + 1,
+        "updated_at": transition.at,
+        "deadline": transition.deadline,
+        "history": (*task.history, transition.entry),
+        "lease_owner": None,
+        "lease_expires": None,
+    }
+    if transition.dest in REFUNDED_STATES:
+        fields["refunded"] = True
+    fields.update(changes)
+    return task.with_changes(**fields)
+
+
+def claim(task: Task, owner: str, now: float, lease_s: float) -> Task | None:
+    """The record with ``owner``'s lease on it, or None if someone else holds a live lease.
+
+    Used to (re)claim work in processing/watermarking; the deadline follows the lease.
+    """
+    if task.state not in LEASED_STATES and task.state is not State.PENDING:
+        return None
+    if task.lease_held(now) and task.lease_owner != owner:
+        return None
+    expires = now + lease_s
+    return task.with_changes(
+        version=task.version + 1,
+        updated_at=now,
+        lease_owner=owner,
+        lease_expires=expires,
+        deadline=expires,
+    )
+
+
+def release(task: Task, now: float, deadline: float) -> Task:
+    """The record with its lease dropped and a new deadline (work handed back)."""
+    return task.with_changes(
+        version=task.version + 1,
+        updated_at=now,
+        lease_owner=None,
+        lease_expires=None,
+        deadline=deadline,
+    )
+
+
+def backoff_s(attempt: int, base_s: float, jitter: float) -> float:
+    """Exponential backoff before attempt ``attempt + 1``; ``jitter`` in [0, 1) spreads it ±50 %."""
+    return float(base_s * (2 ** max(attempt - 1, 0)) * (0.5 + jitter))

@@ -1,0 +1,158 @@
+"""The TaskStore port: everything the lifecycle needs persisted, as one Protocol.
+
+Adapters: ``sqlite_store.SqliteStore`` (embedded default) and ``mongo_store.MongoStore``.
+One contract suite (tests/contract) runs against every adapter.
+
+Rules every adapter keeps:
+- ``transition`` is a compare-and-set on (id, expected_state, expected_version): all of it is
+  written or nothing is, and a lost race returns False (never raises).
+- A CAS that writes a task in failed/cancelled with ``refunded=True`` also credits ``cost`` back to
+  the owner, exactly once per task (a ledger entry under the unique key (task_id, "refund")).
+- ``create_task`` debits ``cost`` once (ledger key (task_id, "debit")); an idempotent replay with the
+  same (owner, idempotency_key) and request_hash returns the first task and charges nothing.
+- Every stored change with ``emit=True`` appends one FeedEvent whose position sorts after all
+  earlier ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from statemachine.states import State
+from statemachine.task import Task
+
+LedgerKind = Literal["grant", "debit", "refund"]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    balance: int
+    is_admin: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    user: str
+    kind: LedgerKind
+    amount: int  # signed: debits are negative
+    at: float
+    task_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedEvent:
+    """One change of one task. ``position`` is opaque and resumable (a sequence number in SQLite,
+    a resume token in MongoDB); ``source`` is None for a creation."""
+
+    position: str
+    task_id: str
+    owner: str
+    source: State | None
+    dest: State
+    event: str
+    at: float
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Task]
+    next: str | None
+
+
+class TaskStore(Protocol):
+    """Persistence of users, credits, tasks, webhook deliveries, and the change feed."""
+
+    async def open(self) -> None:
+        """Create the schema / indexes if missing. Idempotent."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``Unavailable`` if the store cannot serve requests."""
+
+    # users, keys, credits
+    async def create_user(
+        self, name: str, credits: int, *, is_admin: bool, key_hash: str, now: float
+    ) -> User:
+        """Create a user with one API key (stored as its hash). ``Conflict`` if the name exists."""
+
+    async def add_api_key(self, name: str, key_hash: str, now: float) -> None: ...
+
+    async def user_by_key_hash(self, key_hash: str) -> User | None: ...
+
+    async def get_user(self, name: str) -> User | None: ...
+
+    async def grant(self, name: str, amount: int, now: float) -> int:
+        """Add ``amount`` credits (a ledger entry); return the new balance. ``NotFound``."""
+
+    async def ledger(self, name: str) -> list[LedgerEntry]:
+        """Every ledger entry of ``name``, oldest first."""
+
+    # tasks
+    async def create_task(self, task: Task) -> tuple[Task, bool]:
+        """Insert ``task`` (state pending, version 1), debit its cost and record its idempotency key
+        in one atomic step, and emit a creation FeedEvent. Returns (task, created).
+
+        Same (owner, idempotency_key) and same request_hash → (the first task, False), no charge.
+        Same key, other request_hash → ``Conflict``. Balance below cost → ``InsufficientCredits``
+        (nothing written).
+        """
+
+    async def get_task(self, task_id: str) -> Task | None: ...
+
+    async def list_tasks(
+        self, owner: str | None, state: State | None, limit: int, cursor: str | None
+    ) -> Page:
+        """Newest first; ``owner`` None lists everyone's. The cursor is opaque and stays correct
+        while tasks are inserted (no duplicates, no gaps among the older tasks)."""
+
+    async def transition(
+        self, task: Task, expected_state: State, expected_version: int, *, emit: bool = True
+    ) -> bool:
+        """Compare-and-set: replace the stored task if it is still in (expected_state,
+        expected_version). ``task.version`` must be expected_version + 1. With ``emit``, append a
+        FeedEvent from ``task.history[-1]``. Refunds as the module docstring says. False if the
+        race was lost (nothing written)."""
+
+    async def overdue(self, now: float, limit: int) -> list[Task]:
+        """Non-terminal tasks with deadline <= now, earliest deadline first, through an index."""
+
+    async def count_by_state(self, owner: str | None) -> dict[State, int]: ...
+
+    async def tasks_since(self, since: float, owner: str | None) -> list[Task]:
+        """Tasks created at or after ``since`` (for the KPIs)."""
+
+    # webhook deliveries
+    async def seen_delivery(self, provider: str, delivery_id: str) -> bool: ...
+
+    async def record_delivery(
+        self, provider: str, delivery_id: str, task_id: str, now: float
+    ) -> bool:
+        """Remember a processed delivery; False if it was already recorded."""
+
+    # change feed
+    async def feed_after(self, position: str | None, limit: int) -> list[FeedEvent]:
+        """Events after ``position`` (None: from the start), oldest first."""
+
+    async def feed_head(self) -> str | None:
+        """The position of the newest event, or None if there is none."""
+
+    async def save_position(self, watcher: str, position: str) -> None: ...
+
+    async def load_position(self, watcher: str) -> str | None: ...
+
+    async def reconcile(self, now: float) -> int:
+        """Repair half-done multi-write operations (MongoDB); return how many were repaired."""
+
+
+class ChangeFeed(Protocol):
+    """A resumable stream of FeedEvents (SQLite: the event table; MongoDB: change streams)."""
+
+    def subscribe(self, after: str | None) -> AsyncIterator[FeedEvent]:
+        """Every event after ``after``, then new ones as they are written, forever."""
+        ...
