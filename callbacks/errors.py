@@ -1,11 +1,11 @@
 """Provider errors.
 
-    HooklineError (statemachine/errors.py)
-    └── ProviderError                  a provider call failed; ``retryable`` says if trying again helps
-        ├── RetryableProviderError     5xx, timeouts, connection errors
-        │   └── ProviderRateLimited    429; ``retry_after_s`` from Retry-After
-        ├── PermanentProviderError     4xx validation, auth, moderation: retrying will not help
-        └── WebhookRejected            a delivery that fails authentication or parsing (4xx)
+HooklineError (statemachine/errors.py)
+└── ProviderError                  a provider call failed; ``retryable``: may a retry help
+    ├── RetryableProviderError     5xx, timeouts, connection errors
+    │   └── ProviderRateLimited    429; ``retry_after_s`` from Retry-After
+    ├── PermanentProviderError     4xx validation, auth, moderation: retrying will not help
+    └── WebhookRejected            a delivery that fails authentication or parsing (4xx)
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class PermanentProviderError(ProviderError):
 
 class WebhookRejected(ProviderError):
     """A webhook delivery we refuse. ``code`` names the reason: ``bad_signature``,
-    ``stale_timestamp``, ``bad_token``, ``malformed_body``, ``missing_headers``, ``wrong_provider``."""
+    ``stale_timestamp``, ``bad_token``, ``malformed_body``, ``missing_headers``,
+    ``wrong_provider``."""
 
     code = "webhook_rejected"
     status = 401

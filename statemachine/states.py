@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Final
 
 from transitions import Machine, MachineError
 
 
-class State(str, Enum):
+class State(StrEnum):
     PENDING = "pending"
     PROCESSING = "processing"
     AI_PROCESSING = "ai_processing"
@@ -18,7 +18,7 @@ class State(str, Enum):
     CANCELLED = "cancelled"
 
 
-class Event(str, Enum):
+class Event(StrEnum):
     START = "start"
     SUBMITTED = "submitted"
     AI_SUCCEEDED = "ai_succeeded"

@@ -8,8 +8,8 @@ Rules every adapter keeps:
   written or nothing is, and a lost race returns False (never raises).
 - A CAS that writes a task in failed/cancelled with ``refunded=True`` also credits ``cost`` back to
   the owner, exactly once per task (a ledger entry under the unique key (task_id, "refund")).
-- ``create_task`` debits ``cost`` once (ledger key (task_id, "debit")); an idempotent replay with the
-  same (owner, idempotency_key) and request_hash returns the first task and charges nothing.
+- ``create_task`` debits ``cost`` once (ledger key (task_id, "debit")); an idempotent replay with
+  the same (owner, idempotency_key) and request_hash returns the first task and charges nothing.
 - Every stored change with ``emit=True`` appends one FeedEvent whose position sorts after all
   earlier ones.
 """
