@@ -1,0 +1,273 @@
+"""The REST API: tasks, the caller, styles, health. Handlers validate, call the store, and render;
+errors are raised and mapped to responses in one place (service/errors.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.auth import authenticate, bearer_key, hash_key
+from service.context import Services
+from service.views import task_json, user_json
+from statemachine import lifecycle
+from statemachine.errors import (
+    BadRequest,
+    Conflict,
+    MalformedRequest,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from statemachine.states import Event, State
+from statemachine.store import User
+from statemachine.task import Task
+
+M = TypeVar("M", bound=BaseModel)
+MAX_IDEMPOTENCY_KEY = 200
+MAX_PAGE = 100
+
+
+class UploadInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    upload: Annotated[str, Field(min_length=1, max_length=300)]
+
+
+class UrlInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    url: Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://")]
+
+
+ParamValue = str | int | float | bool
+
+
+class CreateTaskBody(BaseModel):
+    """``POST /v1/tasks``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    inputs: Annotated[list[UploadInput | UrlInput], Field(min_length=1)]
+    prompt: Annotated[str, Field(min_length=1)]
+    style: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    provider: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    params: Annotated[dict[str, ParamValue], Field(max_length=32)] = Field(default_factory=dict)
+    num_outputs: Annotated[int, Field(ge=1, le=4)] = 1
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.state.services
+    return svc
+
+
+async def caller(request: Request) -> User:
+    """Authenticate and rate-limit the request; the calling user."""
+    svc = services(request)
+    svc.limiter.check(hash_key(bearer_key(request)), svc.now())
+    return await authenticate(svc.store, request)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body over {limit} bytes", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body over {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """Parse and validate a JSON body: 415 not JSON, 400 malformed, 422 invalid."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if ctype not in ("application/json", ""):
+        raise UnsupportedMediaType("send the body as application/json", code="not_json")
+    raw = await read_body(request, services(request).settings.max_body_bytes)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"malformed JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = [
+            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise BadRequest("request body failed validation", details=details) from exc
+
+
+async def visible_task(request: Request, user: User) -> Task:
+    """The task named in the path if the caller may see it; 404 otherwise (ids can't be probed)."""
+    task_id = request.path_params["task_id"]
+    task = await services(request).store.get_task(task_id)
+    if task is None or (task.owner != user.name and not user.is_admin):
+        raise NotFound(f"task {task_id} not found", code="task_not_found")
+    return task
+
+
+def request_hash(body: CreateTaskBody) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def new_task_id() -> str:
+    return "tsk_" + secrets.token_hex(12)
+
+
+async def create_task(request: Request) -> Response:
+    svc = services(request)
+    user = await caller(request)
+    body = await read_json(request, CreateTaskBody)
+    settings = svc.settings
+    if len(body.inputs) > settings.max_inputs:
+        raise BadRequest(f"at most {settings.max_inputs} inputs", code="too_many_inputs")
+    if len(body.prompt) > settings.max_prompt_chars:
+        raise BadRequest(f"prompt over {settings.max_prompt_chars} characters", code="prompt_too_long")
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise BadRequest("Idempotency-Key must be 1-200 characters", code="bad_idempotency_key")
+    style = svc.catalogue.get(body.style)
+    provider = body.provider or (style.provider if style.provider != "default" else None)
+    provider = provider or settings.provider
+    svc.provider(provider)  # 422 for an unknown provider
+    model = body.model or (style.model if style.model != "default" else None)
+    model = model or default_model(svc, provider)
+    inputs = tuple(await checked_input(svc, user, i) for i in body.inputs)
+    now = svc.now()
+    task = Task(
+        id=new_task_id(),
+        owner=user.name,
+        state=State.PENDING,
+        version=1,
+        provider=provider,
+        model=model,
+        prompt=body.prompt,
+        cost=style.cost,
+        created_at=now,
+        updated_at=now,
+        callback_token=secrets.token_urlsafe(24),
+        style=body.style,
+        params={**style.params, **body.params},
+        inputs=inputs,
+        num_outputs=body.num_outputs,
+        deadline=now + svc.deadlines.handoff_s,
+        idempotency_key=key,
+        request_hash=request_hash(body),
+    )
+    stored, _created = await svc.store.create_task(task)
+    return JSONResponse(await task_json(stored, svc.blobs, settings.file_url_ttl_s), 202)
+
+
+async def checked_input(svc: Services, user: User, item: UploadInput | UrlInput) -> dict[str, str]:
+    if isinstance(item, UrlInput):
+        return {"url": item.url}
+    if not item.upload.startswith(f"uploads/{user.name}/") or not await svc.blobs.exists(
+        item.upload
+    ):
+        raise BadRequest(f"unknown upload {item.upload!r}", code="unknown_upload")
+    return {"upload": item.upload}
+
+
+def default_model(svc: Services, provider: str) -> str:
+    s = svc.settings
+    models = {"replicate": s.replicate_model, "fal": s.fal_model, "bfl": s.bfl_model}
+    return models.get(provider, "hookline/sim")
+
+
+async def get_task(request: Request) -> Response:
+    svc = services(request)
+    task = await visible_task(request, await caller(request))
+    return JSONResponse(await task_json(task, svc.blobs, svc.settings.file_url_ttl_s))
+
+
+async def list_tasks(request: Request) -> Response:
+    svc = services(request)
+    user = await caller(request)
+    params = request.query_params
+    state: State | None = None
+    if params.get("state"):
+        try:
+            state = State(params["state"])
+        except ValueError:
+            raise BadRequest(
+                f"unknown state {params['state']!r}", code="bad_state", details=[s.value for s in State]
+            ) from None
+    raw_limit = params.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise BadRequest(f"limit must be 1-{MAX_PAGE}", code="bad_limit")
+    owner = None if user.is_admin else user.name
+    try:
+        page = await svc.store.list_tasks(owner, state, int(raw_limit), params.get("cursor"))
+    except ValueError as exc:
+        raise BadRequest("invalid cursor", code="bad_cursor") from exc
+    ttl = svc.settings.file_url_ttl_s
+    items = [await task_json(t, svc.blobs, ttl) for t in page.items]
+    return JSONResponse({"items": items, "next": page.next})
+
+
+async def cancel_task(request: Request) -> Response:
+    svc = services(request)
+    task = await visible_task(request, await caller(request))
+    result = await lifecycle.advance(
+        svc.store, task.id, Event.CANCEL, svc.now(), svc.deadlines, detail="cancelled by the user"
+    )
+    if isinstance(result, lifecycle.Refused):
+        if result.task.state is not State.CANCELLED:
+            raise Conflict(
+                f"task is {result.task.state.value} and can no longer be cancelled",
+                code="not_cancellable",
+            )
+        result_task = result.task
+    else:
+        result_task = result
+        if task.provider_job_id:
+            await svc.extras["worker"].cancel_job(result_task)
+    return JSONResponse(await task_json(result_task, svc.blobs, svc.settings.file_url_ttl_s))
+
+
+async def me(request: Request) -> Response:
+    return JSONResponse(user_json(await caller(request)))
+
+
+async def styles(request: Request) -> Response:
+    await caller(request)
+    return JSONResponse({"items": [s.to_json() for s in services(request).catalogue.all()]})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    svc = services(request)
+    await svc.store.ping()
+    await svc.blobs.ping()
+    return JSONResponse({"status": "ready"})
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/tasks", create_task, methods=["POST"]),
+        Route("/v1/tasks", list_tasks, methods=["GET"]),
+        Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
+        Route("/v1/tasks/{task_id}/cancel", cancel_task, methods=["POST"]),
+        Route("/v1/me", me, methods=["GET"]),
+        Route("/v1/styles", styles, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+
+
+def _unused(*_: Any) -> None:  # pragma: no cover - keeps imports used during construction
+    return None

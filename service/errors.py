@@ -1,0 +1,75 @@
+"""The one mapping from errors to HTTP responses: ``{"error": {"code", "message", "details"}}``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from statemachine.errors import HooklineError, RateLimited
+
+log = structlog.get_logger()
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status)
+
+
+async def hookline_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HooklineError)
+    headers: dict[str, str] = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, int(exc.retry_after_s + 0.999)))
+    if exc.status >= 500:
+        log.error("request_failed", code=exc.code, error=exc.message)
+    response = error_response(exc.status, exc.code, exc.message, exc.details)
+    response.headers.update(headers)
+    return response
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), None)
+
+
+async def unhandled_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled_error", error=repr(exc))
+    return error_response(500, "internal_error", "internal error")
+
+
+EXCEPTION_HANDLERS = {
+    HooklineError: hookline_error,
+    HTTPException: http_error,
+    Exception: unhandled_error,
+}
+
+
+def json_error_bytes(status_code: str, message: str) -> bytes:
+    """An error body as bytes, for ASGI middleware that answers before routing."""
+    return json.dumps(error_body(status_code, message)).encode()
