@@ -1,0 +1,180 @@
+"""The app factory and its lifespan: every resource is created here and closed here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from callbacks.receiver import WebhookReceiver
+from callbacks.registry import build_providers, default_output_hosts
+from callbacks.simulator import SimConfig, create_simulator_app
+from service import api, uploads
+from service.blobs import build_blob_store
+from service.context import Services
+from service.dispatcher import Dispatcher
+from service.errors import EXCEPTION_HANDLERS
+from service.fetch import SafeFetcher
+from service.local_blobs import LocalBlobStore, file_route
+from service.logging import configure_logging
+from service.middleware import RequestContext
+from service.ratelimit import RateLimiter
+from service.settings import Settings
+from service.styles import Catalogue
+from service.watermark import WatermarkConfig
+from service.worker import Worker
+from statemachine.feed import Watcher
+from statemachine.reaper import Reaper
+from statemachine.store import ChangeFeed, TaskStore
+
+log = structlog.get_logger()
+
+WEBHOOK_MAX_BYTES = 1_000_000
+
+
+def build_store(settings: Settings) -> tuple[TaskStore, ChangeFeed]:
+    """The store and change feed named by ``HOOKLINE_STORE_URL``."""
+    url = settings.store_url
+    if url.startswith("sqlite:"):
+        from statemachine.feed import SqliteFeed
+        from statemachine.sqlite_store import SqliteStore
+
+        store = SqliteStore.from_url(url)
+        return store, SqliteFeed(store)
+    if url.startswith(("mongodb:", "mongodb+srv:")):
+        from statemachine.mongo_feed import MongoChangeFeed
+        from statemachine.mongo_store import MongoStore
+
+        mongo = MongoStore.from_url(url)
+        return mongo, MongoChangeFeed(mongo.db)
+    raise ValueError(f"HOOKLINE_STORE_URL must be sqlite:/// or mongodb://, got {url!r}")
+
+
+def _host_port(url: str) -> str:
+    parsed = httpx.URL(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return f"{parsed.host}:{port}"
+
+
+def output_fetchers(settings: Settings, http: httpx.AsyncClient, names: list[str]) -> dict[str, SafeFetcher]:
+    """One SSRF-safe fetcher per provider, allowed the provider's output hosts."""
+    fetchers: dict[str, SafeFetcher] = {}
+    for name in names:
+        if settings.output_hosts is not None:
+            hosts = {h.strip() for h in settings.output_hosts.split(",") if h.strip()}
+        else:
+            hosts = set(default_output_hosts(name))
+        if name == "sim":
+            hosts.add(_host_port(settings.public_url))
+        fetchers[name] = SafeFetcher(http, allow_hosts=hosts, max_bytes=50_000_000, timeout_s=60)
+    return fetchers
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The hookline ASGI app. Roles (``HOOKLINE_ROLES``) pick the background loops it runs."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    blobs = build_blob_store(settings)
+    sim_app = None
+    if settings.provider == "sim":
+        sim_app = create_simulator_app(SimConfig.from_settings(settings))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        store, feed = build_store(settings)
+        await store.open()
+        http = httpx.AsyncClient(timeout=httpx.Timeout(30.0), follow_redirects=False)
+        sim_base = settings.public_url.rstrip("/") + "/sim/v1" if sim_app is not None else None
+        sim_secret = sim_app.state.sim.config.webhook_secret if sim_app is not None else None
+        providers = build_providers(settings, http, sim_base_url=sim_base, sim_secret=sim_secret)
+        svc = Services(
+            settings=settings,
+            store=store,
+            feed=feed,
+            blobs=blobs,
+            http=http,
+            providers=providers,
+            catalogue=Catalogue.load(settings.styles_path),
+            limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+            deadlines=settings.deadlines(),
+        )
+        input_hosts = {h.strip() for h in settings.input_hosts.split(",") if h.strip()}
+        worker = Worker(
+            svc,
+            owner=f"{socket.gethostname()}:{os.getpid()}",
+            input_fetcher=SafeFetcher(http, allow_hosts=input_hosts, max_bytes=settings.max_upload_bytes, timeout_s=30),
+            output_fetchers=output_fetchers(settings, http, list(providers)),
+            watermark=WatermarkConfig.from_settings(settings),
+        )
+        receiver = WebhookReceiver(store, providers, worker, now=svc.now, spawn=worker.spawn)
+        svc.extras.update(worker=worker, receiver=receiver)
+        loops: list[asyncio.Task[None]] = []
+        roles = settings.role_set()
+        if "dispatcher" in roles:
+            dispatcher = Dispatcher(store, worker)
+            watcher = Watcher("dispatcher", feed, store, dispatcher.handle)
+            loops.append(asyncio.create_task(watcher.run(), name="dispatcher"))
+        if "reaper" in roles:
+            reaper = Reaper(store, worker, interval_s=settings.reaper_interval_s, now=svc.now)
+            loops.append(asyncio.create_task(reaper.run(), name="reaper"))
+        log.info("hookline_started", roles=sorted(roles), store=settings.store_url.split("?")[0], provider=settings.provider)
+        try:
+            yield {"services": svc}
+        finally:
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await worker.close()
+            if sim_app is not None:
+                await sim_app.state.sim.close()
+            await http.aclose()
+            await blobs.close()
+            await store.close()
+
+    routes: list[BaseRoute] = [
+        *api.routes(),
+        Route("/v1/uploads", uploads.create_upload, methods=["POST"]),
+        Route("/v1/callbacks/{provider}/{task_id}", webhook, methods=["POST"]),
+    ]
+    if isinstance(blobs, LocalBlobStore):
+        routes.append(file_route(blobs))
+    if sim_app is not None:
+        routes.append(Mount("/sim", app=sim_app))
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestContext)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+
+
+async def webhook(request: Request) -> Response:
+    """``POST /v1/callbacks/{provider}/{task_id}?token=…``: the provider's webhook."""
+    svc: Services = request.state.services
+    receiver: WebhookReceiver = svc.extras["receiver"]
+    body = await api.read_body(request, WEBHOOK_MAX_BYTES)
+    receipt = await receiver.handle(
+        request.path_params["provider"],
+        request.path_params["task_id"],
+        request.query_params.get("token", ""),
+        request.headers,
+        body,
+    )
+    return JSONResponse(receipt.body, status_code=receipt.status)
+
+
+def default_var_dir() -> Path:
+    return Path("var")

@@ -1,0 +1,218 @@
+"""The ``hookline`` command: serve, simulator, reaper, users, credits, submit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from service.auth import hash_key, new_api_key
+from service.settings import Settings
+from statemachine import clock
+from statemachine.errors import HooklineError
+from statemachine.store import TaskStore
+
+T = TypeVar("T")
+USER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+DEMO_USER = "demo"
+DEMO_CREDITS = 1000
+
+
+def _with_store(settings: Settings, action: Callable[[TaskStore], Awaitable[T]]) -> T:
+    from service.app import build_store
+
+    async def run() -> T:
+        store, _feed = build_store(settings)
+        await store.open()
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def cmd_users_create(settings: Settings, args: argparse.Namespace) -> int:
+    if not USER_NAME.fullmatch(args.name):
+        print("error: a user name is 1-64 of A-Z a-z 0-9 _ -", file=sys.stderr)
+        return 2
+    if args.credits < 0:
+        print("error: --credits must be >= 0", file=sys.stderr)
+        return 2
+    key = new_api_key()
+
+    async def create(store: TaskStore) -> None:
+        await store.create_user(
+            args.name, args.credits, is_admin=args.admin, key_hash=hash_key(key), now=clock.now()
+        )
+
+    _with_store(settings, create)
+    role = "admin" if args.admin else "user"
+    print(f"created {role} {args.name} with {args.credits} credits; API key:")
+    print(key)
+    return 0
+
+
+def cmd_credits_grant(settings: Settings, args: argparse.Namespace) -> int:
+    if args.amount <= 0:
+        print("error: the amount must be > 0", file=sys.stderr)
+        return 2
+
+    async def grant(store: TaskStore) -> int:
+        return await store.grant(args.name, args.amount, clock.now())
+
+    balance = _with_store(settings, grant)
+    print(f"granted {args.amount} credits to {args.name}; balance {balance}")
+    return 0
+
+
+def ensure_demo_user(settings: Settings) -> str:
+    """The demo user's API key, kept in var/demo.key so `make run` shows the same key each time."""
+    key_file = settings.var_dir / "demo.key"
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+
+    async def ensure(store: TaskStore) -> str:
+        if key_file.exists():
+            key = key_file.read_text().strip()
+            if await store.user_by_key_hash(hash_key(key)) is not None:
+                return key
+        key = new_api_key()
+        if await store.get_user(DEMO_USER) is None:
+            await store.create_user(
+                DEMO_USER, DEMO_CREDITS, is_admin=True, key_hash=hash_key(key), now=clock.now()
+            )
+        else:
+            await store.add_api_key(DEMO_USER, hash_key(key), clock.now())
+        key_file.write_text(key + "\n")
+        return key
+
+    return _with_store(settings, ensure)
+
+
+def demo_banner(settings: Settings, key: str) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    return f"""
+hookline is starting on {base} (store {settings.store_url}, provider {settings.provider})
+
+  dashboard:   {base}/   (API key below)
+  API key:     {key}      (user "{DEMO_USER}", admin; saved in {settings.var_dir}/demo.key)
+
+  try it:
+    export KEY={key}
+    curl -s -X POST {base}/v1/uploads -H "Authorization: Bearer $KEY" \\
+         -H "Content-Type: image/jpeg" --data-binary @photo.jpg
+    curl -s -X POST {base}/v1/tasks -H "Authorization: Bearer $KEY" \\
+         -H "Content-Type: application/json" \\
+         -d '{{"inputs": [{{"upload": "<key from the upload>"}}], "prompt": "a lighthouse", "style": "anime"}}'
+    curl -s {base}/v1/tasks/<id> -H "Authorization: Bearer $KEY"
+"""
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    updates: dict[str, object] = {}
+    if args.host:
+        updates["host"] = args.host
+    if args.port is not None:
+        updates["port"] = args.port
+    if args.roles:
+        updates["roles"] = args.roles
+    settings = settings.model_copy(update=updates)
+    if args.demo:
+        print(demo_banner(settings, ensure_demo_user(settings)), flush=True)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
+    args.roles = "reaper"
+    args.demo = False
+    return cmd_serve(settings, args)
+
+
+def cmd_simulator(settings: Settings, args: argparse.Namespace) -> int:
+    from callbacks.simulator import SimConfig, run_simulator
+
+    run_simulator(SimConfig.from_settings(settings), args.host, args.port)
+    return 0
+
+
+def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    from service.client import submit
+
+    return submit(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hookline", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service (API, dispatcher, reaper)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--roles", help="comma-separated: api,dispatcher,reaper")
+    serve.add_argument("--demo", action="store_true", help="ensure a demo user and print a guide")
+    serve.set_defaults(func=cmd_serve)
+
+    reaper = sub.add_parser("reaper", help="run only the reaper")
+    reaper.add_argument("--host")
+    reaper.add_argument("--port", type=int, default=0)
+    reaper.set_defaults(func=cmd_reaper)
+
+    sim = sub.add_parser("simulator", help="run the provider simulator alone")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9000)
+    sim.set_defaults(func=cmd_simulator)
+
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    create = users.add_parser("create", help="create a user; prints the API key last")
+    create.add_argument("name")
+    create.add_argument("--credits", type=int, default=0)
+    create.add_argument("--admin", action="store_true")
+    create.set_defaults(func=cmd_users_create)
+
+    credits = sub.add_parser("credits", help="manage credits").add_subparsers(
+        dest="action", required=True
+    )
+    grant = credits.add_parser("grant", help="grant credits to a user")
+    grant.add_argument("name")
+    grant.add_argument("amount", type=int)
+    grant.set_defaults(func=cmd_credits_grant)
+
+    submit = sub.add_parser("submit", help="upload an image, create a task, follow it")
+    submit.add_argument("image")
+    submit.add_argument("--prompt", required=True)
+    submit.add_argument("--style")
+    submit.add_argument("--url", default=None, help="hookline base URL (default HOOKLINE_PUBLIC_URL)")
+    submit.add_argument("--key", default=None, help="API key (default $HOOKLINE_API_KEY)")
+    submit.add_argument("--wait", action="store_true", help="follow the task to the end")
+    submit.set_defaults(func=cmd_submit)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(Settings(), args)
+    except HooklineError as exc:
+        print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

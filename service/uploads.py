@@ -1,0 +1,40 @@
+"""``POST /v1/uploads``: a raw image body, checked and normalised off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.api import caller, read_body, services
+from service.blobs import extension_for, upload_key
+from service.images import decode_upload
+
+
+async def create_upload(request: Request) -> Response:
+    svc = services(request)
+    user = await caller(request)
+    settings = svc.settings
+    content_type = request.headers.get("content-type")
+    # Read at most one byte past the limit so decode_upload can answer 413 itself.
+    data = await read_body(request, settings.max_upload_bytes)
+    image = await asyncio.to_thread(
+        decode_upload,
+        data,
+        content_type,
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+    )
+    digest = hashlib.sha256(image.data).hexdigest()[:32]
+    key = upload_key(user.name, digest, extension_for(image.content_type))
+    await svc.blobs.put(key, image.data, image.content_type)
+    body = {
+        "key": key,
+        "width": image.width,
+        "height": image.height,
+        "content_type": image.content_type,
+        "bytes": len(image.data),
+    }
+    return JSONResponse(body, status_code=201)
