@@ -1,0 +1,270 @@
+"""Consuming the change feed: the SQLite feed, a resumable Watcher, an in-process Broadcaster.
+
+``SqliteFeed`` reads the store's event table. ``Watcher`` and ``Broadcaster`` know only the
+``ChangeFeed`` and ``TaskStore`` ports, so every adapter's feed (MongoDB change streams too) reuses
+them::
+
+    feed ──▶ Watcher("sse", feed, store, broadcaster.publish) ──▶ Broadcaster ──▶ SSE clients
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
+
+import structlog
+
+from statemachine.sqlite_store import SqliteStore
+from statemachine.store import ChangeFeed, FeedEvent, TaskStore
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[FeedEvent], Awaitable[None]]
+
+
+class SqliteFeed:
+    """The ChangeFeed of a SqliteStore: woken at once by this process's writes (the store's
+    listeners), polling every ``poll_interval_s`` for other processes' writes."""
+
+    def __init__(self, store: SqliteStore, poll_interval_s: float = 0.5, batch: int = 500) -> None:
+        self._store = store
+        self._poll_interval_s = poll_interval_s
+        self._batch = batch
+
+    async def subscribe(self, after: str | None) -> AsyncIterator[FeedEvent]:
+        """Every event after ``after``, in order, then new ones as they are written, forever."""
+        position = after
+        with self._store.listen() as wake:
+            while True:
+                # Cleared before reading: a commit after the read sets it again, so none is missed.
+                wake.clear()
+                events = await self._store.feed_after(position, self._batch)
+                for event in events:
+                    yield event
+                    position = event.position
+                if len(events) < self._batch:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), self._poll_interval_s)
+
+
+class Watcher:
+    """A named, resumable consumer of a ChangeFeed: at-least-once delivery to ``handler``.
+
+    The position is loaded from the store at start, saved every ``save_every`` events, every
+    ``save_interval_s`` while it moves, and on stop (``stop()`` or cancellation of ``run``). A
+    handler that raises is logged and skipped; a feed that fails is re-subscribed from the last
+    handled position after an exponential backoff.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        feed: ChangeFeed,
+        store: TaskStore,
+        handler: Handler,
+        *,
+        save_every: int = 100,
+        save_interval_s: float = 1.0,
+        retry_base_s: float = 0.1,
+        retry_max_s: float = 10.0,
+    ) -> None:
+        self.name = name
+        self._feed = feed
+        self._store = store
+        self._handler = handler
+        self._save_every = save_every
+        self._save_interval_s = save_interval_s
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
+        self._position: str | None = None
+        self._saved: str | None = None
+        self._unsaved = 0
+        self._stopping = asyncio.Event()
+        self._save_lock = asyncio.Lock()
+
+    @property
+    def position(self) -> str | None:
+        """The position of the last event handed to the handler."""
+        return self._position
+
+    def stop(self) -> None:
+        """Ask ``run`` to save its position and return."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Consume the feed until ``stop()`` or cancellation; the position is saved either way."""
+        self._stopping.clear()
+        self._position = self._saved = await self._store.load_position(self.name)
+        log.info("watcher.started", watcher=self.name, position=self._position)
+        consumer = asyncio.create_task(self._consume(), name=f"watcher-{self.name}")
+        saver = asyncio.create_task(self._save_periodically(), name=f"watcher-{self.name}-save")
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({consumer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (consumer, saver, stopping):
+                task.cancel()
+            await asyncio.gather(consumer, saver, stopping, return_exceptions=True)
+            # Shielded: a cancelled run still records how far it got.
+            await asyncio.shield(self._save())
+            log.info("watcher.stopped", watcher=self.name, position=self._position)
+
+    async def _consume(self) -> None:
+        failures = 0
+        while True:
+            events = self._feed.subscribe(self._position)
+            try:
+                async for event in events:
+                    failures = 0
+                    await self._handle(event)
+                    self._position = event.position
+                    self._unsaved += 1
+                    if self._unsaved >= self._save_every:
+                        await self._save()
+                return  # a feed that ends (a test's finite feed) ends the watcher
+            except Exception as exc:
+                failures += 1
+                delay_s = min(self._retry_base_s * 2 ** (failures - 1), self._retry_max_s)
+                log.warning(
+                    "watcher.feed_failed",
+                    watcher=self.name,
+                    position=self._position,
+                    error=repr(exc),
+                    retry_in_s=delay_s,
+                )
+                await asyncio.sleep(delay_s)
+            finally:
+                await _close(events)
+
+    async def _handle(self, event: FeedEvent) -> None:
+        fields = {"watcher": self.name, "task_id": event.task_id, "position": event.position}
+        with structlog.contextvars.bound_contextvars(**fields):
+            try:
+                await self._handler(event)
+            except Exception:
+                # At-least-once means a failing handler must not stall everyone behind it: the
+                # handler records failures as task state itself; here it is logged and skipped.
+                log.exception(
+                    "watcher.handler_failed", **fields, feed_event=event.event, dest=event.dest
+                )
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._save_interval_s)
+            await self._save()
+
+    async def _save(self) -> None:
+        async with self._save_lock:
+            position = self._position
+            if position is None or position == self._saved:
+                return
+            try:
+                await self._store.save_position(self.name, position)
+            except Exception as exc:
+                log.warning("watcher.save_failed", watcher=self.name, error=repr(exc))
+                return
+            self._saved = position
+            self._unsaved = 0
+
+
+async def _close(events: AsyncIterator[FeedEvent]) -> None:
+    """Finish an async generator at once (its cleanup, e.g. leaving the store's listeners)."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+DROPPED: Final = object()
+
+
+class Subscription:
+    """One subscriber of a Broadcaster: an async iterator of events, ended when dropped."""
+
+    def __init__(self, broadcaster: Broadcaster, task_id: str | None, maxsize: int) -> None:
+        self.task_id = task_id
+        self.dropped = False
+        self._broadcaster = broadcaster
+        self._queue: asyncio.Queue[FeedEvent | object] = asyncio.Queue(maxsize)
+
+    def _offer(self, event: FeedEvent) -> bool:
+        """Queue ``event``; False if the subscriber is too slow (its queue is full)."""
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def _end(self, *, dropped: bool) -> None:
+        self.dropped = self.dropped or dropped
+        # Emptied first so the end marker always fits; a dropped subscriber resumes by position.
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(DROPPED)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> FeedEvent:
+        item = await self._queue.get()
+        if isinstance(item, FeedEvent):
+            return item
+        # Keep the marker so later calls end as well.
+        self._queue.put_nowait(item)
+        raise StopAsyncIteration
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._broadcaster._remove(self)
+
+
+class Broadcaster:
+    """In-process fan-out of one feed to many subscribers, each with a bounded queue.
+
+    ``publish`` is a Watcher handler. A subscriber whose queue is full is dropped (its iteration
+    ends, ``dropped`` is True) instead of slowing the others; it may resubscribe from the position
+    of the last event it saw.
+    """
+
+    def __init__(self, queue_size: int = 256) -> None:
+        self._queue_size = queue_size
+        self._by_task: dict[str | None, set[Subscription]] = {}
+
+    @property
+    def count(self) -> int:
+        """Live subscribers."""
+        return sum(len(subs) for subs in self._by_task.values())
+
+    def subscribe(self, task_id: str | None = None) -> Subscription:
+        """Events of ``task_id`` (None: every event). Use as ``async with`` to unsubscribe."""
+        sub = Subscription(self, task_id, self._queue_size)
+        self._by_task.setdefault(task_id, set()).add(sub)
+        return sub
+
+    async def publish(self, event: FeedEvent) -> None:
+        """Hand ``event`` to its task's subscribers and to everyone's; drop the slow ones."""
+        for key in (event.task_id, None):
+            for sub in list(self._by_task.get(key, ())):
+                if not sub._offer(event):
+                    log.warning("broadcaster.dropped_slow", task_id=sub.task_id)
+                    self._remove(sub)
+                    sub._end(dropped=True)
+
+    def close(self) -> None:
+        """End every subscription (shutdown)."""
+        for subs in list(self._by_task.values()):
+            for sub in list(subs):
+                self._remove(sub)
+                sub._end(dropped=False)
+
+    def _remove(self, sub: Subscription) -> None:
+        subs = self._by_task.get(sub.task_id)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._by_task[sub.task_id]

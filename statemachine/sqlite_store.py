@@ -1,0 +1,788 @@
+"""The SQLite adapter of TaskStore: the embedded default (one file, WAL, several processes).
+
+No statement runs on the event loop. Every operation is queued to one database thread with its
+own connection, which drains the queue in batches: the batch's reads first (one read snapshot),
+then its writes, group-committed: each write inside its own SAVEPOINT (a failing write undoes only
+itself) of one ``BEGIN IMMEDIATE`` transaction, the callers' futures resolved only after
+``COMMIT``, so an acknowledged write survives a process crash (WAL with ``synchronous=NORMAL``).
+One thread rather than a reader and a writer: with the GIL, a second thread measured slower
+(bench/bench_store.py); the price is that reads wait while this process waits for the write lock.
+
+The change feed is the append-only ``feed_events`` table; a position is ``str(seq)``. After a
+commit that appended events, in-process listeners (see ``listen``) are woken at once; other
+processes' writes are found by polling (``feed.SqliteFeed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar, cast
+
+import structlog
+
+from statemachine.errors import (
+    BadRequest,
+    Conflict,
+    HooklineError,
+    InsufficientCredits,
+    NotFound,
+    StoreError,
+    Unavailable,
+)
+from statemachine.states import REFUNDED_STATES, TERMINAL, State
+from statemachine.store import FeedEvent, LedgerEntry, LedgerKind, Page, User
+from statemachine.task import Task, TaskDoc, from_doc, to_doc
+
+T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
+
+BUSY_TIMEOUT_S: Final = 10.0
+MAX_BATCH: Final = 512
+
+# The partial index and the query must spell this predicate identically for SQLite to use it.
+_NON_TERMINAL_SQL: Final = "state NOT IN ({})".format(
+    ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
+)
+
+_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    balance INTEGER NOT NULL,
+    is_admin INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL,
+    task_id TEXT,
+    kind TEXT NOT NULL CHECK (kind IN ('grant', 'debit', 'refund')),
+    amount INTEGER NOT NULL,
+    at REAL NOT NULL,
+    UNIQUE (task_id, kind)
+);
+CREATE INDEX IF NOT EXISTS ledger_user ON ledger (user, id);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    deadline REAL,
+    created_at REAL NOT NULL,
+    idempotency_key TEXT,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_overdue ON tasks (deadline) WHERE {_NON_TERMINAL_SQL};
+CREATE INDEX IF NOT EXISTS tasks_owner_created ON tasks (owner, created_at, id);
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at, id);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (owner, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS deliveries (
+    provider TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (provider, delivery_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS feed_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    source TEXT,
+    dest TEXT NOT NULL,
+    event TEXT NOT NULL,
+    at REAL NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS watcher_positions (
+    watcher TEXT PRIMARY KEY,
+    position TEXT NOT NULL
+);
+"""
+
+_TASK_INSERT: Final = (
+    "INSERT INTO tasks (id, owner, state, version, deadline, created_at, idempotency_key, doc)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_FEED_INSERT: Final = (
+    "INSERT INTO feed_events (task_id, owner, source, dest, event, at, version)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_LEDGER_INSERT: Final = (
+    "INSERT INTO ledger (user, task_id, kind, amount, at) VALUES (?, ?, ?, ?, ?)"
+)
+_FEED_COLUMNS: Final = "seq, task_id, owner, source, dest, event, at, version"
+
+
+@dataclass(slots=True)
+class _Tx:
+    """What a write op sees: the writer's connection, and a flag to say it appended feed events."""
+
+    conn: sqlite3.Connection
+    emitted: bool = False
+
+
+@dataclass(slots=True)
+class _Op:
+    """A queued read (``fn(conn)``) or write (``fn(tx)``) and the future its caller awaits."""
+
+    fn: Callable[[Any], Any]
+    write: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    op: _Op
+    result: Any = None
+    error: BaseException | None = None
+
+
+_STOP: Final = object()
+
+
+def _resolve(outcomes: list[_Outcome]) -> None:
+    """Runs on the caller's loop: settle the futures of one batch."""
+    for o in outcomes:
+        if o.op.future.cancelled():
+            continue
+        if o.error is not None:
+            o.op.future.set_exception(o.error)
+        else:
+            o.op.future.set_result(o.result)
+
+
+def _call(fn: Callable[[Any], T], arg: Any) -> T:
+    """Run one op, translating driver errors at the boundary."""
+    try:
+        return fn(arg)
+    except sqlite3.Error as exc:
+        raise StoreError(f"sqlite: {exc}") from exc
+
+
+@dataclass(slots=True)
+class _Worker:
+    """One thread owning one connection, running queued ops in batches."""
+
+    name: str
+    connect: Callable[[], sqlite3.Connection]
+    run_batch: Callable[[sqlite3.Connection, list[_Op]], list[_Outcome]]
+    inbox: queue.SimpleQueue[object] = field(default_factory=queue.SimpleQueue)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        conn = self.connect()
+        self.thread = threading.Thread(target=self._loop, args=(conn,), name=self.name, daemon=True)
+        self.thread.start()
+
+    def submit(self, op: _Op) -> None:
+        self.inbox.put(op)
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the thread (blocking: call through a thread)."""
+        self.inbox.put(_STOP)
+        if self.thread is not None:
+            self.thread.join()
+
+    def _loop(self, conn: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            first = self.inbox.get()
+            if first is _STOP:
+                break
+            batch = [cast(_Op, first)]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(cast(_Op, item))
+            try:
+                outcomes = self.run_batch(conn, batch)
+            except Exception as exc:  # a bug here must not leave callers waiting forever
+                log.exception("sqlite.worker_failed", ops=len(batch))
+                outcomes = [_Outcome(op, error=exc) for op in batch]
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+            for outcome in outcomes:
+                by_loop.setdefault(outcome.op.loop, []).append(outcome)
+            for loop, items in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody waits
+                    loop.call_soon_threadsafe(_resolve, items)
+        conn.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA cache_size=-65536")
+    return conn
+
+
+def _write_batch(conn: sqlite3.Connection, batch: list[_Op]) -> tuple[list[_Outcome], bool]:
+    """One transaction for the batch, one savepoint per op. Returns outcomes and "emitted"."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        err = _store_error("cannot start a write transaction", exc)
+        return [_Outcome(op, error=err) for op in batch], False
+    tx = _Tx(conn)
+    outcomes: list[_Outcome] = []
+    emitted = False
+    try:
+        for op in batch:
+            tx.emitted = False
+            conn.execute("SAVEPOINT op")
+            try:
+                result = _call(op.fn, tx)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                outcomes.append(_Outcome(op, error=exc))
+            else:
+                conn.execute("RELEASE op")
+                outcomes.append(_Outcome(op, result=result))
+                emitted = emitted or tx.emitted
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        # The transaction itself failed (savepoint or commit): nothing of the batch is written.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        log.error("sqlite.batch_failed", ops=len(batch), error=str(exc))
+        err = _store_error("write transaction failed", exc)
+        return [_Outcome(op, error=err) for op in batch], False
+    return outcomes, emitted
+
+
+def _read_batch(conn: sqlite3.Connection, batch: list[_Op]) -> list[_Outcome]:
+    """The reads of one batch, in one read transaction (one snapshot, one lock round-trip)."""
+    outcomes: list[_Outcome] = []
+    try:
+        conn.execute("BEGIN")
+    except sqlite3.Error as exc:
+        err = _store_error("cannot start a read transaction", exc)
+        return [_Outcome(op, error=err) for op in batch]
+    for op in batch:
+        try:
+            outcomes.append(_Outcome(op, result=_call(op.fn, conn)))
+        except Exception as exc:
+            outcomes.append(_Outcome(op, error=exc))
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        # Never leave a read snapshot open: the next write's BEGIN IMMEDIATE would fail.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+    return outcomes
+
+
+def _store_error(message: str, exc: sqlite3.Error) -> StoreError:
+    try:
+        raise StoreError(f"sqlite: {message}: {exc}") from exc
+    except StoreError as err:
+        return err
+
+
+def _task_row(task: Task) -> tuple[Any, ...]:
+    doc = json.dumps(to_doc(task), separators=(",", ":"))
+    return (
+        task.id,
+        task.owner,
+        task.state.value,
+        task.version,
+        task.deadline,
+        task.created_at,
+        task.idempotency_key,
+        doc,
+    )
+
+
+def _load(doc: str) -> Task:
+    return from_doc(cast(TaskDoc, json.loads(doc)))
+
+
+def _feed_event(row: tuple[Any, ...]) -> FeedEvent:
+    seq, task_id, owner, source, dest, event, at, version = row
+    return FeedEvent(
+        str(seq), task_id, owner, State(source) if source else None, State(dest), event, at, version
+    )
+
+
+def _user(row: tuple[Any, ...]) -> User:
+    return User(row[0], row[1], bool(row[2]), row[3])
+
+
+def encode_cursor(created_at: float, task_id: str) -> str:
+    raw = json.dumps([created_at, task_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, task_id = json.loads(raw)
+        if not isinstance(task_id, str) or not isinstance(created_at, int | float):
+            raise ValueError("wrong types")
+    except (ValueError, binascii.Error, TypeError) as exc:
+        raise BadRequest("invalid cursor", code="invalid_cursor") from exc
+    return float(created_at), task_id
+
+
+def _seq(position: str | None) -> int:
+    if position is None:
+        return 0
+    try:
+        return int(position)
+    except ValueError as exc:
+        raise BadRequest(f"invalid feed position {position!r}", code="invalid_position") from exc
+
+
+class SqliteStore:
+    """TaskStore on one SQLite file, safe to share between several processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._worker: _Worker | None = None
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        self._listeners_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
+        prefix = "sqlite:///"
+        if not url.startswith(prefix) or len(url) == len(prefix):
+            raise ValueError(f"not a sqlite URL with a file path: {url!r}")
+        return cls(url[len(prefix) :].split("?", 1)[0])
+
+    # lifecycle
+
+    async def open(self) -> None:
+        """Create the file, the schema and the indexes if missing, and start the threads."""
+        if self._worker is not None:
+            return
+        await asyncio.to_thread(self._create_schema)
+        worker = _Worker("hookline-sqlite", lambda: _connect(self.path), self._run_batch)
+        await asyncio.to_thread(worker.start)
+        self._worker = worker
+
+    def _create_schema(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = _connect(self.path)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot open {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
+
+    async def ping(self) -> None:
+        try:
+            await self._read(lambda c: c.execute("SELECT 1 FROM users LIMIT 1").fetchall())
+        except HooklineError as exc:
+            raise Unavailable(f"store unavailable: {exc.message}") from exc
+
+    # plumbing
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> list[_Outcome]:
+        reads = [op for op in batch if not op.write]
+        writes = [op for op in batch if op.write]
+        outcomes = _read_batch(conn, reads) if reads else []
+        if writes:
+            written, emitted = _write_batch(conn, writes)
+            outcomes.extend(written)
+            if emitted:
+                self._notify()
+        return outcomes
+
+    async def _submit(self, fn: Callable[[Any], T], *, write: bool) -> T:
+        worker = self._worker
+        if worker is None:
+            raise Unavailable("the store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        worker.submit(_Op(fn, write, loop, future))
+        return cast(T, await future)
+
+    async def _write(self, fn: Callable[[_Tx], T]) -> T:
+        return await self._submit(fn, write=True)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._submit(fn, write=False)
+
+    @contextlib.contextmanager
+    def listen(self) -> Iterator[asyncio.Event]:
+        """An event set (thread-safely, on the caller's loop) after every commit in this process
+        that appended feed events. Clear it before reading the feed, then wait on it."""
+        event = asyncio.Event()
+        key = id(event)
+        with self._listeners_lock:
+            self._listeners[key] = (asyncio.get_running_loop(), event)
+        try:
+            yield event
+        finally:
+            with self._listeners_lock:
+                del self._listeners[key]
+
+    @property
+    def listener_count(self) -> int:
+        with self._listeners_lock:
+            return len(self._listeners)
+
+    def _notify(self) -> None:
+        with self._listeners_lock:
+            targets = list(self._listeners.values())
+        for loop, event in targets:
+            with contextlib.suppress(RuntimeError):  # a closed loop: its listener is gone
+                loop.call_soon_threadsafe(event.set)
+
+    # users, keys, credits
+
+    async def create_user(
+        self, name: str, credits: int, *, is_admin: bool, key_hash: str, now: float
+    ) -> User:
+        def op(tx: _Tx) -> User:
+            c = tx.conn
+            if c.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+                raise Conflict(f"user {name!r} exists", code="user_exists")
+            if c.execute("SELECT 1 FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone():
+                raise Conflict("API key exists", code="key_exists")
+            c.execute("INSERT INTO users VALUES (?, ?, ?, ?)", (name, credits, int(is_admin), now))
+            c.execute("INSERT INTO api_keys VALUES (?, ?, ?)", (key_hash, name, now))
+            if credits:
+                c.execute(_LEDGER_INSERT, (name, None, "grant", credits, now))
+            return User(name, credits, is_admin, now)
+
+        return await self._write(op)
+
+    async def add_api_key(self, name: str, key_hash: str, now: float) -> None:
+        def op(tx: _Tx) -> None:
+            c = tx.conn
+            if not c.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+                raise NotFound(f"no user {name!r}", code="user_not_found")
+            if c.execute("SELECT 1 FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone():
+                raise Conflict("API key exists", code="key_exists")
+            c.execute("INSERT INTO api_keys VALUES (?, ?, ?)", (key_hash, name, now))
+
+        await self._write(op)
+
+    async def user_by_key_hash(self, key_hash: str) -> User | None:
+        def op(c: sqlite3.Connection) -> User | None:
+            row = c.execute(
+                "SELECT u.name, u.balance, u.is_admin, u.created_at FROM api_keys k"
+                " JOIN users u ON u.name = k.user WHERE k.key_hash = ?",
+                (key_hash,),
+            ).fetchone()
+            return _user(row) if row else None
+
+        return await self._read(op)
+
+    async def get_user(self, name: str) -> User | None:
+        def op(c: sqlite3.Connection) -> User | None:
+            row = c.execute(
+                "SELECT name, balance, is_admin, created_at FROM users WHERE name = ?", (name,)
+            ).fetchone()
+            return _user(row) if row else None
+
+        return await self._read(op)
+
+    async def grant(self, name: str, amount: int, now: float) -> int:
+        def op(tx: _Tx) -> int:
+            c = tx.conn
+            row = c.execute(
+                "UPDATE users SET balance = balance + ? WHERE name = ? RETURNING balance",
+                (amount, name),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no user {name!r}", code="user_not_found")
+            c.execute(_LEDGER_INSERT, (name, None, "grant", amount, now))
+            return int(row[0])
+
+        return await self._write(op)
+
+    async def ledger(self, name: str) -> list[LedgerEntry]:
+        def op(c: sqlite3.Connection) -> list[LedgerEntry]:
+            rows = c.execute(
+                "SELECT user, kind, amount, at, task_id FROM ledger WHERE user = ? ORDER BY id",
+                (name,),
+            ).fetchall()
+            return [LedgerEntry(r[0], cast(LedgerKind, r[1]), r[2], r[3], r[4]) for r in rows]
+
+        return await self._read(op)
+
+    # tasks
+
+    async def create_task(self, task: Task) -> tuple[Task, bool]:
+        if task.state is not State.PENDING or task.version != 1:
+            raise ValueError("a new task is pending at version 1")
+        row = _task_row(task)
+
+        def op(tx: _Tx) -> tuple[Task, bool]:
+            c = tx.conn
+            if task.idempotency_key is not None:
+                found = c.execute(
+                    "SELECT doc FROM tasks WHERE owner = ? AND idempotency_key = ?",
+                    (task.owner, task.idempotency_key),
+                ).fetchone()
+                if found is not None:
+                    first = _load(found[0])
+                    if first.request_hash != task.request_hash:
+                        raise Conflict(
+                            "Idempotency-Key reused with another request",
+                            code="idempotency_conflict",
+                        )
+                    return first, False
+            balance = c.execute(
+                "SELECT balance FROM users WHERE name = ?", (task.owner,)
+            ).fetchone()
+            if balance is None:
+                raise NotFound(f"no user {task.owner!r}", code="user_not_found")
+            if balance[0] < task.cost:
+                raise InsufficientCredits(
+                    f"balance {balance[0]} is below the cost {task.cost}",
+                    details={"balance": balance[0], "cost": task.cost},
+                )
+            try:
+                c.execute(_TASK_INSERT, row)
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"task {task.id!r} exists", code="task_exists") from exc
+            c.execute(
+                "UPDATE users SET balance = balance - ? WHERE name = ?", (task.cost, task.owner)
+            )
+            c.execute(_LEDGER_INSERT, (task.owner, task.id, "debit", -task.cost, task.created_at))
+            c.execute(
+                _FEED_INSERT,
+                (task.id, task.owner, None, task.state.value, "created", task.created_at, 1),
+            )
+            tx.emitted = True
+            return task, True
+
+        return await self._write(op)
+
+    async def get_task(self, task_id: str) -> Task | None:
+        def op(c: sqlite3.Connection) -> Task | None:
+            row = c.execute("SELECT doc FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return _load(row[0]) if row else None
+
+        return await self._read(op)
+
+    async def list_tasks(
+        self, owner: str | None, state: State | None, limit: int, cursor: str | None
+    ) -> Page:
+        where: list[str] = []
+        args: list[Any] = []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state.value)
+        if cursor is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args.extend(decode_cursor(cursor))
+        sql = "SELECT doc FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit + 1)
+
+        def op(c: sqlite3.Connection) -> list[Task]:
+            return [_load(r[0]) for r in c.execute(sql, args)]
+
+        tasks = await self._read(op)
+        if len(tasks) <= limit:
+            return Page(tasks, None)
+        items = tasks[:limit]
+        return Page(items, encode_cursor(items[-1].created_at, items[-1].id))
+
+    async def transition(
+        self, task: Task, expected_state: State, expected_version: int, *, emit: bool = True
+    ) -> bool:
+        if task.version != expected_version + 1:
+            raise ValueError(f"version {task.version} does not follow {expected_version}")
+        if emit and not task.history:
+            raise ValueError("emit=True needs a history entry to publish")
+        row = _task_row(task)
+        entry = task.history[-1] if emit else None
+        refund = task.refunded and task.state in REFUNDED_STATES
+
+        def op(tx: _Tx) -> bool:
+            c = tx.conn
+            cur = c.execute(
+                "UPDATE tasks SET state = ?, version = ?, deadline = ?, doc = ?"
+                " WHERE id = ? AND state = ? AND version = ?",
+                (row[2], row[3], row[4], row[7], task.id, expected_state.value, expected_version),
+            )
+            if cur.rowcount == 0:
+                return False
+            if entry is not None:
+                c.execute(
+                    _FEED_INSERT,
+                    (
+                        task.id,
+                        task.owner,
+                        entry.source.value,
+                        entry.dest.value,
+                        entry.event,
+                        entry.at,
+                        task.version,
+                    ),
+                )
+                tx.emitted = True
+            if refund:
+                self._refund(c, task)
+            return True
+
+        return await self._write(op)
+
+    @staticmethod
+    def _refund(c: sqlite3.Connection, task: Task) -> None:
+        """Credit the cost back once per task: the ledger's UNIQUE(task_id, kind) decides."""
+        cur = c.execute(
+            "INSERT OR IGNORE INTO ledger (user, task_id, kind, amount, at)"
+            " VALUES (?, ?, 'refund', ?, ?)",
+            (task.owner, task.id, task.cost, task.updated_at),
+        )
+        if cur.rowcount == 1:
+            c.execute(
+                "UPDATE users SET balance = balance + ? WHERE name = ?", (task.cost, task.owner)
+            )
+
+    async def overdue(self, now: float, limit: int) -> list[Task]:
+        sql = (
+            f"SELECT doc FROM tasks WHERE {_NON_TERMINAL_SQL} AND deadline <= ?"
+            " ORDER BY deadline LIMIT ?"
+        )
+
+        def op(c: sqlite3.Connection) -> list[Task]:
+            return [_load(r[0]) for r in c.execute(sql, (now, limit))]
+
+        return await self._read(op)
+
+    async def explain_overdue(self) -> list[str]:
+        """The query plan of ``overdue`` (tests prove it goes through the partial index)."""
+        sql = (
+            f"EXPLAIN QUERY PLAN SELECT doc FROM tasks WHERE {_NON_TERMINAL_SQL}"
+            " AND deadline <= ? ORDER BY deadline LIMIT ?"
+        )
+        return await self._read(lambda c: [str(r[-1]) for r in c.execute(sql, (0.0, 1))])
+
+    async def count_by_state(self, owner: str | None) -> dict[State, int]:
+        sql = "SELECT state, count(*) FROM tasks"
+        args: tuple[str, ...] = ()
+        if owner is not None:
+            sql += " WHERE owner = ?"
+            args = (owner,)
+        sql += " GROUP BY state"
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
+        counts = dict.fromkeys(State, 0)
+        counts.update({State(s): n for s, n in rows})
+        return counts
+
+    async def tasks_since(self, since: float, owner: str | None) -> list[Task]:
+        sql = "SELECT doc FROM tasks WHERE created_at >= ?"
+        args: tuple[Any, ...] = (since,)
+        if owner is not None:
+            sql += " AND owner = ?"
+            args = (since, owner)
+        sql += " ORDER BY created_at, id"
+        return await self._read(lambda c: [_load(r[0]) for r in c.execute(sql, args)])
+
+    async def bulk_load_for_bench(self, docs: Iterable[TaskDoc]) -> None:
+        """Bench/test only: insert stored documents as they are, in one transaction, with no
+        debit, no idempotency check and no feed event."""
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for d in docs:
+                yield (
+                    d["id"],
+                    d["owner"],
+                    d["state"],
+                    d["version"],
+                    d["deadline"],
+                    d["created_at"],
+                    d["idempotency_key"],
+                    json.dumps(d, separators=(",", ":")),
+                )
+
+        def op(tx: _Tx) -> None:
+            tx.conn.executemany(_TASK_INSERT, rows())
+
+        await self._write(op)
+
+    # webhook deliveries
+
+    async def seen_delivery(self, provider: str, delivery_id: str) -> bool:
+        sql = "SELECT 1 FROM deliveries WHERE provider = ? AND delivery_id = ?"
+        return (
+            await self._read(lambda c: c.execute(sql, (provider, delivery_id)).fetchone())
+            is not None
+        )
+
+    async def record_delivery(
+        self, provider: str, delivery_id: str, task_id: str, now: float
+    ) -> bool:
+        sql = "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)"
+        args = (provider, delivery_id, task_id, now)
+        return await self._write(lambda tx: tx.conn.execute(sql, args).rowcount == 1)
+
+    # change feed
+
+    async def feed_after(self, position: str | None, limit: int) -> list[FeedEvent]:
+        sql = f"SELECT {_FEED_COLUMNS} FROM feed_events WHERE seq > ? ORDER BY seq LIMIT ?"
+        args = (_seq(position), limit)
+        return await self._read(lambda c: [_feed_event(r) for r in c.execute(sql, args)])
+
+    async def feed_head(self) -> str | None:
+        row = await self._read(lambda c: c.execute("SELECT max(seq) FROM feed_events").fetchone())
+        return None if row is None or row[0] is None else str(row[0])
+
+    async def save_position(self, watcher: str, position: str) -> None:
+        sql = (
+            "INSERT INTO watcher_positions VALUES (?, ?)"
+            " ON CONFLICT (watcher) DO UPDATE SET position = excluded.position"
+        )
+
+        def op(tx: _Tx) -> None:
+            tx.conn.execute(sql, (watcher, position))
+
+        await self._write(op)
+
+    async def load_position(self, watcher: str) -> str | None:
+        sql = "SELECT position FROM watcher_positions WHERE watcher = ?"
+        row = await self._read(lambda c: c.execute(sql, (watcher,)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def reconcile(self, now: float) -> int:
+        """Nothing to repair: every multi-write operation here is one transaction."""
+        return 0
