@@ -60,7 +60,9 @@ class WebhookReceiver:
         try:
             return await self._handle(provider_name, task_id, token, headers, body)
         except (WebhookRejected, NotFound) as exc:
-            log.warning("webhook_rejected", provider=provider_name, reason=exc.code, error=exc.message)
+            log.warning(
+                "webhook_rejected", provider=provider_name, reason=exc.code, error=exc.message
+            )
             if self.on_rejected:
                 self.on_rejected(provider_name, exc.code)
             raise
@@ -87,14 +89,20 @@ class WebhookReceiver:
         if delivery.outcome is None:
             # A trigger only (BFL): fetch the outcome by polling, after answering.
             self.spawn(self._poll_and_apply(provider, task_id, delivery.job_id, task.model))
-            await self.store.record_delivery(provider_name, delivery.delivery_id, task_id, self.now())
+            await self.store.record_delivery(
+                provider_name, delivery.delivery_id, task_id, self.now()
+            )
             return Receipt(202, {"status": "polling"})
         result = await self.sink.apply_outcome(task_id, delivery.outcome)
         await self.store.record_delivery(provider_name, delivery.delivery_id, task_id, self.now())
-        log.info("webhook_applied", provider=provider_name, status=delivery.outcome.status, result=result)
+        log.info(
+            "webhook_applied", provider=provider_name, status=delivery.outcome.status, result=result
+        )
         return Receipt(200, {"status": result})
 
-    async def _poll_and_apply(self, provider: Provider, task_id: str, job_id: str, model: str) -> None:
+    async def _poll_and_apply(
+        self, provider: Provider, task_id: str, job_id: str, model: str
+    ) -> None:
         for attempt in range(3):
             try:
                 outcome = await provider.poll(job_id, model)

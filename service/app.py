@@ -7,7 +7,6 @@ import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -68,7 +67,9 @@ def _host_port(url: str) -> str:
     return f"{parsed.host}:{port}"
 
 
-def output_fetchers(settings: Settings, http: httpx.AsyncClient, names: list[str]) -> dict[str, SafeFetcher]:
+def output_fetchers(
+    settings: Settings, http: httpx.AsyncClient, names: list[str]
+) -> dict[str, SafeFetcher]:
     """One SSRF-safe fetcher per provider, allowed the provider's output hosts."""
     fetchers: dict[str, SafeFetcher] = {}
     for name in names:
@@ -115,7 +116,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         worker = Worker(
             svc,
             owner=f"{socket.gethostname()}:{os.getpid()}",
-            input_fetcher=SafeFetcher(http, allow_hosts=input_hosts, max_bytes=settings.max_upload_bytes, timeout_s=30),
+            input_fetcher=SafeFetcher(
+                http, allow_hosts=input_hosts, max_bytes=settings.max_upload_bytes, timeout_s=30
+            ),
             output_fetchers=output_fetchers(settings, http, list(providers)),
             watermark=WatermarkConfig.from_settings(settings),
         )
@@ -130,7 +133,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if "reaper" in roles:
             reaper = Reaper(store, worker, interval_s=settings.reaper_interval_s, now=svc.now)
             loops.append(asyncio.create_task(reaper.run(), name="reaper"))
-        log.info("hookline_started", roles=sorted(roles), store=settings.store_url.split("?")[0], provider=settings.provider)
+        log.info(
+            "hookline_started",
+            roles=sorted(roles),
+            store=settings.store_url.split("?")[0],
+            provider=settings.provider,
+        )
         try:
             yield {"services": svc}
         finally:
@@ -156,7 +164,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=routes,
         middleware=[Middleware(RequestContext)],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
 
@@ -174,7 +182,3 @@ async def webhook(request: Request) -> Response:
         body,
     )
     return JSONResponse(receipt.body, status_code=receipt.status)
-
-
-def default_var_dir() -> Path:
-    return Path("var")

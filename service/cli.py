@@ -100,13 +100,13 @@ hookline is starting on {base} (store {settings.store_url}, provider {settings.p
   dashboard:   {base}/   (API key below)
   API key:     {key}      (user "{DEMO_USER}", admin; saved in {settings.var_dir}/demo.key)
 
-  try it:
+  try it (any JPEG/PNG/WebP as photo.jpg):
     export KEY={key}
     curl -s -X POST {base}/v1/uploads -H "Authorization: Bearer $KEY" \\
          -H "Content-Type: image/jpeg" --data-binary @photo.jpg
     curl -s -X POST {base}/v1/tasks -H "Authorization: Bearer $KEY" \\
          -H "Content-Type: application/json" \\
-         -d '{{"inputs": [{{"upload": "<key from the upload>"}}], "prompt": "a lighthouse", "style": "anime"}}'
+         -d '{{"inputs": [{{"upload": "<key>"}}], "prompt": "a lighthouse", "style": "anime"}}'
     curl -s {base}/v1/tasks/<id> -H "Authorization: Bearer $KEY"
 """
 
@@ -151,12 +151,6 @@ def cmd_simulator(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
-    from service.client import submit
-
-    return submit(args)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hookline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,7 +172,9 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=9000)
     sim.set_defaults(func=cmd_simulator)
 
-    users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    users = sub.add_parser("users", help="manage users").add_subparsers(
+        dest="action", required=True
+    )
     create = users.add_parser("create", help="create a user; prints the API key last")
     create.add_argument("name")
     create.add_argument("--credits", type=int, default=0)
@@ -193,14 +189,6 @@ def parser() -> argparse.ArgumentParser:
     grant.add_argument("amount", type=int)
     grant.set_defaults(func=cmd_credits_grant)
 
-    submit = sub.add_parser("submit", help="upload an image, create a task, follow it")
-    submit.add_argument("image")
-    submit.add_argument("--prompt", required=True)
-    submit.add_argument("--style")
-    submit.add_argument("--url", default=None, help="hookline base URL (default HOOKLINE_PUBLIC_URL)")
-    submit.add_argument("--key", default=None, help="API key (default $HOOKLINE_API_KEY)")
-    submit.add_argument("--wait", action="store_true", help="follow the task to the end")
-    submit.set_defaults(func=cmd_submit)
     return p
 
 

@@ -13,10 +13,10 @@ import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
 from callbacks.provider import Outcome, Provider, Submission
+from service.blobs import output_key
 from service.context import Services
 from service.fetch import FetchError, SafeFetcher
 from service.images import prepare_input
-from service.blobs import output_key
 from service.watermark import WatermarkConfig, apply_watermark
 from statemachine import lifecycle
 from statemachine.attempts import attempt_of, close_attempt, open_attempt
@@ -85,6 +85,13 @@ class Worker:
     def busy(self) -> int:
         return len(self._running)
 
+    async def dispatch(self, task: Task) -> None:
+        """Run the step ``task``'s state needs now (the reaper's way in)."""
+        if task.state is State.WATERMARKING:
+            await self.watermark(task.id)
+        elif task.state in (State.PENDING, State.PROCESSING):
+            await self.process(task.id)
+
     # --- processing: inputs, prompt, submit ----------------------------------------------------
 
     async def process(self, task_id: str) -> None:
@@ -94,10 +101,12 @@ class Worker:
         now = svc.now()
         if task is None or task.state not in (State.PENDING, State.PROCESSING):
             return
-        if task.state is State.PROCESSING and not task.lease_held(now):
-            if task.deadline is not None and task.deadline > now:
-                return  # backing off before a retry; the dispatcher or reaper comes back
-        claimed = await lifecycle.take_lease(svc.store, task, self.owner, now, svc.deadlines.lease_s)
+        backing_off = task.deadline is not None and task.deadline > now
+        if task.state is State.PROCESSING and not task.lease_held(now) and backing_off:
+            return  # waiting out a retry's backoff; the dispatcher or the reaper comes back
+        claimed = await lifecycle.take_lease(
+            svc.store, task, self.owner, now, svc.deadlines.lease_s
+        )
         if claimed is None:
             return
         structlog.contextvars.bind_contextvars(task_id=task_id)
@@ -127,7 +136,9 @@ class Worker:
 
     async def _submission(self, task: Task, provider: Provider) -> Submission:
         style = self.svc.catalogue.get(task.style)
-        inputs = [await self._input_ref(task, i, item, provider) for i, item in enumerate(task.inputs)]
+        inputs = [
+            await self._input_ref(task, i, item, provider) for i, item in enumerate(task.inputs)
+        ]
         return Submission(
             task_id=task.id,
             attempt=task.attempts,
@@ -144,7 +155,9 @@ class Worker:
         base = self.svc.settings.public_url.rstrip("/")
         return f"{base}/v1/callbacks/{task.provider}/{task.id}?token={task.callback_token}"
 
-    async def _input_ref(self, task: Task, index: int, item: dict[str, str], provider: Provider) -> str:
+    async def _input_ref(
+        self, task: Task, index: int, item: dict[str, str], provider: Provider
+    ) -> str:
         """A reference to the input the provider can use: a data URI or a signed URL."""
         svc = self.svc
         if "upload" in item:
@@ -159,7 +172,11 @@ class Worker:
         assert isinstance(prepared, bytes)
         if limits.accepts_data_uri and len(prepared) <= DATA_URI_MAX_BYTES:
             ref = await asyncio.to_thread(
-                prepare_input, prepared, max_side=limits.max_side, formats=limits.formats, data_uri=True
+                prepare_input,
+                prepared,
+                max_side=limits.max_side,
+                formats=limits.formats,
+                data_uri=True,
             )
             assert isinstance(ref, str)
             return ref
@@ -287,7 +304,11 @@ class Worker:
         now = svc.now()
         if not outcome.outputs:
             return await self.retry_or_fail(
-                task.id, "no_outputs", "provider returned no outputs", True, expected_job=outcome.job_id
+                task.id,
+                "no_outputs",
+                "provider returned no outputs",
+                True,
+                expected_job=outcome.job_id,
             )
         current = task.provider_job_id
         old = attempt_of(task, outcome.job_id)
@@ -362,7 +383,9 @@ class Worker:
                     "provider_outputs": (),
                     "early_outcome": None,
                     "error": TaskFailure(code, message),
-                    "attempt_log": close_attempt(t, outcome, now) if t.provider_job_id else t.attempt_log,
+                    "attempt_log": close_attempt(t, outcome, now)
+                    if t.provider_job_id
+                    else t.attempt_log,
                 }
                 if provider_fault:
                     fields.update(self._fallback(t))
@@ -394,7 +417,11 @@ class Worker:
         usable = [p for p in chain if p in self.svc.providers]
         if len(usable) < 2:
             return {}
-        nxt = usable[(usable.index(task.provider) + 1) % len(usable)] if task.provider in usable else usable[0]
+        nxt = (
+            usable[(usable.index(task.provider) + 1) % len(usable)]
+            if task.provider in usable
+            else usable[0]
+        )
         if nxt == task.provider:
             return {}
         from service.api import default_model
@@ -433,7 +460,9 @@ class Worker:
         log.warning("task_failed", code=code, error=message)
         await svc.blobs.delete_prefix(f"outputs/{task_id}/")
         if result.provider_job_id:
-            await self._cancel_quietly(svc.providers.get(result.provider), result.provider_job_id, result.model)
+            await self._cancel_quietly(
+                svc.providers.get(result.provider), result.provider_job_id, result.model
+            )
         return "failed"
 
     # --- reconciliation (the reaper's ai_processing branch) -------------------------------------
@@ -486,14 +515,24 @@ class Worker:
         job = task.provider_job_id
         await self._cancel_quietly(self.svc.providers.get(task.provider), job, task.model)
         await self.retry_or_fail(
-            task.id, "timeout", message, True, expected_job=job, provider_fault=True, outcome="timeout"
+            task.id,
+            "timeout",
+            message,
+            True,
+            expected_job=job,
+            provider_fault=True,
+            outcome="timeout",
         )
 
     async def cancel_job(self, task: Task) -> None:
         if task.provider_job_id:
-            await self._cancel_quietly(self.svc.providers.get(task.provider), task.provider_job_id, task.model)
+            await self._cancel_quietly(
+                self.svc.providers.get(task.provider), task.provider_job_id, task.model
+            )
 
-    async def _cancel_quietly(self, provider: Provider | None, job_id: str | None, model: str) -> None:
+    async def _cancel_quietly(
+        self, provider: Provider | None, job_id: str | None, model: str
+    ) -> None:
         if provider is None or job_id is None:
             return
         try:
@@ -510,7 +549,9 @@ class Worker:
         now = svc.now()
         if task is None or task.state is not State.WATERMARKING:
             return
-        claimed = await lifecycle.take_lease(svc.store, task, self.owner, now, svc.deadlines.lease_s)
+        claimed = await lifecycle.take_lease(
+            svc.store, task, self.owner, now, svc.deadlines.lease_s
+        )
         if claimed is None:
             return
         structlog.contextvars.bind_contextvars(task_id=task_id)

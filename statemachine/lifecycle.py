@@ -97,4 +97,6 @@ async def take_lease(
     claimed = claim(task, owner, now, lease_s)
     if claimed is None:
         return None
-    return claimed if await store.transition(claimed, task.state, task.version, emit=False) else None
+    return (
+        claimed if await store.transition(claimed, task.state, task.version, emit=False) else None
+    )

@@ -1,0 +1,336 @@
+"""Fetching user- or provider-supplied URLs without becoming an SSRF proxy.
+
+Rules, checked for the first URL and again for every redirect hop (at most ``max_redirects``):
+
+- ``https`` only, unless the host (``host`` or ``host:port``) is in ``allow_hosts``;
+- no credentials in the URL;
+- the host is resolved once (``resolver``, default ``loop.getaddrinfo``) and every address must be
+  public: loopback, private, link-local, multicast, reserved, unspecified, CGNAT (100.64/10), cloud
+  metadata, and IPv6 forms embedding such an IPv4 (mapped, 6to4, Teredo, NAT64) are refused —
+  unless the host is in ``allow_hosts``, which trusts it whatever it resolves to.
+
+**DNS rebinding.** The request is sent to the address that was checked, not to the name: the URL's
+host is replaced by that IP, the ``Host`` header carries the original name, and for https the
+``sni_hostname`` request extension makes httpcore send the original name as SNI *and* verify the
+certificate against it. A second resolution, which an attacker's DNS could answer differently,
+never happens. (Connections are pooled per IP; a pooled TLS connection was verified for the name
+it was opened with — on a shared CDN IP that is the same server routing by ``Host``.)
+
+The body is streamed with a byte limit and the whole fetch, redirects included, has a time limit.
+Errors are ``FetchError`` with a ``code`` and ``retryable`` (5xx, 429, timeouts, connection errors
+may succeed later; forbidden hosts, 4xx, oversized bodies and non-images will not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from service.images import sniff_content_type
+from statemachine.errors import BadRequest
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+METADATA_ADDRESSES = frozenset(
+    {
+        ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack…
+        ipaddress.ip_address("fd00:ec2::254"),  # AWS over IPv6
+        ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+    }
+)
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+
+
+class FetchError(BadRequest):
+    """A URL that could not (or may not) be fetched. ``code``: ``url_invalid``, ``url_forbidden``,
+    ``url_unreachable``, ``url_timeout``, ``url_too_large`` (413), ``too_many_redirects``,
+    ``http_status``, ``not_an_image``. ``retryable``: may the same fetch succeed later."""
+
+    code = "url_unreachable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        retryable: bool = False,
+        status: int | None = None,
+        details: Any = None,
+    ) -> None:
+        super().__init__(message, code=code, details=details)
+        self.retryable = retryable
+        if status is not None:
+            self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    data: bytes
+    content_type: str
+    final_url: str
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, in the system's preferred order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """Whether ``ip`` is a globally routable unicast address that is not a metadata endpoint."""
+    if ip in METADATA_ADDRESSES:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public_address(embedded)
+    if ip.version == 4 and ip in _CGNAT:
+        return False
+    return ip.is_global and not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def _parse_ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return None
+
+
+def _ascii_host(url: httpx.URL) -> str:
+    """The host as sent on the wire: IDNA-encoded, lower case (IPv6 without brackets)."""
+    return url.raw_host.decode("ascii").lower()
+
+
+def _normalise_hosts(hosts: Iterable[str]) -> frozenset[str]:
+    return frozenset(h.strip().lower().rstrip(".") for h in hosts if h.strip())
+
+
+class SafeFetcher:
+    """Downloads images (or other bodies) from untrusted URLs; see the module docstring.
+
+    ``http`` may be a shared client (its redirect setting is overridden per request); with None
+    the fetcher makes its own, which ``aclose`` closes. ``allow_hosts`` entries are ``host`` (any
+    port) or ``host:port`` (``[v6]:port`` for IPv6 literals).
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient | None,
+        *,
+        allow_hosts: Iterable[str] = (),
+        max_bytes: int,
+        timeout_s: float,
+        resolver: Resolver = system_resolver,
+        max_redirects: int = 5,
+    ) -> None:
+        self._owns_client = http is None
+        self._http = http or httpx.AsyncClient(
+            follow_redirects=False, timeout=timeout_s, trust_env=False
+        )
+        self.allow_hosts = _normalise_hosts(allow_hosts)
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self._resolve = resolver
+        self.max_redirects = max_redirects
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._http.aclose()
+
+    async def fetch(
+        self, url: str, *, headers: Mapping[str, str] | None = None, accept_image: bool = True
+    ) -> FetchResult:
+        """GET ``url`` under the rules above; ``headers`` (e.g. a provider's Authorization) are
+        sent to the first origin only, never across a redirect to another origin."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._fetch(url, dict(headers or {}), accept_image)
+        except TimeoutError:
+            raise FetchError(
+                f"fetching the URL took over {self.timeout_s:g} s",
+                code="url_timeout",
+                retryable=True,
+            ) from None
+
+    async def _fetch(self, url: str, headers: dict[str, str], accept_image: bool) -> FetchResult:
+        current = self._parse(url)
+        for _ in range(self.max_redirects + 1):
+            response = await self._send(current, headers)
+            try:
+                if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
+                    target = self._parse(str(current.join(response.headers["location"])))
+                    if (target.scheme, target.host, target.port) != (
+                        current.scheme,
+                        current.host,
+                        current.port,
+                    ):
+                        headers = {}
+                    current = target
+                    continue
+                self._check_status(response)
+                content_type = self._check_type(response, accept_image)
+                data = await self._read(response)
+            finally:
+                await response.aclose()
+            if accept_image and content_type in _GENERIC_TYPES:
+                sniffed = sniff_content_type(data)
+                if sniffed is None:
+                    raise FetchError("the URL did not return an image", code="not_an_image")
+                content_type = sniffed
+            return FetchResult(data=data, content_type=content_type, final_url=str(current))
+        raise FetchError(
+            f"more than {self.max_redirects} redirects", code="too_many_redirects", retryable=False
+        )
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def _parse(self, url: str) -> httpx.URL:
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise FetchError(f"invalid URL: {exc}", code="url_invalid") from exc
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise FetchError("only http(s) URLs with a host can be fetched", code="url_invalid")
+        if parsed.userinfo:
+            raise FetchError("URLs with credentials are refused", code="url_forbidden")
+        if parsed.scheme == "http" and not self._allowed(parsed):
+            raise FetchError("only https URLs can be fetched from this host", code="url_forbidden")
+        return parsed
+
+    def _allowed(self, url: httpx.URL) -> bool:
+        host = _ascii_host(url).rstrip(".")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        shown = f"[{host}]" if ":" in host else host
+        return bool({host, shown, f"{shown}:{port}"} & self.allow_hosts)
+
+    async def _addresses(self, url: httpx.URL) -> list[str]:
+        """The checked addresses to connect to, in order."""
+        allowed = self._allowed(url)
+        host = _ascii_host(url)
+        literal = _parse_ip(host)
+        if literal is not None:
+            candidates = [str(literal)]
+        else:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            try:
+                candidates = await self._resolve(host, port)
+            except OSError as exc:
+                transient = isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN
+                raise FetchError(
+                    f"cannot resolve {url.host}: {exc}", code="url_unreachable", retryable=transient
+                ) from exc
+            if not candidates:
+                raise FetchError(f"{url.host} has no address", code="url_unreachable")
+        if not allowed:
+            for text in candidates:
+                ip = _parse_ip(text)
+                if ip is None or not is_public_address(ip):
+                    raise FetchError(
+                        f"{url.host} resolves to a non-public address",
+                        code="url_forbidden",
+                        details={"host": url.host},
+                    )
+        return candidates
+
+    async def _send(self, url: httpx.URL, headers: dict[str, str]) -> httpx.Response:
+        """Send a GET to ``url`` pinned to each checked address in turn until one connects."""
+        last: httpx.TransportError | None = None
+        for address in await self._addresses(url):
+            request = self._pinned_request(url, address, headers)
+            try:
+                return await self._http.send(request, stream=True, follow_redirects=False)
+            except httpx.ConnectError as exc:
+                last = exc  # try the next address (e.g. ::1 refused, 127.0.0.1 listening)
+            except httpx.TimeoutException as exc:
+                raise FetchError(
+                    f"{url.host} timed out", code="url_timeout", retryable=True
+                ) from exc
+            except httpx.TransportError as exc:
+                raise FetchError(
+                    f"{url.host} failed: {exc}", code="url_unreachable", retryable=True
+                ) from exc
+        raise FetchError(
+            f"cannot connect to {url.host}: {last}", code="url_unreachable", retryable=True
+        ) from last
+
+    def _pinned_request(
+        self, url: httpx.URL, address: str, headers: dict[str, str]
+    ) -> httpx.Request:
+        host_header = url.netloc.decode("ascii")  # the name (and a non-default port) as written
+        pinned = url.copy_with(host=address)
+        extensions = {"sni_hostname": _ascii_host(url)} if url.scheme == "https" else {}
+        # identity: a compressed body could expand past max_bytes inside a single decoded chunk
+        request_headers = {"Accept-Encoding": "identity", **headers, "Host": host_header}
+        return self._http.build_request(
+            "GET", pinned, headers=request_headers, extensions=extensions
+        )
+
+    @staticmethod
+    def _check_status(response: httpx.Response) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        retryable = status >= 500 or status in (408, 425, 429)
+        raise FetchError(
+            f"the URL answered HTTP {status}",
+            code="http_status",
+            retryable=retryable,
+            details={"status": status},
+        )
+
+    @staticmethod
+    def _check_type(response: httpx.Response, accept_image: bool) -> str:
+        header: str = response.headers.get("content-type", "")
+        content_type = header.split(";", 1)[0].strip().lower()
+        if accept_image and not (
+            content_type.startswith("image/") or content_type in _GENERIC_TYPES
+        ):
+            raise FetchError(
+                f"the URL returned {content_type!r}, not an image",
+                code="not_an_image",
+                details={"content_type": content_type},
+            )
+        return content_type
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        too_large = FetchError(
+            f"the body is over {self.max_bytes} bytes",
+            code="url_too_large",
+            status=413,
+            details={"max_bytes": self.max_bytes},
+        )
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise too_large
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async for chunk in response.aiter_bytes():
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise too_large
+                chunks.append(chunk)
+        except httpx.TransportError as exc:
+            raise FetchError(
+                f"the body was cut off: {exc}", code="url_unreachable", retryable=True
+            ) from exc
+        return b"".join(chunks)
