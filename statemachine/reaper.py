@@ -64,6 +64,9 @@ class Reaper:
     async def run_pass(self) -> int:
         """One pass; returns how many overdue tasks were handed to an action."""
         now = self.now()
+        repaired = await self.store.reconcile(now)
+        if repaired:
+            log.warning("reaper_repaired_half_done_writes", count=repaired)
         tasks = await self.store.overdue(now, self.batch)
         handled = 0
         jobs = []

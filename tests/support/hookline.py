@@ -1,0 +1,115 @@
+"""The whole hookline app on a real loopback port, for integration tests.
+
+    async with running_hookline(tmp_path, sim_latency="fixed:0.05") as hl:
+        key = await hl.create_user("alice", credits=100)
+        r = await hl.client.post("/v1/tasks", json=..., headers=hl.auth(key))
+
+Everything is real: uvicorn, SQLite on disk under ``tmp_path``, local blobs, the simulator mounted
+in-process under /sim, signed webhooks over loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from service.app import create_app
+from service.auth import hash_key, new_api_key
+from service.settings import Settings
+from statemachine import clock
+from statemachine.states import TERMINAL
+from statemachine.store import TaskStore
+from tests.support.server import listening_socket, serve_app
+
+
+@dataclass
+class Hookline:
+    base_url: str
+    settings: Settings
+    client: httpx.AsyncClient
+    app: Any
+
+    @property
+    def services(self) -> Any:
+        """The running app's Services (store, worker, …), for white-box assertions."""
+        return self.app.state.services_ref
+
+    @property
+    def store(self) -> TaskStore:
+        store: TaskStore = self.services.store
+        return store
+
+    async def create_user(self, name: str, credits: int = 100, *, admin: bool = False) -> str:
+        key = new_api_key()
+        await self.store.create_user(
+            name, credits, is_admin=admin, key_hash=hash_key(key), now=clock.now()
+        )
+        return key
+
+    @staticmethod
+    def auth(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    async def upload(self, key: str, size: tuple[int, int] = (64, 48), color: str = "teal") -> str:
+        buf = io.BytesIO()
+        Image.new("RGB", size, color).save(buf, "JPEG")
+        r = await self.client.post(
+            "/v1/uploads",
+            content=buf.getvalue(),
+            headers={**self.auth(key), "Content-Type": "image/jpeg"},
+        )
+        assert r.status_code == 201, r.text
+        upload: str = r.json()["key"]
+        return upload
+
+    async def create_task(self, key: str, **body: Any) -> dict[str, Any]:
+        if "inputs" not in body:
+            body["inputs"] = [{"upload": await self.upload(key)}]
+        body.setdefault("prompt", "a lighthouse at dusk")
+        r = await self.client.post("/v1/tasks", json=body, headers=self.auth(key))
+        assert r.status_code == 202, r.text
+        task: dict[str, Any] = r.json()
+        return task
+
+    async def wait_terminal(self, key: str, task_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Poll until the task is terminal (a generous bound: a hang fails, speed is not tested)."""
+        terminal = {s.value for s in TERMINAL}
+        async with asyncio.timeout(timeout_s):
+            while True:
+                r = await self.client.get(f"/v1/tasks/{task_id}", headers=self.auth(key))
+                task: dict[str, Any] = r.json()
+                if task["state"] in terminal:
+                    return task
+                await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Hookline]:
+    """hookline with test-friendly defaults (fast simulator, fast reaper); ``overrides`` are
+    Settings fields."""
+    sock, base_url = listening_socket()
+    values: dict[str, Any] = {
+        "store_url": f"sqlite:///{tmp_path / 'hookline.db'}",
+        "blob_url": f"file://{tmp_path / 'blobs'}",
+        "var_dir": tmp_path / "var",
+        "public_url": base_url,
+        "provider": "sim",
+        "sim_latency": "fixed:0.05",
+        "reaper_interval_s": 0.2,
+        "retry_backoff_s": 0.05,
+        "rate_limit_per_s": 0,
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    app = create_app(settings)
+    async with serve_app(app, sock=sock) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        yield Hookline(url, settings, client, app)
