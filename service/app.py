@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from callbacks.receiver import WebhookReceiver
 from callbacks.registry import build_providers, default_output_hosts
 from callbacks.simulator import SimConfig, create_simulator_app
-from service import api, uploads
+from service import api, ops, uploads
 from service.blobs import build_blob_store
 from service.context import Services
 from service.dispatcher import Dispatcher
@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *api.routes(),
         Route("/v1/uploads", uploads.create_upload, methods=["POST"]),
         Route("/v1/callbacks/{provider}/{task_id}", webhook, methods=["POST"]),
+        *ops.routes(settings),
     ]
     if isinstance(blobs, LocalBlobStore):
         routes.append(file_route(blobs))
