@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from service.blobs import content_type_for_key, validate_key, validate_prefix
 from statemachine import clock
-from statemachine.errors import Forbidden, NotFound
+from statemachine.errors import BadRequest, Forbidden, NotFound
 
 SECRET_FILE = "secret.key"
 SECRET_BYTES = 32
@@ -135,6 +135,8 @@ class LocalBlobStore:
 
     async def url(self, key: str, ttl_s: int) -> str:
         validate_key(key)
+        if ttl_s < 1:
+            raise BadRequest("URL lifetime must be at least 1 s", code="bad_ttl")
         exp = int(clock.now()) + int(ttl_s)
         return f"{self.public_url}/files/{quote(key)}?exp={exp}&sig={self.sign(key, exp)}"
 

@@ -16,7 +16,7 @@ from callbacks.provider import Outcome, Provider, Submission
 from service.blobs import output_key
 from service.context import Services
 from service.fetch import FetchError, SafeFetcher
-from service.images import prepare_input
+from service.images import prepare_input, sniff_content_type
 from service.watermark import WatermarkConfig, apply_watermark
 from statemachine import lifecycle
 from statemachine.attempts import attempt_of, close_attempt, open_attempt
@@ -181,7 +181,7 @@ class Worker:
             assert isinstance(ref, str)
             return ref
         key = f"inputs/{task.id}/{index}"
-        await svc.blobs.put(key, prepared, _sniff_type(prepared))
+        await svc.blobs.put(key, prepared, sniff_content_type(prepared) or "image/jpeg")
         return await svc.blobs.url(key, int(svc.deadlines.ai_hard_cap_s))
 
     async def _submit(self, provider: Provider, submission: Submission) -> str:
@@ -617,10 +617,3 @@ class Worker:
             return outcome.outputs[index]
         return None
 
-
-def _sniff_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "image/jpeg"

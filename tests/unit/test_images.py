@@ -1,0 +1,322 @@
+"""Upload decoding and normalisation: clear errors for bad input, and the normalised output."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import random
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from service.images import (
+    decode_upload,
+    encode,
+    prepare_input,
+    sniff_content_type,
+)
+from statemachine.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+RED = (255, 0, 0)
+BLUE = (0, 0, 255)
+
+
+def save(img: Image.Image, fmt: str, **params: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def opened(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def px(img: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
+    """A pixel as a tuple, whatever the mode."""
+    value = img.getpixel(xy)
+    assert value is not None
+    return tuple(int(v) for v in value) if isinstance(value, tuple) else (int(value),)
+
+
+def close_to(pixel: tuple[int, ...], expected: tuple[int, ...], tol: int = 12) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(pixel, expected, strict=False))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but whose pixel data is garbage: decoding
+    it would fail, so a 413 proves the size was refused before any pixel was decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", b"not zlib")
+        + chunk(b"IEND", b"")
+    )
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def test_empty_body_is_422_empty_body() -> None:
+    with pytest.raises(BadRequest) as err:
+        decode_upload(b"", "image/png")
+    assert (err.value.status, err.value.code) == (422, "empty_body")
+
+
+def test_body_over_max_bytes_is_413() -> None:
+    data = save(Image.new("RGB", (64, 64), RED), "PNG")
+    with pytest.raises(PayloadTooLarge) as err:
+        decode_upload(data, "image/png", max_bytes=len(data) - 1)
+    assert err.value.status == 413
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/json", "application/pdf"])
+def test_non_image_content_type_is_415(content_type: str) -> None:
+    data = save(Image.new("RGB", (8, 8), RED), "PNG")
+    with pytest.raises(UnsupportedMediaType) as err:
+        decode_upload(data, content_type)
+    assert err.value.status == 415
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
+    with pytest.raises(PayloadTooLarge) as err:
+        decode_upload(png_header_only(8000, 8000), "image/png", max_pixels=40_000_000)
+    assert err.value.code == "image_too_large"
+    assert err.value.details["width"] == 8000
+
+
+def test_pixel_limit_is_per_call_not_global() -> None:
+    """A generous limit on one call and a strict one on the next: the global stays untouched."""
+    global_limit = Image.MAX_IMAGE_PIXELS
+    data = save(Image.new("RGB", (100, 100), RED), "PNG")
+    assert decode_upload(data, "image/png", max_pixels=10_000).width == 100
+    with pytest.raises(PayloadTooLarge):
+        decode_upload(data, "image/png", max_pixels=9_999)
+    assert global_limit == Image.MAX_IMAGE_PIXELS
+
+
+def test_decompression_bomb_beyond_pillows_own_limit_is_413() -> None:
+    """Even when the per-call limit is huge, Pillow's DecompressionBombError becomes a 413."""
+    with pytest.raises(PayloadTooLarge) as err:
+        decode_upload(png_header_only(100_000, 100_000), "image/png", max_pixels=10**12)
+    assert err.value.code == "image_too_large"
+
+
+def test_truncated_jpeg_is_422_invalid_image() -> None:
+    data = save(Image.effect_noise((256, 256), 64).convert("RGB"), "JPEG", quality=90)
+    with pytest.raises(BadRequest) as err:
+        decode_upload(data[: len(data) // 2], "image/jpeg")
+    assert (err.value.status, err.value.code) == (422, "invalid_image")
+
+
+@pytest.mark.parametrize(
+    "body", [b"<html><body>hello</body></html>", b"\x00" * 100, b"GIF89a-nope", b"\x89PNG\r\n"]
+)
+def test_non_image_with_image_content_type_is_422(body: bytes) -> None:
+    with pytest.raises(BadRequest) as err:
+        decode_upload(body, "image/jpeg")
+    assert err.value.code == "invalid_image"
+    assert not isinstance(err.value, PayloadTooLarge | UnsupportedMediaType)
+
+
+def test_other_image_formats_are_415() -> None:
+    ico = save(Image.new("RGB", (16, 16), RED), "ICO")
+    heic_like = b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64
+    for data in (ico, heic_like):
+        with pytest.raises(UnsupportedMediaType) as err:
+            decode_upload(data, "image/x-whatever")
+        assert err.value.code == "unsupported_format"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_corrupted_images_never_crash() -> None:
+    """Byte flips and truncations of valid files give a result or one of our errors, nothing
+    else (a deterministic mini-fuzz)."""
+    rng = random.Random(1234)
+    sources = [
+        save(Image.effect_noise((64, 48), 40).convert("RGB"), "JPEG"),
+        save(Image.new("RGBA", (40, 30), (1, 2, 3, 100)), "PNG"),
+        save(Image.new("P", (40, 30)), "GIF"),
+        save(Image.new("RGB", (40, 30), BLUE), "WEBP"),
+        save(Image.new("RGB", (40, 30), BLUE), "TIFF"),
+        save(Image.new("RGB", (40, 30), BLUE), "BMP"),
+    ]
+    for source in sources:
+        for _ in range(60):
+            data = bytearray(source)
+            if rng.random() < 0.5:
+                del data[rng.randrange(1, len(data)) :]
+            for _ in range(rng.randrange(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            with contextlib.suppress(BadRequest, PayloadTooLarge, UnsupportedMediaType):
+                decode_upload(bytes(data), "image/png", max_pixels=1_000_000)
+
+
+# -- normalisation -------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied() -> None:
+    """Orientation 6 (rotate 90° clockwise to display): the left half ends up on top."""
+    img = Image.new("RGB", (40, 20), BLUE)
+    img.paste(RED, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    result = decode_upload(save(img, "JPEG", exif=exif, quality=95), "image/jpeg")
+    assert (result.width, result.height) == (20, 40)
+    out = opened(result.data).convert("RGB")
+    assert close_to(px(out, (10, 5)), RED, 40)
+    assert close_to(px(out, (10, 35)), BLUE, 40)
+
+
+def test_cmyk_becomes_rgb_jpeg() -> None:
+    data = save(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG")
+    result = decode_upload(data, "image/jpeg")
+    out = opened(result.data)
+    assert (result.format, result.content_type, out.mode) == ("JPEG", "image/jpeg", "RGB")
+    assert close_to(px(out, (16, 16)), RED)
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bit_not_clipped() -> None:
+    img = Image.new("I;16", (256, 4))
+    img.putdata([x * 256 for x in range(256)] * 4)
+    result = decode_upload(save(img, "PNG"), "image/png")
+    out = opened(result.data)
+    assert out.mode == "L"
+    assert px(out, (0, 1))[0] <= 4
+    assert 120 <= px(out, (128, 1))[0] <= 136  # mid-grey, not white
+    assert px(out, (255, 1))[0] >= 250
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.new("RGBA", (20, 20), (255, 0, 0, 128)),
+        lambda: Image.new("LA", (20, 20), (200, 128)),
+    ],
+)
+def test_alpha_is_kept_and_stored_as_png(make: object) -> None:
+    img = make()  # type: ignore[operator]
+    result = decode_upload(save(img, "PNG"), "image/png")
+    out = opened(result.data)
+    assert (result.format, result.content_type, out.mode) == ("PNG", "image/png", "RGBA")
+    assert px(out, (10, 10))[3] == 128
+
+
+def test_palette_with_transparency_keeps_alpha() -> None:
+    img = Image.new("P", (20, 20), 0)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.paste(1, (0, 0, 10, 20))
+    result = decode_upload(save(img, "GIF", transparency=1), "image/gif")
+    out = opened(result.data)
+    assert result.format == "PNG"
+    assert px(out, (5, 5))[3] == 0
+    assert px(out, (15, 5)) == (255, 0, 0, 255)
+
+
+def test_opaque_images_become_jpeg_92() -> None:
+    for fmt in ("PNG", "BMP", "TIFF", "WEBP", "GIF"):
+        result = decode_upload(save(Image.new("RGB", (30, 20), BLUE), fmt), None)
+        assert (result.format, result.source_format) == ("JPEG", fmt)
+        assert close_to(px(opened(result.data).convert("RGB"), (15, 10)), BLUE)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animated_images_keep_the_first_frame(fmt: str) -> None:
+    frames = [Image.new("RGB", (24, 24), RED), Image.new("RGB", (24, 24), BLUE)]
+    out = io.BytesIO()
+    frames[0].save(out, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    result = decode_upload(out.getvalue(), f"image/{fmt.lower()}")
+    assert result.animated_first_frame
+    assert close_to(px(opened(result.data).convert("RGB"), (12, 12)), RED, 20)
+
+
+def test_still_images_are_not_marked_animated() -> None:
+    assert not decode_upload(
+        save(Image.new("RGB", (8, 8)), "GIF"), "image/gif"
+    ).animated_first_frame
+
+
+def test_metadata_is_stripped() -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"  # Make
+    exif[0x0112] = 1
+    data = save(Image.new("RGB", (32, 32), RED), "JPEG", exif=exif, comment=b"gps: here")
+    out = opened(decode_upload(data, "image/jpeg").data)
+    assert not dict(out.getexif())
+    assert "comment" not in out.info
+    assert b"SecretCam" not in decode_upload(data, "image/jpeg").data
+
+
+def test_icc_profile_is_converted_and_dropped() -> None:
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = save(Image.new("RGB", (16, 16), BLUE), "PNG", icc_profile=srgb)
+    out = opened(decode_upload(data, "image/png").data)
+    assert "icc_profile" not in out.info
+    assert close_to(px(out, (8, 8)), BLUE)
+
+
+def test_content_type_parameters_are_ignored() -> None:
+    data = save(Image.new("RGB", (8, 8)), "PNG")
+    assert decode_upload(data, "image/png; charset=binary").width == 8
+
+
+# -- prepare_input and encode ----------------------------------------------------------------------
+
+
+def test_prepare_input_resizes_to_max_side_keeping_aspect() -> None:
+    data = save(Image.new("RGB", (3000, 1500), RED), "PNG")
+    out = prepare_input(data, max_side=1024, formats=("JPEG", "PNG"), data_uri=False)
+    img = opened(out)
+    assert (img.format, img.size) == ("JPEG", (1024, 512))
+
+
+def test_prepare_input_never_upscales() -> None:
+    data = save(Image.new("RGB", (300, 200), RED), "PNG")
+    assert opened(prepare_input(data, max_side=1024, formats=("PNG",), data_uri=False)).size == (
+        300,
+        200,
+    )
+
+
+def test_prepare_input_data_uri_in_an_accepted_format() -> None:
+    data = save(Image.new("RGB", (40, 40), RED), "BMP")
+    uri = prepare_input(data, max_side=2048, formats=("WEBP",), data_uri=True)
+    assert uri.startswith("data:image/webp;base64,")
+    assert opened(base64.b64decode(uri.split(",", 1)[1])).format == "WEBP"
+
+
+def test_prepare_input_keeps_alpha_when_the_provider_takes_png() -> None:
+    data = save(Image.new("RGBA", (40, 40), (0, 0, 255, 100)), "PNG")
+    out = opened(prepare_input(data, max_side=64, formats=("JPEG", "PNG"), data_uri=False))
+    assert (out.format, out.mode) == ("PNG", "RGBA")
+    flat = opened(prepare_input(data, max_side=64, formats=("JPEG",), data_uri=False))
+    assert (flat.format, flat.mode) == ("JPEG", "RGB")
+
+
+def test_prepare_input_applies_the_same_limits() -> None:
+    with pytest.raises(PayloadTooLarge):
+        prepare_input(png_header_only(9000, 9000), max_side=1024, formats=("PNG",), data_uri=False)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_encode_round_trips(fmt: str) -> None:
+    data = encode(Image.new("RGBA", (16, 16), (0, 0, 255, 255)), fmt, 90)
+    assert opened(data).format == fmt
+    assert sniff_content_type(data) == f"image/{fmt.lower()}"
+
+
+def test_encode_refuses_unknown_formats() -> None:
+    with pytest.raises(ValueError):
+        encode(Image.new("RGB", (4, 4)), "PSD", 90)

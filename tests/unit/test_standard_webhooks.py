@@ -1,0 +1,146 @@
+"""Our Standard Webhooks v1 signer and verifier, cross-checked against the reference package."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+from standardwebhooks import Webhook
+
+from callbacks import standard_webhooks as sw
+from callbacks.errors import WebhookRejected
+
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
+MSG_ID = "msg_2LJd8ZcG3kT0e1H9"
+TS = 1_750_000_000
+BODY = b'{"id":"p1","status":"succeeded","output":["https://replicate.delivery/a.png"]}'
+
+
+def headers(signature: str, *, msg_id: str = MSG_ID, ts: int = TS) -> dict[str, str]:
+    return {"webhook-id": msg_id, "webhook-timestamp": str(ts), "webhook-signature": signature}
+
+
+def rejected_code(secret: str, hdrs: dict[str, str], body: bytes, now: float) -> str:
+    with pytest.raises(WebhookRejected) as info:
+        sw.verify(secret, hdrs, body, now)
+    return info.value.code
+
+
+def test_reference_signature_verifies_with_ours() -> None:
+    theirs = Webhook(SECRET).sign(MSG_ID, datetime.fromtimestamp(TS, tz=UTC), BODY.decode())
+    sw.verify(SECRET, headers(theirs), BODY, now=TS)
+
+
+def test_our_signature_verifies_with_the_reference() -> None:
+    # the reference library reads the real clock, so this message is stamped with it
+    ts = int(time.time())
+    signed = sw.sign_headers(SECRET, MSG_ID, ts, BODY)
+    assert Webhook(SECRET).verify(BODY, signed) == json.loads(BODY)
+    assert sw.sign(SECRET, MSG_ID, ts, BODY) == Webhook(SECRET).sign(
+        MSG_ID, datetime.fromtimestamp(ts, tz=UTC), BODY.decode()
+    )
+
+
+def test_any_matching_signature_among_several_accepts() -> None:
+    """Rotation: the sender signs with the old and the new secret; either verifier accepts."""
+    both = sw.sign_headers([OTHER_SECRET, SECRET], MSG_ID, TS, BODY)
+    assert len(both["webhook-signature"].split()) == 2
+    sw.verify(SECRET, both, BODY, now=TS)
+    sw.verify(OTHER_SECRET, both, BODY, now=TS)
+
+
+def test_unknown_versions_are_skipped_but_a_v1_match_still_accepts() -> None:
+    good = sw.sign(SECRET, MSG_ID, TS, BODY)
+    forged_v1a = "v1a," + base64.b64encode(b"x" * 64).decode()
+    sw.verify(SECRET, headers(f"{forged_v1a} {good}"), BODY, now=TS)
+
+
+def test_only_unknown_versions_is_a_bad_signature() -> None:
+    good_digest = sw.sign(SECRET, MSG_ID, TS, BODY).split(",", 1)[1]
+    hdrs = headers(f"v1a,{good_digest} v2,{good_digest}")
+    assert rejected_code(SECRET, hdrs, BODY, TS) == "bad_signature"
+
+
+def test_garbage_entries_are_skipped() -> None:
+    good = sw.sign(SECRET, MSG_ID, TS, BODY)
+    sw.verify(SECRET, headers(f"nocomma v1,!!!notbase64 {good}"), BODY, now=TS)
+    assert rejected_code(SECRET, headers("nocomma v1,!!!"), BODY, TS) == "bad_signature"
+
+
+def test_tampered_body_is_rejected() -> None:
+    hdrs = headers(sw.sign(SECRET, MSG_ID, TS, BODY))
+    assert rejected_code(SECRET, hdrs, BODY.replace(b"a.png", b"b.png"), TS) == "bad_signature"
+    assert rejected_code(SECRET, hdrs, BODY + b" ", TS) == "bad_signature"
+
+
+def test_signed_id_and_timestamp_cannot_be_swapped() -> None:
+    sig = sw.sign(SECRET, MSG_ID, TS, BODY)
+    assert rejected_code(SECRET, headers(sig, msg_id="msg_other"), BODY, TS) == "bad_signature"
+    assert rejected_code(SECRET, headers(sig, ts=TS + 1), BODY, TS) == "bad_signature"
+
+
+def test_wrong_secret_is_rejected() -> None:
+    hdrs = headers(sw.sign(OTHER_SECRET, MSG_ID, TS, BODY))
+    assert rejected_code(SECRET, hdrs, BODY, TS) == "bad_signature"
+
+
+@pytest.mark.parametrize("offset", [-301, 301, -86_400, 86_400])
+def test_timestamps_outside_the_window_are_rejected_even_when_signed(offset: int) -> None:
+    hdrs = headers(sw.sign(SECRET, MSG_ID, TS, BODY))
+    assert rejected_code(SECRET, hdrs, BODY, TS + offset) == "stale_timestamp"
+
+
+@pytest.mark.parametrize("offset", [-300, 0, 300])
+def test_timestamps_inside_the_window_are_accepted(offset: int) -> None:
+    sw.verify(SECRET, headers(sw.sign(SECRET, MSG_ID, TS, BODY)), BODY, now=TS + offset)
+
+
+def test_tolerance_is_configurable() -> None:
+    hdrs = headers(sw.sign(SECRET, MSG_ID, TS, BODY))
+    with pytest.raises(WebhookRejected):
+        sw.verify(SECRET, hdrs, BODY, now=TS + 11, tolerance_s=10)
+
+
+@pytest.mark.parametrize("missing", ["webhook-id", "webhook-timestamp", "webhook-signature"])
+def test_a_missing_header_is_missing_headers(missing: str) -> None:
+    hdrs = headers(sw.sign(SECRET, MSG_ID, TS, BODY))
+    del hdrs[missing]
+    assert rejected_code(SECRET, hdrs, BODY, TS) == "missing_headers"
+
+
+def test_a_non_integer_timestamp_is_rejected() -> None:
+    hdrs = headers(sw.sign(SECRET, MSG_ID, TS, BODY))
+    hdrs["webhook-timestamp"] = "yesterday"
+    assert rejected_code(SECRET, hdrs, BODY, TS) == "missing_headers"
+
+
+def test_header_names_are_case_insensitive() -> None:
+    sig = sw.sign(SECRET, MSG_ID, TS, BODY)
+    hdrs = {"Webhook-Id": MSG_ID, "WEBHOOK-TIMESTAMP": str(TS), "Webhook-Signature": sig}
+    sw.verify(SECRET, hdrs, BODY, now=TS)
+
+
+def test_secret_forms_are_equivalent() -> None:
+    """``whsec_``-prefixed, bare base64 and raw key bytes name the same key."""
+    hdrs = headers(sw.sign(SECRET, MSG_ID, TS, BODY))
+    sw.verify(SECRET.removeprefix("whsec_"), hdrs, BODY, now=TS)
+    sw.verify(b"k" * 32, hdrs, BODY, now=TS)
+
+
+def test_an_unusable_secret_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError):
+        sw.decode_secret("whsec_")
+    with pytest.raises(ValueError):
+        sw.decode_secret("whsec_not base64!")
+
+
+def test_generated_secrets_are_whsec_and_usable_by_the_reference() -> None:
+    secret = sw.generate_secret()
+    assert secret.startswith("whsec_")
+    assert len(sw.decode_secret(secret)) == 32
+    ts = int(time.time())
+    Webhook(secret).verify(BODY, sw.sign_headers(secret, MSG_ID, ts, BODY))
