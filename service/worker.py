@@ -30,6 +30,7 @@ log = structlog.get_logger()
 SUBMIT_TRIES = 3
 FETCH_TRIES = 3
 DATA_URI_MAX_BYTES = 256_000
+QUEUE_RECHECK_S = 1.0  # a pending task over its provider's limit is offered again after this
 
 
 class Worker:
@@ -104,6 +105,8 @@ class Worker:
         backing_off = task.deadline is not None and task.deadline > now
         if task.state is State.PROCESSING and not task.lease_held(now) and backing_off:
             return  # waiting out a retry's backoff; the dispatcher or the reaper comes back
+        if task.state is State.PENDING and await self._provider_full(task, now):
+            return
         claimed = await lifecycle.take_lease(
             svc.store, task, self.owner, now, svc.deadlines.lease_s
         )
@@ -133,6 +136,18 @@ class Worker:
             await self.fail(claimed.id, exc.code, exc.message)
         else:
             await self._submitted(claimed, provider, job_id)
+
+    async def _provider_full(self, task: Task, now: float) -> bool:
+        """True if the task's provider has its limit of jobs in flight; the task then stays
+        pending with a near deadline, so the reaper offers it again (oldest deadline first).
+
+        Counted in the store, so the cap holds across processes, give or take tasks started in
+        the same instant by two processes."""
+        limit = self.svc.settings.provider_concurrency
+        if limit <= 0 or await self.svc.store.count_active(task.provider) < limit:
+            return False
+        await lifecycle.update(self.svc.store, task, now, deadline=now + QUEUE_RECHECK_S)
+        return True
 
     async def _submission(self, task: Task, provider: Provider) -> Submission:
         style = self.svc.catalogue.get(task.style)
@@ -616,4 +631,3 @@ class Worker:
         if outcome.status == "succeeded" and index < len(outcome.outputs):
             return outcome.outputs[index]
         return None
-

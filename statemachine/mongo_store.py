@@ -188,6 +188,7 @@ class MongoStore:
             name="owner_created",
         )
         await tasks.create_index([("created_at", DESCENDING), ("_id", DESCENDING)], name="created")
+        await tasks.create_index([("provider", ASCENDING), ("state", ASCENDING)], name="active")
         await tasks.create_index(
             [("owner", ASCENDING), ("idempotency_key", ASCENDING)],
             name="idempotency",
@@ -575,6 +576,11 @@ class MongoStore:
             {State(d["_id"]): int(d["n"]) for d in await _aggregate(self._tasks, pipeline)}
         )
         return counts
+
+    @_translated
+    async def count_active(self, provider: str) -> int:
+        query: Doc = {"state": {"$in": ["processing", "ai_processing"]}, "provider": provider}
+        return int(await self._tasks.count_documents(query))
 
     @_translated
     async def tasks_since(self, since: float, owner: str | None) -> list[Task]:

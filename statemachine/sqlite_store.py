@@ -55,6 +55,9 @@ _NON_TERMINAL_SQL: Final = "state NOT IN ({})".format(
     ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
 )
 
+# Tasks holding a provider slot (counted against HOOKLINE_PROVIDER_CONCURRENCY).
+_ACTIVE_SQL: Final = "state IN ('processing', 'ai_processing')"
+
 _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
@@ -89,6 +92,8 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_overdue ON tasks (deadline) WHERE {_NON_TERMINAL_SQL};
 CREATE INDEX IF NOT EXISTS tasks_owner_created ON tasks (owner, created_at, id);
+CREATE INDEX IF NOT EXISTS tasks_active_provider ON tasks (json_extract(doc, '$.provider'))
+    WHERE {_ACTIVE_SQL};
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at, id);
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -708,6 +713,14 @@ class SqliteStore:
         counts = dict.fromkeys(State, 0)
         counts.update({State(s): n for s, n in rows})
         return counts
+
+    async def count_active(self, provider: str) -> int:
+        sql = (
+            f"SELECT count(*) FROM tasks WHERE {_ACTIVE_SQL}"
+            " AND json_extract(doc, '$.provider') = ?"
+        )
+        row = await self._read(lambda c: c.execute(sql, (provider,)).fetchone())
+        return int(row[0])
 
     async def tasks_since(self, since: float, owner: str | None) -> list[Task]:
         sql = "SELECT doc FROM tasks WHERE created_at >= ?"

@@ -124,6 +124,10 @@ class TaskStore(Protocol):
 
     async def count_by_state(self, owner: str | None) -> dict[State, int]: ...
 
+    async def count_active(self, provider: str) -> int:
+        """Tasks of ``provider`` in processing or ai_processing (its jobs in flight), through an
+        index."""
+
     async def tasks_since(self, since: float, owner: str | None) -> list[Task]:
         """Tasks created at or after ``since`` (for the KPIs)."""
 

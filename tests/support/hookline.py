@@ -79,7 +79,9 @@ class Hookline:
         task: dict[str, Any] = r.json()
         return task
 
-    async def wait_terminal(self, key: str, task_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def wait_terminal(
+        self, key: str, task_id: str, timeout_s: float = 30.0
+    ) -> dict[str, Any]:
         """Poll until the task is terminal (a generous bound: a hang fails, speed is not tested)."""
         terminal = {s.value for s in TERMINAL}
         async with asyncio.timeout(timeout_s):
@@ -111,5 +113,8 @@ async def running_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Ho
     values.update(overrides)
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
     app = create_app(settings)
-    async with serve_app(app, sock=sock) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with (
+        serve_app(app, sock=sock) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
         yield Hookline(url, settings, client, app)
