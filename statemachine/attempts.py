@@ -24,13 +24,16 @@ def close_attempt(
 ) -> tuple[Attempt, ...]:
     """The log with the attempt of ``job_id`` (default: the current one) ended as ``outcome``.
 
-    Attempts still open are marked ``superseded`` when another one succeeds.
+    Attempts still open are marked ``superseded`` when another one succeeds; an attempt that had
+    timed out and succeeds after all becomes ``late_success`` (still a timeout for the KPIs).
     """
     target = job_id or task.provider_job_id
     log: list[Attempt] = []
     for a in task.attempt_log:
         if a.job_id == target and a.outcome is None:
             a = dataclasses.replace(a, outcome=outcome, finished_at=now)
+        elif a.job_id == target and outcome == "succeeded" and a.outcome == "timeout":
+            a = dataclasses.replace(a, outcome="late_success", finished_at=now)
         elif outcome == "succeeded" and a.outcome is None:
             a = dataclasses.replace(a, outcome="superseded", finished_at=now)
         log.append(a)

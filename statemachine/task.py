@@ -57,7 +57,8 @@ class TaskFailure:
 class Attempt:
     """One provider attempt: which provider and job, and how it ended (None while running).
 
-    ``outcome`` is one of ``succeeded``, ``failed``, ``timeout``, ``cancelled``, ``superseded``;
+    ``outcome`` is one of ``succeeded``, ``failed``, ``timeout``, ``late_success`` (timed out,
+    then its result was adopted), ``cancelled``, ``superseded``;
     these are what the KPIs (first-try success, timeout rate, retries per task) are computed from.
     """
 

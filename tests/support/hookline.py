@@ -118,3 +118,23 @@ async def running_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Ho
         httpx.AsyncClient(base_url=url, timeout=30) as client,
     ):
         yield Hookline(url, settings, client, app)
+
+
+async def install_manual_provider(hl: Hookline) -> Any:
+    """Register a ``ManualProvider`` named "manual" in the running app; its outputs are a real
+    image served by hookline's own signed file URLs."""
+    from service.fetch import SafeFetcher
+    from tests.support.manual_provider import ManualProvider
+
+    svc = hl.services
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), "orange").save(buf, "PNG")
+    await svc.blobs.put("fixtures/output.png", buf.getvalue(), "image/png")
+    url = await svc.blobs.url("fixtures/output.png", 3600)
+    provider = ManualProvider(http=svc.http, output_url=url)
+    svc.providers["manual"] = provider
+    host = httpx.URL(hl.base_url)
+    svc.extras["worker"].output_fetchers["manual"] = SafeFetcher(
+        svc.http, allow_hosts={f"{host.host}:{host.port}"}, max_bytes=10_000_000, timeout_s=10
+    )
+    return provider
