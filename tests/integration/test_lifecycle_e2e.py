@@ -101,7 +101,9 @@ async def test_output_fetch_failures_are_retried(tmp_path: Path) -> None:
 
 
 async def test_provider_failures_retry_then_fail_with_exactly_one_refund(tmp_path: Path) -> None:
-    async with running_hookline(tmp_path, sim_failure_rate=1.0, max_attempts=3) as hl:
+    # Seed 0 makes the simulator fail its first three predictions with retryable errors
+    # (out of memory, interrupted) rather than a moderation refusal.
+    async with running_hookline(tmp_path, sim_failure_rate=1.0, max_attempts=3, sim_seed=0) as hl:
         key = await hl.create_user("alice", credits=20)
         done = await hl.wait_terminal(key, (await hl.create_task(key))["id"])
         assert done["state"] == "failed" and done["refunded"]
@@ -111,6 +113,16 @@ async def test_provider_failures_retry_then_fail_with_exactly_one_refund(tmp_pat
         assert (await hl.client.get("/v1/me", headers=hl.auth(key))).json()["balance"] == 20
         kinds = [e.kind for e in await hl.store.ledger("alice")]
         assert kinds == ["grant", "debit", "refund"]
+
+
+async def test_a_moderation_refusal_is_not_retried(tmp_path: Path) -> None:
+    # Seed 3 makes the simulator refuse its first prediction as NSFW: retrying will not help.
+    async with running_hookline(tmp_path, sim_failure_rate=1.0, sim_seed=3) as hl:
+        key = await hl.create_user("alice", credits=20)
+        done = await hl.wait_terminal(key, (await hl.create_task(key))["id"])
+        assert done["state"] == "failed" and done["attempts"] == 1 and done["refunded"]
+        assert "NSFW" in done["error"]["message"]
+        assert (await sim_stats(hl))["predictions_created"] == 1
 
 
 async def test_webhook_arriving_before_the_submit_is_stored_is_applied_once(
