@@ -1,0 +1,396 @@
+"""The reaper's every branch on a fake clock: no sleeps, a real SQLite store, a provider the test
+drives by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from callbacks.errors import RetryableProviderError
+from callbacks.provider import Outcome
+from service.context import Services
+from service.fetch import FetchResult
+from service.local_blobs import LocalBlobStore
+from service.ratelimit import RateLimiter
+from service.settings import Settings
+from service.styles import Catalogue
+from service.watermark import WatermarkConfig
+from service.worker import Worker
+from statemachine import lifecycle
+from statemachine.decide import Deadlines
+from statemachine.feed import SqliteFeed
+from statemachine.reaper import Reaper, plan
+from statemachine.sqlite_store import SqliteStore
+from statemachine.states import Event, State, is_valid_path
+from statemachine.task import Task
+from tests.support.manual_provider import ManualProvider
+
+DEADLINES = Deadlines(
+    handoff_s=10,
+    lease_s=60,
+    ai_deadline_s=100,
+    ai_hard_cap_s=300,
+    retry_backoff_s=2,
+    max_attempts=3,
+)
+
+
+def png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "purple").save(buf, "PNG")
+    return buf.getvalue()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class StaticFetcher:
+    """Stands in for the SSRF-safe fetcher: every output URL yields the same image."""
+
+    async def fetch(self, url: str, **_: Any) -> FetchResult:
+        return FetchResult(png(), "image/png", url)
+
+
+@dataclass
+class World:
+    store: SqliteStore
+    clock: FakeClock
+    provider: ManualProvider
+    worker: Worker
+    reaper: Reaper
+    later: list[tuple[float, str]] = field(default_factory=list)
+
+    async def task(self, **changes: Any) -> Task:
+        """A stored task with the given fields (default: pending, due in handoff_s)."""
+        now = self.clock()
+        task = Task(
+            id=f"tsk_{len(self.later)}_{now}",
+            owner="alice",
+            state=State.PENDING,
+            version=1,
+            provider="manual",
+            model="m",
+            prompt="a cat",
+            cost=5,
+            created_at=now,
+            updated_at=now,
+            callback_token="tok",
+            inputs=(),
+            deadline=now + DEADLINES.handoff_s,
+        )
+        task, _ = await self.store.create_task(task)
+        return task
+
+    async def get(self, task_id: str) -> Task:
+        task = await self.store.get_task(task_id)
+        assert task is not None
+        return task
+
+    async def submitted(self) -> Task:
+        """A task that went pending → processing → ai_processing with a job at the provider."""
+        task = await self.task()
+        await self.worker.process(task.id)
+        task = await self.get(task.id)
+        assert task.state is State.AI_PROCESSING
+        return task
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    store = SqliteStore(tmp_path / "t.db")
+    await store.open()
+    await store.create_user("alice", 100, is_admin=False, key_hash="h", now=0)
+    clock = FakeClock()
+    async with httpx.AsyncClient() as http:
+        provider = ManualProvider(http=http, output_url="https://outputs.example/1.png")
+        settings = Settings(_env_file=None, var_dir=tmp_path / "var")  # type: ignore[call-arg]
+        svc = Services(
+            settings=settings,
+            store=store,
+            feed=SqliteFeed(store),
+            blobs=LocalBlobStore(tmp_path / "blobs", "http://127.0.0.1:1", b"k" * 32),
+            http=http,
+            providers={"manual": provider},
+            catalogue=Catalogue.load(),
+            limiter=RateLimiter(0, 1),
+            deadlines=DEADLINES,
+            now=clock,
+        )
+        fetcher: Any = StaticFetcher()
+        worker = Worker(
+            svc,
+            "w1",
+            input_fetcher=fetcher,
+            output_fetchers={"manual": fetcher},
+            watermark=WatermarkConfig.from_settings(settings),
+        )
+        world = World(
+            store, clock, provider, worker, Reaper(store, worker, interval_s=1, now=clock)
+        )
+        # Steps the worker would start later on its own are recorded instead (no real time).
+        worker.spawn_at = lambda when, task_id: world.later.append((when, task_id))  # type: ignore[method-assign]
+        yield world
+        await store.close()
+
+
+def history(task: Task) -> list[str]:
+    return [h.event for h in task.history]
+
+
+def valid(task: Task) -> bool:
+    return is_valid_path([(h.source, h.dest, Event(h.event)) for h in task.history])
+
+
+# --- plan: pure ---------------------------------------------------------------------------------
+
+
+def test_plan_skips_tasks_not_due_terminal_or_under_a_live_lease() -> None:
+    base = Task("t", "o", State.PENDING, 1, "p", "m", "x", 1, 0, 0, "tok", deadline=10)
+    assert plan(base, now=5) == "skip"
+    assert plan(base, now=10) == "dispatch"
+    leased = base.with_changes(state=State.PROCESSING, lease_owner="w", lease_expires=20)
+    assert plan(leased, now=15) == "skip"
+    assert plan(leased, now=25) == "dispatch"
+    assert plan(base.with_changes(state=State.AI_PROCESSING), now=10) == "reconcile"
+    assert plan(base.with_changes(state=State.COMPLETED, deadline=None), now=99) == "skip"
+
+
+# --- pending / processing / watermarking --------------------------------------------------------
+
+
+async def test_a_pending_task_the_dispatcher_missed_is_dispatched(world: World) -> None:
+    task = await world.task()
+    assert await world.reaper.run_pass() == 0  # not due yet
+    world.clock.advance(DEADLINES.handoff_s)
+    assert await world.reaper.run_pass() == 1
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and task.provider_job_id == "job1"
+
+
+async def test_work_of_a_dead_worker_is_taken_over_when_its_lease_expires(world: World) -> None:
+    task = await world.task()
+    dead = await lifecycle.take_lease(world.store, task, "dead-worker", world.clock(), 60)
+    assert dead is not None and dead.state is State.PROCESSING
+    world.clock.advance(30)
+    assert await world.reaper.run_pass() == 0  # lease still live
+    world.clock.advance(31)
+    assert await world.reaper.run_pass() == 1
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and len(world.provider.jobs) == 1
+    assert valid(task)
+
+
+async def test_watermarking_with_an_expired_lease_is_finished_by_another_worker(
+    world: World,
+) -> None:
+    task = await world.submitted()
+    world.provider.finish("job1")
+    assert await world.worker.apply_outcome(task.id, world.provider.jobs["job1"].outcome) == (
+        "succeeded"
+    )
+    task = await world.get(task.id)
+    dead = await lifecycle.take_lease(world.store, task, "dead-worker", world.clock(), 60)
+    assert dead is not None
+    world.clock.advance(61)
+    assert await world.reaper.run_pass() == 1
+    task = await world.get(task.id)
+    assert task.state is State.COMPLETED and len(task.outputs) == 1
+    assert history(task) == ["start", "submitted", "ai_succeeded", "finished"]
+
+
+# --- ai_processing: poll first ------------------------------------------------------------------
+
+
+async def test_an_overdue_job_that_succeeded_is_adopted_not_paid_twice(world: World) -> None:
+    task = await world.submitted()
+    world.provider.finish("job1")  # succeeded, but the webhook was lost
+    world.clock.advance(DEADLINES.ai_deadline_s)
+    assert await world.reaper.run_pass() == 1
+    task = await world.get(task.id)
+    assert task.state is State.WATERMARKING and task.attempts == 1
+    assert world.provider.polls == ["job1"] and len(world.provider.jobs) == 1
+    assert world.worker.svc.extras["counters"]["reconciliations"] == 1
+
+
+async def test_a_job_still_running_within_the_hard_cap_gets_more_time(world: World) -> None:
+    task = await world.submitted()
+    world.clock.advance(DEADLINES.ai_deadline_s)
+    await world.reaper.run_pass()
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and history(task)[-1] == "extend"
+    assert task.deadline == world.clock() + DEADLINES.ai_deadline_s
+    assert world.provider.cancels == []
+
+
+async def test_extensions_stop_at_the_hard_cap(world: World) -> None:
+    task = await world.submitted()
+    world.clock.advance(DEADLINES.ai_deadline_s * 2.5)
+    await world.reaper.run_pass()
+    task = await world.get(task.id)
+    remaining = DEADLINES.ai_hard_cap_s - DEADLINES.ai_deadline_s * 2.5
+    assert task.deadline == pytest.approx(world.clock() + remaining)
+
+
+async def test_a_job_past_the_hard_cap_is_cancelled_and_retried_with_backoff(
+    world: World,
+) -> None:
+    task = await world.submitted()
+    world.clock.advance(DEADLINES.ai_hard_cap_s)
+    await world.reaper.run_pass()
+    task = await world.get(task.id)
+    assert task.state is State.PROCESSING and task.attempts == 2
+    assert world.provider.cancels == ["job1"]
+    assert task.lease_owner is None and task.provider_job_id is None
+    delay = task.deadline - world.clock()  # type: ignore[operator]
+    assert 0.5 * DEADLINES.retry_backoff_s <= delay <= 1.5 * DEADLINES.retry_backoff_s
+    assert [a.outcome for a in task.attempt_log] == ["timeout"]
+    assert world.later == [(task.deadline, task.id)]
+    # Not before the backoff is over...
+    assert await world.reaper.run_pass() == 0
+    await world.worker.process(task.id)
+    assert (await world.get(task.id)).state is State.PROCESSING
+    # ...then the next attempt is submitted.
+    world.clock.advance(delay)
+    assert await world.reaper.run_pass() == 1
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and task.provider_job_id == "job2"
+    assert valid(task)
+
+
+async def test_backoff_grows_exponentially_between_attempts(world: World) -> None:
+    task = await world.submitted()
+    delays = []
+    for _ in range(2):
+        world.clock.advance(DEADLINES.ai_hard_cap_s)
+        await world.reaper.run_pass()
+        task = await world.get(task.id)
+        delays.append(task.deadline - world.clock())  # type: ignore[operator]
+        world.clock.advance(delays[-1])
+        await world.reaper.run_pass()
+    assert 1 <= delays[0] <= 3 and 2 <= delays[1] <= 6
+
+
+async def test_a_failed_job_is_retried_and_the_last_failure_fails_with_one_refund(
+    world: World,
+) -> None:
+    task = await world.submitted()
+    for attempt in (1, 2, 3):
+        job = (await world.get(task.id)).provider_job_id
+        assert job == f"job{attempt}"
+        world.provider.finish(job, "failed", reason="boom")
+        world.clock.advance(DEADLINES.ai_deadline_s)
+        await world.reaper.run_pass()  # polls, finds the failure
+        task = await world.get(task.id)
+        if attempt < 3:
+            assert task.state is State.PROCESSING and task.attempts == attempt + 1
+            world.clock.advance(10)
+            await world.reaper.run_pass()  # backoff over: next attempt submitted
+    assert task.state is State.FAILED and task.refunded and task.attempts == 3
+    assert task.error is not None and task.error.code == "provider_failed"
+    user = await world.store.get_user("alice")
+    assert user is not None and user.balance == 100
+    assert [e.kind for e in await world.store.ledger("alice")] == ["grant", "debit", "refund"]
+    assert valid(task)
+
+
+async def test_a_provider_that_forgot_the_job_404_gets_a_retry(world: World) -> None:
+    task = await world.submitted()
+    del world.provider.jobs["job1"]  # poll answers 404 → PermanentProviderError
+    world.clock.advance(DEADLINES.ai_deadline_s)
+    await world.reaper.run_pass()
+    task = await world.get(task.id)
+    assert task.state is State.PROCESSING and task.attempts == 2
+    assert task.error is not None and task.error.code == "timeout"
+
+
+async def test_garbage_from_polls_waits_until_the_hard_cap_then_retries(world: World) -> None:
+    task = await world.submitted()
+    world.provider.poll_error = RetryableProviderError("not JSON")
+    world.clock.advance(DEADLINES.ai_deadline_s)
+    await world.reaper.run_pass()
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and task.history[-1].detail == "poll failed; waiting"
+    world.clock.advance(DEADLINES.ai_hard_cap_s)
+    await world.reaper.run_pass()
+    task = await world.get(task.id)
+    assert task.state is State.PROCESSING and task.attempts == 2
+
+
+async def test_two_reapers_never_act_on_one_task(world: World) -> None:
+    task = await world.submitted()
+    world.provider.finish("job1")
+    world.clock.advance(DEADLINES.ai_deadline_s)
+    other = Reaper(world.store, world.worker, interval_s=1, now=world.clock)
+
+    handled = await asyncio.gather(world.reaper.run_pass(), other.run_pass())
+    assert sum(handled) == 2  # both saw it overdue...
+    assert world.provider.polls == ["job1"]  # ...one claimed it and polled
+    task = await world.get(task.id)
+    assert history(task).count("ai_succeeded") == 1
+
+
+async def test_a_webhook_and_the_reaper_racing_end_in_one_state(world: World) -> None:
+    task = await world.submitted()
+    outcome = world.provider.finish("job1")
+    world.clock.advance(DEADLINES.ai_deadline_s)
+
+    results = await asyncio.gather(
+        world.worker.apply_outcome(task.id, outcome), world.reaper.run_pass()
+    )
+    task = await world.get(task.id)
+    assert task.state is State.WATERMARKING and history(task).count("ai_succeeded") == 1
+    assert results[0] in ("succeeded", "already_applied", "ignored")
+
+
+async def test_a_failure_webhook_for_an_earlier_attempt_changes_nothing(world: World) -> None:
+    task = await world.submitted()
+    world.clock.advance(DEADLINES.ai_hard_cap_s)
+    await world.reaper.run_pass()
+    world.clock.advance(10)
+    await world.reaper.run_pass()
+    task = await world.get(task.id)
+    assert task.provider_job_id == "job2"
+    stale = Outcome("failed", "job1", reason="late failure")
+    assert await world.worker.apply_outcome(task.id, stale) == "stale"
+    assert (await world.get(task.id)).version == task.version
+
+
+async def test_a_webhook_for_a_cancelled_task_changes_nothing(world: World) -> None:
+    task = await world.submitted()
+    cancelled = await lifecycle.advance(
+        world.store, task.id, Event.CANCEL, world.clock(), DEADLINES
+    )
+    assert isinstance(cancelled, Task)
+    outcome = world.provider.finish("job1")
+    assert await world.worker.apply_outcome(task.id, outcome) == "after_terminal"
+    assert (await world.get(task.id)).version == cancelled.version
+
+
+async def test_a_retryable_submit_failure_is_retried_inside_the_step(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_sleep(_: float) -> None:
+        return None
+
+    monkeypatch.setattr("service.worker.asyncio.sleep", no_sleep)
+    world.provider.submit_errors = [RetryableProviderError("503"), RetryableProviderError("503")]
+    task = await world.task()
+    await world.worker.process(task.id)
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and task.attempts == 1
