@@ -35,7 +35,8 @@ test-mongo: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/contract
 
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dev,bench]'
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var
