@@ -220,3 +220,54 @@ async def test_tasks_over_the_provider_limit_wait_pending_and_run_as_slots_free(
             await manual.deliver(job_id)
         for task_id in ids:
             assert (await hl.wait_terminal(key, task_id))["state"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [("/no/such/output.png", "a 404"), ("/healthz", "JSON where an image should be")],
+)
+async def test_an_output_that_cannot_be_fetched_fails_the_task_with_a_refund(
+    tmp_path: Path, path: str, why: str
+) -> None:
+    async with running_hookline(tmp_path) as hl:
+        manual = await install_manual_provider(hl)
+        manual.output_url = hl.base_url + path
+        key = await hl.create_user("alice", credits=10)
+        task_id = (await hl.create_task(key, provider="manual"))["id"]
+        task = await wait_for(hl, task_id, State.AI_PROCESSING)
+        manual.finish(task.provider_job_id)
+        await manual.deliver(task.provider_job_id)
+        done = await hl.wait_terminal(key, task_id)
+        assert done["state"] == "failed" and done["refunded"], why
+        assert done["error"]["code"] == "output_unavailable"
+        assert task.provider_job_id in manual.polls  # asked once for a fresh URL first
+        assert (await hl.client.get("/v1/me", headers=hl.auth(key))).json()["balance"] == 10
+        assert await hl.services.blobs.list_keys(f"outputs/{task_id}/") == []
+
+
+async def test_outputs_are_stored_in_s3_and_served_by_presigned_urls(tmp_path: Path) -> None:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        async with running_hookline(
+            tmp_path,
+            blob_url="s3://hookline-e2e",
+            s3_endpoint=f"http://{host}:{port}",
+            s3_access_key="test",
+            s3_secret_key="test",
+            s3_region="us-east-1",
+        ) as hl:
+            key = await hl.create_user("alice")
+            done = await hl.wait_terminal(key, (await hl.create_task(key))["id"])
+            assert done["state"] == "completed"
+            url = done["outputs"][0]["url"]
+            assert url.startswith(f"http://{host}:{port}/hookline-e2e/outputs/")
+            assert "X-Amz-Signature" in url
+            async with httpx.AsyncClient() as plain:
+                image = await plain.get(url)
+            assert image.status_code == 200 and image.content[:2] == b"\xff\xd8"
+    finally:
+        server.stop()
