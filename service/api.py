@@ -6,14 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.auth import authenticate, bearer_key, hash_key
+from service.auth import authenticate_hash, bearer_key, hash_key
+from service.blobs import InvalidBlobKey, validate_key
 from service.context import Services
 from service.views import task_json, user_json
 from statemachine import lifecycle
@@ -32,6 +33,10 @@ from statemachine.task import Task
 M = TypeVar("M", bound=BaseModel)
 MAX_IDEMPOTENCY_KEY = 200
 MAX_PAGE = 100
+MAX_PARAM_CHARS = 2000
+MAX_SAFE_INT = 2**53
+# owner/name, owner/name:version, a bare version id, deployments/owner/name
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]*$"
 
 
 class UploadInput(BaseModel):
@@ -44,7 +49,24 @@ class UrlInput(BaseModel):
     url: Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://")]
 
 
-ParamValue = str | int | float | bool
+# Parameters reach the provider's model as they are: small, flat, JSON-safe values only. Integers
+# stay within 2**53 so every JSON client (and MongoDB's int64) reads back the number that was sent.
+ParamName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+
+
+def _not_an_int(value: Any) -> Any:
+    # strict floats still take ints: an int out of range must fail, not turn into a float
+    if isinstance(value, int):
+        raise ValueError(f"integers must be within ±{MAX_SAFE_INT}")
+    return value
+
+
+ParamValue = (
+    Annotated[str, Field(max_length=MAX_PARAM_CHARS)]
+    | Annotated[int, Field(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)]
+    | Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_not_an_int)]
+    | bool
+)
 
 
 class CreateTaskBody(BaseModel):
@@ -52,11 +74,13 @@ class CreateTaskBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     inputs: Annotated[list[UploadInput | UrlInput], Field(min_length=1)]
-    prompt: Annotated[str, Field(min_length=1)]
+    prompt: Annotated[str, Field(min_length=1, pattern=r"\S")]
     style: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     provider: Annotated[str, Field(min_length=1, max_length=32)] | None = None
-    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    params: Annotated[dict[str, ParamValue], Field(max_length=32)] = Field(default_factory=dict)
+    model: Annotated[str, Field(min_length=1, max_length=200, pattern=MODEL_PATTERN)] | None = None
+    params: Annotated[dict[ParamName, ParamValue], Field(max_length=32)] = Field(
+        default_factory=dict
+    )
     num_outputs: Annotated[int, Field(ge=1, le=4)] = 1
 
 
@@ -68,8 +92,9 @@ def services(request: Request) -> Services:
 async def caller(request: Request) -> User:
     """Authenticate and rate-limit the request; the calling user."""
     svc = services(request)
-    svc.limiter.check(hash_key(bearer_key(request)), svc.now())
-    return await authenticate(svc.store, request)
+    key_hash = hash_key(bearer_key(request))
+    svc.limiter.check(key_hash, svc.now())
+    return await authenticate_hash(svc.store, key_hash)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -87,6 +112,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_constant(name: str) -> Any:
+    """``NaN`` and ``Infinity`` are not JSON (RFC 8259); Python's parser accepts them."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def read_json(request: Request, model: type[M]) -> M:
     """Parse and validate a JSON body: 415 not JSON, 400 malformed, 422 invalid."""
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -94,7 +124,7 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise UnsupportedMediaType("send the body as application/json", code="not_json")
     raw = await read_body(request, services(request).settings.max_body_bytes)
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedRequest(f"malformed JSON: {exc}") from exc
     try:
@@ -172,11 +202,17 @@ async def create_task(request: Request) -> Response:
 
 
 async def checked_input(svc: Services, user: User, item: UploadInput | UrlInput) -> dict[str, str]:
+    """The stored form of one input; an upload must be the caller's own and exist. Another
+    user's key, a malformed one and a missing one get the same answer."""
     if isinstance(item, UrlInput):
         return {"url": item.url}
-    if not item.upload.startswith(f"uploads/{user.name}/") or not await svc.blobs.exists(
-        item.upload
-    ):
+    try:
+        found = item.upload.startswith(f"uploads/{user.name}/") and await svc.blobs.exists(
+            validate_key(item.upload)
+        )
+    except InvalidBlobKey:
+        found = False
+    if not found:
         raise BadRequest(f"unknown upload {item.upload!r}", code="unknown_upload")
     return {"upload": item.upload}
 
@@ -235,8 +271,10 @@ async def cancel_task(request: Request) -> Response:
         result_task = result.task
     else:
         result_task = result
-        if task.provider_job_id:
-            await svc.extras["worker"].cancel_job(result_task)
+        if result_task.provider_job_id:
+            # best effort and after the answer: a slow provider must not hold the request
+            worker = svc.extras["worker"]
+            worker.spawn(worker.cancel_job(result_task))
     return JSONResponse(await task_json(result_task, svc.blobs, svc.settings.file_url_ttl_s))
 
 

@@ -34,6 +34,7 @@ from service.settings import Settings
 from service.styles import Catalogue
 from service.watermark import WatermarkConfig
 from service.worker import Worker
+from statemachine.errors import StoreError, Unavailable
 from statemachine.feed import Watcher
 from statemachine.reaper import Reaper
 from statemachine.store import ChangeFeed, TaskStore
@@ -58,9 +59,37 @@ def build_store(settings: Settings) -> tuple[TaskStore, ChangeFeed]:
 
         # Change streams are MongoDB's feed; the extra event collection would cost a round trip
         # per transition (bench/mongo_ops.py: 13 → 8 per successful task).
-        mongo = MongoStore.from_url(url, event_log=False)
+        mongo = MongoStore.from_url(url, event_log=False, timeout_s=settings.store_timeout_s)
         return mongo, MongoChangeFeed(mongo.db)
     raise ValueError(f"HOOKLINE_STORE_URL must be sqlite:/// or mongodb://, got {url!r}")
+
+
+async def open_store(
+    store: TaskStore, *, first_wait_s: float = 0.5, max_wait_s: float = 30
+) -> None:
+    """Open the store, retrying with backoff while it is unreachable. Until it opens, requests
+    that need it answer 503 and /readyz says not ready; the watchers retry on their own."""
+    wait = first_wait_s
+    while True:
+        try:
+            await store.open()
+        except (Unavailable, StoreError) as exc:
+            log.warning("store_open_failed", error=exc.message, retry_in_s=wait)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, max_wait_s)
+        else:
+            log.info("store_opened")
+            return
+
+
+async def _opened_soon(opener: asyncio.Task[None], wait_s: float) -> bool:
+    """Wait for the first attempt(s) to open the store; a store that is down does not stop the
+    process from starting."""
+    done, _ = await asyncio.wait({opener}, timeout=wait_s)
+    if opener in done:
+        opener.result()  # a bug (not unavailability) surfaces here
+        return True
+    return False
 
 
 def _host_port(url: str) -> str:
@@ -98,7 +127,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         store, feed = build_store(settings)
-        await store.open()
+        opener = asyncio.create_task(open_store(store), name="open-store")
+        if not await _opened_soon(opener, settings.store_timeout_s + 1):
+            log.error("store_unavailable_at_startup", store=settings.store_url.split("?")[0])
         http = httpx.AsyncClient(timeout=httpx.Timeout(30.0), follow_redirects=False)
         sim_base = settings.public_url.rstrip("/") + "/sim/v1" if sim_app is not None else None
         sim_secret = sim_app.state.sim.config.webhook_secret if sim_app is not None else None
@@ -142,6 +173,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             store=settings.store_url.split("?")[0],
             provider=settings.provider,
         )
+        loops.append(opener)
         try:
             yield {"services": svc}
         finally:

@@ -32,7 +32,12 @@ def bearer_key(request: Request) -> str:
 
 async def authenticate(store: TaskStore, request: Request) -> User:
     """The user whose key is in the Authorization header; ``AuthError`` otherwise."""
-    user = await store.user_by_key_hash(hash_key(bearer_key(request)))
+    return await authenticate_hash(store, hash_key(bearer_key(request)))
+
+
+async def authenticate_hash(store: TaskStore, key_hash: str) -> User:
+    """The user whose key hashes to ``key_hash``; ``AuthError`` otherwise."""
+    user = await store.user_by_key_hash(key_hash)
     if user is None:
         raise AuthError("invalid API key", code="invalid_key")
     return user

@@ -151,6 +151,21 @@ def cmd_simulator(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.client import submit
+
+    return submit(
+        Path(args.image),
+        args.prompt,
+        style=args.style,
+        url=args.url or settings.public_url,
+        key=args.key,
+        wait=args.wait,
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hookline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -188,6 +203,15 @@ def parser() -> argparse.ArgumentParser:
     grant.add_argument("name")
     grant.add_argument("amount", type=int)
     grant.set_defaults(func=cmd_credits_grant)
+
+    submit = sub.add_parser("submit", help="upload an image and create a task")
+    submit.add_argument("image", help="a JPEG, PNG or WebP file")
+    submit.add_argument("--prompt", required=True)
+    submit.add_argument("--style")
+    submit.add_argument("--url", help="hookline's base URL (default: HOOKLINE_PUBLIC_URL)")
+    submit.add_argument("--key", help="API key (default: HOOKLINE_API_KEY)")
+    submit.add_argument("--wait", action="store_true", help="follow the task live to its end")
+    submit.set_defaults(func=cmd_submit)
 
     return p
 

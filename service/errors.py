@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from callbacks.errors import WebhookRejected
 from statemachine.errors import HooklineError, RateLimited
 
 log = structlog.get_logger()
@@ -29,11 +30,14 @@ _HTTP_CODES = {
 }
 
 
+# Statuses that depend on an error's code rather than its type: a correctly signed webhook whose
+# body is not JSON (or not a prediction) is a malformed request, not an authentication failure.
+_WEBHOOK_STATUS_BY_CODE = {"malformed_body": 400}
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if details is not None:
-        error["details"] = details
-    return {"error": error}
+    """DESIGN.md's error shape; ``details`` is always present (null when there are none)."""
+    return {"error": {"code": code, "message": message, "details": details}}
 
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
@@ -45,9 +49,12 @@ async def hookline_error(request: Request, exc: Exception) -> Response:
     headers: dict[str, str] = {}
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, int(exc.retry_after_s + 0.999)))
-    if exc.status >= 500:
+    status = exc.status
+    if isinstance(exc, WebhookRejected):
+        status = _WEBHOOK_STATUS_BY_CODE.get(exc.code, status)
+    if status >= 500:
         log.error("request_failed", code=exc.code, error=exc.message)
-    response = error_response(exc.status, exc.code, exc.message, exc.details)
+    response = error_response(status, exc.code, exc.message, exc.details)
     response.headers.update(headers)
     return response
 

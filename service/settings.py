@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None  # signs file URLs; generated under var/ when unset
     var_dir: Path = Path("var")
     roles: str = "api,dispatcher,reaper"
+    store_timeout_s: float = 5.0  # MongoDB server selection: how long a request waits for it
 
     # S3 / MinIO
     s3_endpoint: str | None = None

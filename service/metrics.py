@@ -1,0 +1,171 @@
+"""Prometheus metrics on a per-app registry, computed from the change feed, and ``GET /metrics``.
+
+A Watcher hands every feed event to ``Metrics.observe``, which reads the task once and counts:
+transitions, time spent in the state just left, provider latency (ai_processing → watermarking),
+retries, timeouts, credits debited (creation) and refunded (failed/cancelled with a refund).
+Tasks by state are counted in the store at scrape time. The feed watcher starts at the feed's head
+when the process starts, so counters are "since this process started" and cover every process's
+tasks: across replicas, aggregate them with ``max``, not ``sum``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.api import services
+from service.context import Services
+from service.stats import TIMEOUT_OUTCOMES, state_intervals
+from statemachine.errors import AuthError, Unavailable
+from statemachine.states import REFUNDED_STATES, Event, State
+from statemachine.store import FeedEvent
+
+STATE_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600, 1800)
+PROVIDER_BUCKETS_S: Final = (0.5, 1, 2, 5, 10, 20, 30, 40, 60, 90, 120, 180, 300, 600)
+# Model names come from requests: beyond this many (provider, model) pairs they are "other", so
+# no client can grow the label set without bound.
+MAX_MODEL_LABELS: Final = 50
+OTHER: Final = "other"
+
+
+class Metrics:
+    """Every hookline metric on one ``CollectorRegistry`` owned by this app."""
+
+    def __init__(self, svc: Services) -> None:
+        self._svc = svc
+        self._models: set[tuple[str, str]] = set()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tasks = Gauge("hookline_tasks", "Tasks by state (all users).", ["state"], registry=r)
+        self.transitions = Counter(
+            "hookline_transitions",
+            "State changes by event and new state.",
+            ["event", "to"],
+            registry=r,
+        )
+        self.state_seconds = Histogram(
+            "hookline_state_duration_seconds",
+            "Time a task spent in a state before leaving it.",
+            ["state"],
+            buckets=STATE_BUCKETS_S,
+            registry=r,
+        )
+        self.provider_seconds = Histogram(
+            "hookline_provider_latency_seconds",
+            "Time in ai_processing until the provider's result (ai_succeeded).",
+            ["provider", "model"],
+            buckets=PROVIDER_BUCKETS_S,
+            registry=r,
+        )
+        self.retries = Counter("hookline_retries", "Attempts retried.", ["provider"], registry=r)
+        self.timeouts = Counter(
+            "hookline_timeouts", "Provider attempts that timed out.", ["provider"], registry=r
+        )
+        self.webhook_rejected = Counter(
+            "hookline_webhook_rejected",
+            "Webhook deliveries refused (bad signature or token, unknown task, ...).",
+            ["provider", "code"],
+            registry=r,
+        )
+        self.credits_debited = Counter(
+            "hookline_credits_debited", "Credits charged at task creation.", registry=r
+        )
+        self.credits_refunded = Counter(
+            "hookline_credits_refunded", "Credits given back on failed/cancelled.", registry=r
+        )
+        r.register(_LiveCollector(svc))
+
+    # --- fed by the change feed -----------------------------------------------------------------
+
+    async def observe(self, event: FeedEvent) -> None:
+        """Count one feed event (a Watcher handler)."""
+        self.transitions.labels(event=event.event, to=event.dest.value).inc()
+        task = await self._svc.store.get_task(event.task_id)
+        if task is None:
+            return
+        if event.source is None:
+            self.credits_debited.inc(task.cost)
+            return
+        if event.dest in REFUNDED_STATES and task.refunded:
+            self.credits_refunded.inc(task.cost)
+        if event.event == Event.RETRY.value:
+            self.retries.labels(provider=self._provider(task.provider)).inc()
+        for attempt in task.attempt_log:
+            if attempt.outcome in TIMEOUT_OUTCOMES and attempt.finished_at == event.at:
+                self.timeouts.labels(provider=self._provider(attempt.provider)).inc()
+        for stay in state_intervals(task):
+            if stay.end == event.at and stay.left_by == event.event and stay.state == event.source:
+                self.state_seconds.labels(state=stay.state.value).observe(stay.duration_s)
+                if stay.state is State.AI_PROCESSING and event.dest is State.WATERMARKING:
+                    provider, model = self._model(task.provider, task.model)
+                    self.provider_seconds.labels(provider, model).observe(stay.duration_s)
+
+    def on_webhook_rejected(self, provider: str, code: str) -> None:
+        """The webhook receiver's ``on_rejected`` callback."""
+        self.webhook_rejected.labels(provider=self._provider(provider), code=code[:64]).inc()
+
+    def _provider(self, name: str) -> str:
+        # The provider comes from the callback URL too: only configured names become labels.
+        return name if name in self._svc.providers else OTHER
+
+    def _model(self, provider: str, model: str) -> tuple[str, str]:
+        pair = (self._provider(provider), model[:200])
+        if pair in self._models:
+            return pair
+        if len(self._models) >= MAX_MODEL_LABELS:
+            return pair[0], OTHER
+        self._models.add(pair)
+        return pair
+
+    # --- scraping -------------------------------------------------------------------------------
+
+    async def render(self) -> bytes:
+        """The exposition text; counts tasks by state in the store first."""
+        counts = await self._svc.store.count_by_state(None)
+        for state, n in counts.items():
+            self.tasks.labels(state=state.value).set(n)
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Values read from the running process at scrape time."""
+
+    def __init__(self, svc: Services) -> None:
+        self._svc = svc
+
+    def collect(self) -> Iterator[Metric]:
+        counters: dict[str, Any] = self._svc.extras.get("counters", {})
+        reconciled = CounterMetricFamily(
+            "hookline_reconciliations",
+            "Overdue ai_processing tasks settled by polling the provider (lost webhooks).",
+        )
+        reconciled.add_metric([], float(counters.get("reconciliations", 0)))
+        yield reconciled
+        broadcaster = self._svc.extras.get("broadcaster")
+        clients = GaugeMetricFamily("hookline_sse_clients", "Open live-progress streams.")
+        clients.add_metric([], float(broadcaster.count if broadcaster is not None else 0))
+        yield clients
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: open, or behind ``Authorization: Bearer <HOOKLINE_METRICS_TOKEN>``."""
+    svc = services(request)
+    token = svc.settings.metrics_token
+    if token is not None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise AuthError("a valid metrics token is required", code="bad_metrics_token")
+    registry: Metrics | None = svc.extras.get("metrics")
+    if registry is None:
+        raise Unavailable("metrics are not running in this process", code="no_metrics")
+    return Response(await registry.render(), media_type=CONTENT_TYPE_LATEST)
