@@ -13,6 +13,7 @@ import httpx
 import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -197,9 +198,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes.append(file_route(blobs))
     if sim_app is not None:
         routes.append(Mount("/sim", app=sim_app))
+    middleware = [Middleware(RequestContext)]
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:  # CORS is off unless origins are configured
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+                max_age=600,
+            )
+        )
     return Starlette(
         routes=routes,
-        middleware=[Middleware(RequestContext)],
+        middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

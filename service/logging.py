@@ -13,6 +13,7 @@ import structlog
 
 _SECRET_KEYS = re.compile(r"(secret|token|api_key|password|authorization|key_hash|x-key)", re.I)
 _SECRET_VALUES = re.compile(r"(hk_[A-Za-z0-9_\-]{8,}|whsec_[A-Za-z0-9+/=]{8,}|Bearer\s+\S+)")
+_SECRET_PARAMS = re.compile(r"\b(token|sig|key|secret)=[^&\s\"']+")
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -21,7 +22,8 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
         if _SECRET_KEYS.search(name):
             event[name] = "[redacted]"
         elif isinstance(value, str):
-            event[name] = _SECRET_VALUES.sub("[redacted]", value)
+            value = _SECRET_VALUES.sub("[redacted]", value)
+            event[name] = _SECRET_PARAMS.sub(r"\1=[redacted]", value)
     return event
 
 
