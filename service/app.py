@@ -93,6 +93,20 @@ async def _opened_soon(opener: asyncio.Task[None], wait_s: float) -> bool:
     return False
 
 
+async def run_watcher(watcher: Watcher, store: TaskStore, opener: asyncio.Task[None]) -> None:
+    """Run ``watcher`` once the store is open. A watcher that has never run starts at the feed's
+    head: older events are the reaper's to recover, not a history to replay."""
+    await asyncio.shield(opener)
+    if await store.load_position(watcher.name) is None:
+        try:
+            head = await store.feed_head()
+        except StoreError:
+            head = None  # a feed without positions of its own (MongoDB change streams)
+        if head is not None:
+            await store.save_position(watcher.name, head)
+    await watcher.run()
+
+
 def _host_port(url: str) -> str:
     parsed = httpx.URL(url)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -164,7 +178,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if "dispatcher" in roles:
             dispatcher = Dispatcher(store, worker)
             watcher = Watcher("dispatcher", feed, store, dispatcher.handle)
-            loops.append(asyncio.create_task(watcher.run(), name="dispatcher"))
+            loops.append(
+                asyncio.create_task(run_watcher(watcher, store, opener), name="dispatcher")
+            )
         if "reaper" in roles:
             reaper = Reaper(store, worker, interval_s=settings.reaper_interval_s, now=svc.now)
             loops.append(asyncio.create_task(reaper.run(), name="reaper"))
