@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit chaos fuzz bench test-mongo install clean
+.PHONY: run test lint unit chaos fuzz bench test-mongo install clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check statemachine callbacks service tests bench
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint browser
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The dashboard test drives Debian's headless Chromium; install it when absent (as root, as in CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "chromium could not be installed: tests/browser will skip and say why"; }
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not chaos and not browser"

@@ -184,6 +184,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if "reaper" in roles:
             reaper = Reaper(store, worker, interval_s=settings.reaper_interval_s, now=svc.now)
             loops.append(asyncio.create_task(reaper.run(), name="reaper"))
+        loops.extend(await ops.start(svc))
         log.info(
             "hookline_started",
             roles=sorted(roles),

@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from service import dashboard, metrics, sse, stats
 from service.context import Services
 from service.settings import Settings
+from statemachine.errors import StoreError
 from statemachine.feed import Broadcaster, Handler, Watcher
 from statemachine.store import TaskStore
 
@@ -74,11 +75,17 @@ class _LiveOnly:
         self._store = store
 
     async def load_position(self, watcher: str) -> str | None:
-        try:
-            return await self._store.feed_head()
-        except Exception as exc:  # a store without an event log: the feed starts at "now"
-            log.info("ops.no_feed_head", watcher=watcher, error=repr(exc))
-            return None
+        delay_s = 0.1
+        while True:
+            try:
+                return await self._store.feed_head()
+            except StoreError as exc:  # a store without an event log: its feed starts at "now"
+                log.info("ops.no_feed_head", watcher=watcher, error=exc.message)
+                return None
+            except Exception as exc:  # not ready yet: starting from the beginning would replay all
+                log.warning("ops.feed_head_failed", watcher=watcher, error=repr(exc))
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
 
     async def save_position(self, watcher: str, position: str) -> None:
         return None

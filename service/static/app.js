@@ -215,14 +215,15 @@ async function streamEvents(taskId, onState, signal) {
 }
 
 function renderStepper(current, seen) {
+  // Steps before the furthest one reached are done, even if the stream opened after them.
   const failed = current === "failed" || current === "cancelled";
+  const reached = Math.max(...[...seen].map((state) => STATES.indexOf(state)));
   const steps = failed ? [...STATES.slice(0, -1), current] : STATES;
   $("stepper").replaceChildren(
-    ...steps.map((state) => {
+    ...steps.map((state, i) => {
       let cls = "";
       if (state === current) cls = failed ? "failed" : "current";
-      else if (seen.has(state)) cls = "done";
-      if (state === "completed" && current === "completed") cls = "done current";
+      else if (i < reached || seen.has(state)) cls = "done";
       return el("li", { class: cls }, state.replace("_", " "));
     }),
   );
