@@ -31,6 +31,9 @@ SECRET_FILE = "secret.key"
 SECRET_BYTES = 32
 
 
+STALE_TEMP_S = 60.0  # a temp file this old belongs to a writer that died
+
+
 class UrlExpired(Forbidden):
     """A correctly signed file URL whose ``exp`` has passed."""
 
@@ -127,11 +130,29 @@ class LocalBlobStore:
                 path.unlink()
                 deleted += 1
             parents.update(p for p in path.parents if p != self.root and self.root in p.parents)
+        parents.update(self._drop_stale_temp_files(prefix))
         # Drop directories left empty, deepest first; one still in use (a write racing in) stays.
         for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 directory.rmdir()
         return deleted
+
+    def _drop_stale_temp_files(self, prefix: str) -> set[Path]:
+        """Remove temp files a killed writer left under ``prefix`` (old enough that no live write
+        can own them); return their directories."""
+        base = (
+            self.root / prefix.rstrip("/") if prefix.endswith("/") else (self.root / prefix).parent
+        )
+        dirs: set[Path] = set()
+        if not base.is_dir() or self.root not in (base, *base.parents):
+            return dirs
+        cutoff = clock.now() - STALE_TEMP_S
+        for tmp in base.rglob(".tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    dirs.update(p for p in tmp.parents if p != self.root and self.root in p.parents)
+        return dirs
 
     async def url(self, key: str, ttl_s: int) -> str:
         validate_key(key)

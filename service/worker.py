@@ -31,6 +31,7 @@ SUBMIT_TRIES = 3
 FETCH_TRIES = 3
 DATA_URI_MAX_BYTES = 256_000
 QUEUE_RECHECK_S = 1.0  # a pending task over its provider's limit is offered again after this
+MAX_STEP_RETRIES = 5  # hand-backs of the watermarking step before the task fails
 
 
 class Worker:
@@ -73,9 +74,14 @@ class Worker:
         job.add_done_callback(self._running.discard)
 
     def spawn_at(self, when: float, task_id: str) -> None:
-        """Run the processing step for ``task_id`` at ``when`` (a retry's backoff)."""
+        """Run the step ``task_id`` needs at ``when`` (after a backoff)."""
         delay = max(0.0, when - self.svc.now())
-        asyncio.get_running_loop().call_later(delay, lambda: self.spawn(self.process(task_id)))
+        asyncio.get_running_loop().call_later(delay, lambda: self.spawn(self._dispatch_id(task_id)))
+
+    async def _dispatch_id(self, task_id: str) -> None:
+        task = await self.svc.store.get_task(task_id)
+        if task is not None:
+            await self.dispatch(task)
 
     async def close(self) -> None:
         for job in list(self._running):
@@ -573,7 +579,10 @@ class Worker:
         try:
             outputs = await self._render_outputs(claimed)
         except FetchError as exc:
-            await self.fail(task_id, "output_unavailable", exc.message)
+            if exc.retryable and claimed.step_retries < MAX_STEP_RETRIES:
+                await self._hand_back(claimed, exc.message)
+            else:
+                await self.fail(task_id, "output_unavailable", exc.message)
             return
         except HooklineError as exc:
             await self.fail(task_id, exc.code, exc.message)
@@ -589,6 +598,29 @@ class Worker:
         )
         if not isinstance(result, lifecycle.Refused):
             log.info("task_completed", outputs=len(outputs))
+
+    async def _hand_back(self, task: Task, reason: str) -> None:
+        """Give up the lease after a transient failure; the step runs again after a backoff (the
+        result is already paid for, so a flaky file host must not throw it away)."""
+        now = self.svc.now()
+        delay = backoff_s(
+            task.step_retries + 1, self.svc.deadlines.retry_backoff_s, self.rng.random()
+        )
+        current = await self.svc.store.get_task(task.id)
+        if current is None or current.lease_owner != self.owner or current.state is not task.state:
+            return
+        handed = await lifecycle.update(
+            self.svc.store,
+            current,
+            now,
+            lease_owner=None,
+            lease_expires=None,
+            deadline=now + delay,
+            step_retries=current.step_retries + 1,
+        )
+        if handed is not None:
+            log.warning("step_handed_back", reason=reason, retry_in_s=round(delay, 2))
+            self.spawn_at(now + delay, task.id)
 
     async def _render_outputs(self, task: Task) -> list[Output]:
         urls = list(task.provider_outputs)

@@ -111,6 +111,8 @@ class Task:
     # An outcome that arrived while the task could not take it yet (a webhook racing the submit,
     # or a success of an earlier attempt): the step that holds the task applies it.
     early_outcome: dict[str, Any] | None = None
+    # Times a leased step was handed back after a transient failure (bounded by the worker).
+    step_retries: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -158,6 +160,7 @@ class TaskDoc(TypedDict):
     idempotency_key: str | None
     request_hash: str | None
     early_outcome: dict[str, Any] | None
+    step_retries: int
 
 
 def to_doc(task: Task) -> TaskDoc:
@@ -192,6 +195,7 @@ def to_doc(task: Task) -> TaskDoc:
         idempotency_key=task.idempotency_key,
         request_hash=task.request_hash,
         early_outcome=task.early_outcome,
+        step_retries=task.step_retries,
     )
 
 
@@ -228,4 +232,5 @@ def from_doc(doc: TaskDoc | dict[str, Any]) -> Task:
         idempotency_key=doc.get("idempotency_key"),
         request_hash=doc.get("request_hash"),
         early_outcome=doc.get("early_outcome"),
+        step_retries=doc.get("step_retries", 0),
     )

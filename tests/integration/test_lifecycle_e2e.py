@@ -271,3 +271,14 @@ async def test_outputs_are_stored_in_s3_and_served_by_presigned_urls(tmp_path: P
             assert image.status_code == 200 and image.content[:2] == b"\xff\xd8"
     finally:
         server.stop()
+
+
+async def test_a_flaky_output_host_does_not_throw_a_paid_result_away(tmp_path: Path) -> None:
+    """Every output fetch answers 503 up to three times in a row (more than one step's tries):
+    the step is handed back with a backoff and the task still completes on its one attempt."""
+    async with running_hookline(tmp_path, sim_output_5xx=1.0) as hl:
+        key = await hl.create_user("alice")
+        done = await hl.wait_terminal(key, (await hl.create_task(key))["id"])
+        assert done["state"] == "completed" and done["attempts"] == 1
+        stats = await sim_stats(hl)
+        assert stats["predictions_created"] == 1 and stats["files_5xx"] >= 3

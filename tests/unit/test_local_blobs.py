@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -324,3 +325,19 @@ def test_build_blob_store_refuses_unknown_schemes() -> None:
         build_blob_store(Settings(blob_url="ftp://x"))
     with pytest.raises(ValueError):
         build_blob_store(Settings(blob_url="s3://bucket", s3_endpoint=None))
+
+
+async def test_delete_prefix_also_removes_temp_files_a_killed_writer_left(
+    store: LocalBlobStore, tmp_path: Path
+) -> None:
+    await store.put("outputs/t9/0.png", b"png", "image/png")
+    folder = store.root / "outputs" / "t9"
+    stale = folder / ".tmp-abandoned"
+    stale.write_bytes(b"half a write")
+    old = clock.now() - 3600
+    os.utime(stale, (old, old))
+    fresh = folder / ".tmp-in-progress"
+    fresh.write_bytes(b"a live write")
+    assert await store.delete_prefix("outputs/t9/") == 1
+    assert not stale.exists()
+    assert fresh.exists()  # may belong to a write still running
