@@ -47,5 +47,5 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # tests re-configure (capture_logs) after start-up
     )
