@@ -104,14 +104,27 @@ def apply(task: Task, transition: Transition, **changes: Any) -> Task:
 
 
 def claim(task: Task, owner: str, now: float, lease_s: float) -> Task | None:
-    """The record with ``owner``'s lease on it, or None if someone else holds a live lease.
+    """The record with ``owner``'s lease on it, or None while any live lease is held.
 
-    Used to (re)claim work in processing/watermarking; the deadline follows the lease.
+    Used to claim work in processing/watermarking; the deadline follows the lease. A live lease
+    is exclusive even against its own owner: two coroutines of one process (the dispatcher and
+    the reaper) must not both run a step. Extending one's own lease is ``renew``.
     """
     if task.state not in LEASED_STATES and task.state is not State.PENDING:
         return None
-    if task.lease_held(now) and task.lease_owner != owner:
+    if task.lease_held(now):
         return None
+    return _leased(task, owner, now, lease_s)
+
+
+def renew(task: Task, owner: str, now: float, lease_s: float) -> Task | None:
+    """The record with ``owner``'s live lease extended, or None if ``owner`` does not hold it."""
+    if task.lease_owner != owner or not task.lease_held(now):
+        return None
+    return _leased(task, owner, now, lease_s)
+
+
+def _leased(task: Task, owner: str, now: float, lease_s: float) -> Task:
     expires = now + lease_s
     return task.with_changes(
         version=task.version + 1,

@@ -394,3 +394,16 @@ async def test_a_retryable_submit_failure_is_retried_inside_the_step(
     await world.worker.process(task.id)
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and task.attempts == 1
+
+
+async def test_a_step_already_running_in_this_process_is_not_run_twice(world: World) -> None:
+    """The dispatcher has the task (a live lease of this worker); the reaper's dispatch of the
+    same task must not submit it a second time."""
+    task = await world.task()
+    mine = await lifecycle.take_lease(world.store, task, world.worker.owner, world.clock(), 60)
+    assert mine is not None
+    world.clock.advance(DEADLINES.handoff_s)
+    await world.worker.process(task.id)
+    await world.worker.dispatch(await world.get(task.id))
+    assert world.provider.jobs == {}
+    assert (await world.get(task.id)).version == mine.version

@@ -16,6 +16,7 @@ from statemachine.decide import (
     decide,
     default_deadline,
     release,
+    renew,
 )
 from statemachine.states import Event, State, is_valid_path, next_state
 from statemachine.task import HistoryEntry, Task
@@ -200,10 +201,19 @@ def test_claim_refuses_a_live_lease_of_another_owner() -> None:
     assert claim(task, "w2", NOW, 60) is None
 
 
-def test_claim_allows_the_owner_to_renew_its_own_lease() -> None:
+def test_claim_refuses_a_live_lease_even_to_its_own_owner() -> None:
+    """Two coroutines of one process (dispatcher and reaper) must not both run a step."""
     task = make_task(WM, lease_owner="w1", lease_expires=NOW + 1)
-    renewed = claim(task, "w1", NOW, 60)
+    assert claim(task, "w1", NOW, 60) is None
+
+
+def test_renew_extends_only_the_owners_live_lease() -> None:
+    task = make_task(WM, lease_owner="w1", lease_expires=NOW + 1)
+    renewed = renew(task, "w1", NOW, 60)
     assert renewed is not None and renewed.lease_expires == NOW + 60
+    assert renewed.version == task.version + 1
+    assert renew(task, "w2", NOW, 60) is None
+    assert renew(task.with_changes(lease_expires=NOW - 1), "w1", NOW, 60) is None
 
 
 def test_claim_takes_over_an_expired_lease() -> None:

@@ -1,0 +1,549 @@
+"""The seed's architecture and hookline, side by side: ``python -m bench.seed_compare [--quick]``.
+
+Both run against one provider simulator process with the seed's latency mix
+(``HOOKLINE_SIM_LATENCY=seed``: 60 % in 10–40 s, 25 % in 40–60 s, 15 % in 60–120 s), time-compressed
+by ``time_scale`` (1/120: a simulated minute is half a real second), 1,000 tasks each
+(``--quick``: 100) arriving as a Poisson stream over a simulated hour (``--quick``: 10 minutes) —
+first the seed (bench/seed_arch.py, an asyncio model that really calls the simulator), then
+hookline (a real ``hookline serve`` process with its Replicate adapter pointed at the simulator,
+its timers scaled the same way). Then the same again with the simulator losing 5 % of webhooks.
+
+Figures per architecture: first-try and final success rate, delay beyond the AI's own time (mean,
+p50, p95, in real-world seconds: compressed waits are scaled back, hookline's real work is not) and
+provider calls wasted (generations the simulator completed, i.e. billed, minus results used).
+Every task must be accounted for (succeeded + failed = N): that is asserted; speed never is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import httpx
+from PIL import Image
+
+from bench.seed_arch import SIM_TOKEN, SeedArchitecture, SeedTask, iso_seconds
+from service.auth import hash_key, new_api_key
+from statemachine import clock
+from statemachine.sqlite_store import SqliteStore
+from statemachine.states import State
+from statemachine.task import Task
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKLINE = str(Path(sys.executable).parent / "hookline")
+USER = "seedbench"
+NON_TERMINAL = ("pending", "processing", "ai_processing", "watermarking")
+ARCHS = ("seed", "hookline")
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    webhook_loss: float
+    archs: tuple[str, ...] = ARCHS
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """One comparison: N tasks per architecture, simulated durations × ``time_scale``."""
+
+    n: int
+    time_scale: float
+    arrival_window_s: float  # simulated seconds over which the N tasks arrive
+    scenarios: tuple[Scenario, ...] = (
+        Scenario("no_loss", 0.0),
+        Scenario("webhook_loss_5pct", 0.05),
+    )
+    seed: int = 8
+    image_side: int = 256  # outputs asked of the provider, the same for both architectures
+
+    def scaled(self, simulated_s: float) -> float:
+        return simulated_s * self.time_scale
+
+
+# Compression shrinks waits, not work: 1,000 tasks in a simulated hour arrive at 8 a real second,
+# a load the one-process hookline and the seed model's own polling both carry on a small machine.
+FULL = Config(n=1000, time_scale=1 / 120, arrival_window_s=3600.0)
+QUICK = Config(n=100, time_scale=1 / 240, arrival_window_s=600.0)
+
+
+Status = Literal["succeeded", "failed", "unfinished"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    first_try: bool = False
+    delay_s: float | None = None  # real-world seconds beyond the AI's own time (succeeded)
+
+
+@dataclass(slots=True)
+class ArchRun:
+    outcomes: list[Outcome]
+    sim: dict[str, int]  # the simulator's counters during this run
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def figures(self, n: int) -> dict[str, float]:
+        count = {s: sum(o.status == s for o in self.outcomes) for s in get_args(Status)}
+        succeeded = count["succeeded"]
+        delays = sorted(o.delay_s for o in self.outcomes if o.delay_s is not None)
+        return {
+            "tasks": float(n),
+            "succeeded": float(succeeded),
+            "failed": float(count["failed"]),
+            "unfinished": float(count["unfinished"]),
+            "first_try_success_rate": sum(o.first_try for o in self.outcomes) / n,
+            "final_success_rate": succeeded / n,
+            "delay_mean_s": statistics.fmean(delays) if delays else float("nan"),
+            "delay_p50_s": percentile(delays, 50),
+            "delay_p95_s": percentile(delays, 95),
+            "delay_max_s": delays[-1] if delays else float("nan"),
+            "provider_calls": float(self.sim["predictions_created"]),
+            "paid_generations": float(self.sim["generations_completed"]),
+            "wasted_calls": float(self.sim["generations_completed"] - succeeded),
+            **self.extra,
+        }
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+def arrivals(cfg: Config) -> list[float]:
+    """Poisson arrivals (simulated seconds from the start), the same for both architectures."""
+    rng = random.Random(cfg.seed)
+    rate = cfg.n / cfg.arrival_window_s
+    offsets, t = [], 0.0
+    for _ in range(cfg.n):
+        offsets.append(t)
+        t += rng.expovariate(rate)
+    return offsets
+
+
+def small_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "teal").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HOOKLINE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], env: dict[str, str], cwd: Path, health: str) -> Iterator[int]:
+    """Start ``cmd``; yield its pid once ``health`` answers 200; stop it (SIGINT, then SIGKILL)."""
+    with (cwd / f"{Path(cmd[0]).name}-{free_port()}.log").open("wb") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(health, timeout=1.0).status_code == 200:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd[:3]} did not start (exit {proc.poll()}); see {cwd}")
+                time.sleep(0.05)
+            yield proc.pid
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@contextlib.contextmanager
+def simulator(workdir: Path, cfg: Config, loss: float) -> Iterator[str]:
+    """The provider simulator as its own process (no access log); its base URL."""
+    port = free_port()
+    env = base_env()
+    env.update(
+        HOOKLINE_SIM_LATENCY="seed",
+        HOOKLINE_SIM_TIME_SCALE=repr(cfg.time_scale),
+        HOOKLINE_SIM_WEBHOOK_LOSS=repr(loss),
+        HOOKLINE_SIM_SEED=str(cfg.seed),
+    )
+    cmd = [sys.executable, "-m", "bench.seed_compare", "--serve-simulator", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with process(cmd, env, workdir, f"{url}/v1/_sim/stats"):
+        yield url
+
+
+def hookline_env(workdir: Path, port: int, cfg: Config, sim_url: str) -> dict[str, str]:
+    """``hookline serve`` on the simulator, every timer that waits on the AI scaled by
+    ``time_scale``. Lease and handoff bound real work, which is not compressed: they keep their
+    defaults (60 s, 10 s)."""
+    env = base_env()
+    env.update(
+        HOOKLINE_STORE_URL=f"sqlite:///{workdir / 'hookline.db'}",
+        HOOKLINE_BLOB_URL=f"file://{workdir / 'blobs'}",
+        HOOKLINE_VAR_DIR=str(workdir / "var"),
+        HOOKLINE_HOST="127.0.0.1",
+        HOOKLINE_PORT=str(port),
+        HOOKLINE_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        HOOKLINE_PROVIDER="replicate",
+        HOOKLINE_REPLICATE_API_TOKEN=SIM_TOKEN,
+        HOOKLINE_REPLICATE_BASE_URL=f"{sim_url}/v1",
+        HOOKLINE_OUTPUT_HOSTS=sim_url.removeprefix("http://"),
+        HOOKLINE_AI_DEADLINE_S=repr(cfg.scaled(600.0)),
+        HOOKLINE_AI_HARD_CAP_S=repr(cfg.scaled(1800.0)),
+        HOOKLINE_REAPER_INTERVAL_S=repr(cfg.scaled(5.0)),
+        HOOKLINE_RETRY_BACKOFF_S=repr(cfg.scaled(2.0)),
+        HOOKLINE_PROVIDER_CONCURRENCY=str(cfg.n + 100),  # the seed has no cap either
+        HOOKLINE_RATE_LIMIT_PER_S="0",
+        HOOKLINE_LOG_LEVEL="warning",
+    )
+    return env
+
+
+async def sim_stats(http: httpx.AsyncClient, sim_url: str, *, settle_s: float) -> dict[str, int]:
+    """The simulator's counters once no prediction is running (abandoned jobs run on)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        stats: dict[str, int] = (await http.get(f"{sim_url}/v1/_sim/stats")).json()
+        if stats["in_flight"] == 0 or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.05)
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+# --- the seed ------------------------------------------------------------------------------------
+
+
+def seed_outcome(task: SeedTask) -> Outcome:
+    """The seed's timeline is simulated: its delay is in real-world seconds already."""
+    if not task.terminal:
+        return Outcome("unfinished")
+    if task.status != "completed" or task.finished_s is None or task.ai_s is None:
+        return Outcome("failed")
+    return Outcome("succeeded", task.attempts == 1, task.finished_s - task.created_s - task.ai_s)
+
+
+async def run_seed(cfg: Config, sim_url: str) -> ArchRun:
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+    async with httpx.AsyncClient(timeout=30.0, limits=limits) as http:
+        before = await sim_stats(http, sim_url, settle_s=0)
+        model = SeedArchitecture(
+            http, sim_url, time_scale=cfg.time_scale, image=small_jpeg(), seed=cfg.seed,
+            size=cfg.image_side,
+        )  # fmt: skip
+        tasks = await model.run(arrivals(cfg))
+        after = await sim_stats(http, sim_url, settle_s=cfg.scaled(150.0) + 10)
+    outcomes = [seed_outcome(t) for t in tasks]
+    extra = {
+        "attempts_per_task": statistics.fmean(t.attempts for t in tasks),
+        "http_errors": float(model.http_errors),
+    }
+    return ArchRun(outcomes, delta(after, before), extra)
+
+
+# --- hookline ------------------------------------------------------------------------------------
+
+
+async def create_user(db: Path) -> str:
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        key = new_api_key()
+        await store.create_user(
+            USER, 10**12, is_admin=False, key_hash=hash_key(key), now=clock.now()
+        )
+    finally:
+        await store.close()
+    return key
+
+
+async def submit_all(client: httpx.AsyncClient, cfg: Config, key: str) -> list[str]:
+    """POST one task per arrival, on time; the ids of the accepted ones."""
+    auth = {"Authorization": f"Bearer {key}"}
+    r = await client.post(
+        "/v1/uploads", content=small_jpeg(), headers={**auth, "Content-Type": "image/jpeg"}
+    )
+    r.raise_for_status()
+    body = {
+        "inputs": [{"upload": r.json()["key"]}],
+        "params": {"width": cfg.image_side, "height": cfg.image_side},
+    }
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    posts: list[asyncio.Task[httpx.Response]] = []
+    for n, offset in enumerate(arrivals(cfg)):
+        await asyncio.sleep(max(0.0, start + cfg.scaled(offset) - loop.time()))
+        one = {**body, "prompt": f"portrait hl-{n:05d}"}
+        posts.append(asyncio.create_task(client.post("/v1/tasks", json=one, headers=auth)))
+    return [r.json()["id"] for r in await asyncio.gather(*posts) if r.status_code == 202]
+
+
+async def wait_settled(client: httpx.AsyncClient, key: str, bound_s: float) -> None:
+    """Until no task is in a non-terminal state (or the bound passes: then some are missing)."""
+    auth = {"Authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        busy = False
+        for state in NON_TERMINAL:
+            r = await client.get("/v1/tasks", params={"state": state, "limit": 1}, headers=auth)
+            busy = busy or bool(r.json()["items"])
+        if not busy:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def read_tasks(db: Path, ids: list[str]) -> list[Task]:
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        found = [await store.get_task(i) for i in ids]
+    finally:
+        await store.close()
+    return [t for t in found if t is not None]
+
+
+def hookline_outcome(task: Task, prediction: dict[str, Any], cfg: Config) -> Outcome:
+    """hookline's delay is real work (submit, webhook, watermark), not compressed, and is taken
+    as it is — except a wait for the reaper after a lost webhook, which is scaled back. A task
+    that needed a second attempt is scaled back whole (pessimistic; none without faults)."""
+    at = {h.event: h.at for h in task.history}  # the last of each event: the used attempt
+    ai_wall = iso_seconds(prediction["completed_at"]) - iso_seconds(prediction["created_at"])
+    delay = at["finished"] - task.created_at - ai_wall
+    if task.attempts > 1:
+        return Outcome("succeeded", False, delay / cfg.time_scale)
+    waited = 0.0
+    if reconciled(task, cfg):
+        waited = max(0.0, at["ai_succeeded"] - iso_seconds(prediction["completed_at"]))
+    return Outcome("succeeded", True, delay - waited + waited / cfg.time_scale)
+
+
+def reconciled(task: Task, cfg: Config) -> bool:
+    """Moved on by the reaper's poll, not a webhook: the reaper cannot act before the deadline."""
+    at = {h.event: h.at for h in task.history}
+    if "ai_succeeded" not in at or "submitted" not in at:
+        return False
+    return at["ai_succeeded"] - at["submitted"] >= 0.999 * cfg.scaled(600.0)
+
+
+async def hookline_outcomes(
+    tasks: list[Task], cfg: Config, http: httpx.AsyncClient, sim_url: str
+) -> list[Outcome]:
+    outcomes = []
+    auth = {"Authorization": f"Bearer {SIM_TOKEN}"}
+    for task in tasks:
+        if not task.terminal:
+            outcomes.append(Outcome("unfinished"))
+            continue
+        if task.state is not State.COMPLETED or task.provider_job_id is None:
+            outcomes.append(Outcome("failed"))
+            continue
+        r = await http.get(f"{sim_url}/v1/predictions/{task.provider_job_id}", headers=auth)
+        outcomes.append(hookline_outcome(task, r.json(), cfg))
+    return outcomes
+
+
+async def run_hookline(cfg: Config, sim_url: str, workdir: Path) -> ArchRun:
+    port, db = free_port(), workdir / "hookline.db"
+    key = await create_user(db)
+    env = hookline_env(workdir, port, cfg, sim_url)
+    base = f"http://127.0.0.1:{port}"
+    bound_s = cfg.scaled(cfg.arrival_window_s + 3 * 1800.0) + 60
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        before = await sim_stats(http, sim_url, settle_s=0)
+        with process([HOOKLINE, "serve"], env, workdir, f"{base}/healthz"):
+            async with httpx.AsyncClient(base_url=base, timeout=60.0) as client:
+                ids = await submit_all(client, cfg, key)
+                await wait_settled(client, key, bound_s)
+            tasks = await read_tasks(db, ids)
+        after = await sim_stats(http, sim_url, settle_s=cfg.scaled(150.0) + 10)
+        outcomes = await hookline_outcomes(tasks, cfg, http, sim_url)
+    # a task refused at POST (or lost from the store) failed as far as its user knows
+    outcomes += [Outcome("failed")] * (cfg.n - len(tasks))
+    extra = {
+        "attempts_per_task": statistics.fmean(t.attempts for t in tasks) if tasks else 0.0,
+        "reconciled_by_poll": float(sum(reconciled(t, cfg) for t in tasks)),
+        "refused_at_post": float(cfg.n - len(ids)),
+    }
+    return ArchRun(outcomes, delta(after, before), extra)
+
+
+# --- the comparison ------------------------------------------------------------------------------
+
+
+def check_accounting(name: str, arch: str, figures: dict[str, float]) -> None:
+    """Every task is accounted for: succeeded + failed = N (asserted, never a speed)."""
+    total = figures["succeeded"] + figures["failed"]
+    assert total == figures["tasks"], f"{name}/{arch}: {total:g} of {figures['tasks']:g} accounted"
+
+
+async def compare(cfg: Config, workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Every scenario, both architectures: flat figures and each run's delays (for the plot)."""
+    figures: dict[str, float] = {}
+    delays: dict[str, list[float]] = {}
+    for scenario in cfg.scenarios:
+        scenario_dir = workdir / scenario.name
+        scenario_dir.mkdir(parents=True)
+        with simulator(scenario_dir, cfg, scenario.webhook_loss) as sim_url:
+            for arch in scenario.archs:
+                if arch == "seed":
+                    run = await run_seed(cfg, sim_url)
+                else:
+                    run = await run_hookline(cfg, sim_url, scenario_dir)
+                mine = run.figures(cfg.n)
+                check_accounting(scenario.name, arch, mine)
+                figures.update({f"{scenario.name}.{arch}.{k}": v for k, v in mine.items()})
+                delays[f"{scenario.name}.{arch}"] = [
+                    o.delay_s for o in run.outcomes if o.delay_s is not None
+                ]
+    return figures, delays
+
+
+def run(quick: bool) -> dict[str, float]:
+    """The full comparison (``quick``: 100 tasks, time × 1/240); writes the delay plot."""
+    cfg = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="hookline-seed-") as tmp:
+        figures, delays = asyncio.run(compare(cfg, Path(tmp)))
+    try:
+        from bench import plots
+
+        plots.delay_distribution(delays, plots.DELAY_PNG, time_scale=cfg.time_scale, tasks=cfg.n)
+    except ImportError as exc:  # matplotlib is the optional `bench` extra
+        print(f"note: no plot ({exc})", file=sys.stderr)
+    figures["config.tasks_per_architecture"] = float(cfg.n)
+    figures["config.time_scale"] = cfg.time_scale
+    return figures
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+ROWS: tuple[tuple[str, str, str], ...] = (
+    # (metric, how it reads, the seed write-up's own estimate)
+    ("first_try_success_rate", "first-try success", "60 %"),
+    ("final_success_rate", "final success", "85 %"),
+    ("delay_mean_s", "delay beyond the AI, mean (s)", "~120 s"),
+    ("delay_p50_s", "delay beyond the AI, p50 (s)", ""),
+    ("delay_p95_s", "delay beyond the AI, p95 (s)", ""),
+    ("delay_max_s", "delay beyond the AI, max (s)", ""),
+    ("attempts_per_task", "provider attempts per task", ""),
+    ("provider_calls", "provider calls made", ""),
+    ("paid_generations", "generations paid for", ""),
+    ("wasted_calls", "paid, result thrown away", ""),
+    ("reconciled_by_poll", "lost webhook reconciled by a poll", ""),
+)
+
+
+def fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    if metric.endswith("_rate"):
+        return f"{value * 100:.1f} %"
+    if metric.endswith("_s"):
+        return f"{value:,.2f}" if value < 10 else f"{value:,.0f}"
+    return f"{value:,.2f}".rstrip("0").rstrip(".")
+
+
+def markdown(figures: dict[str, float], goals: dict[str, Any]) -> str:
+    """The RESULTS.md section: one table per scenario, the seed beside hookline and its goals.
+    ``goals`` maps a metric name to an object with ``describe()`` and ``met(value)``."""
+    n = figures.get("config.tasks_per_architecture", float("nan"))
+    scale = figures.get("config.time_scale", float("nan"))
+    out = [
+        f"{n:,.0f} tasks per architecture, Poisson arrivals, the seed's latency mix, time "
+        f"compressed × {scale:.4g} (1 real s = {1 / scale:.0f} simulated s); delays are "
+        "converted back to real-world seconds. Goals apply to hookline. "
+        "Model and assumptions: bench/README.md.",
+        "",
+    ]
+    scenarios = sorted({k.split(".")[0] for k in figures if not k.startswith("config.")})
+    for scenario in sorted(scenarios, key=lambda s: s != "no_loss"):
+        out += [f"**{scenario.replace('_', ' ')}**", ""]
+        out.append("| | seed write-up's estimate | seed (model) | hookline | hookline goal | met |")
+        out.append("| --- | --- | --- | --- | --- | --- |")
+        for metric, label, estimate in ROWS:
+            seed = figures.get(f"{scenario}.seed.{metric}")
+            hook = figures.get(f"{scenario}.hookline.{metric}")
+            if seed is None and hook is None:
+                continue
+            goal = goals.get(f"{scenario}.hookline.{metric}")
+            target = goal.describe() if goal else ""
+            mark = (
+                ("✅ met" if goal.met(hook) else "❌ missed") if goal and hook is not None else ""
+            )
+            row = [label, estimate, fmt(metric, seed), fmt(metric, hook), target, mark]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def serve_simulator(port: int) -> None:
+    """The simulator from HOOKLINE_SIM_* settings, without uvicorn's access log (at thousands of
+    polls a second, logging would cost the simulator more than answering)."""
+    import uvicorn
+
+    from callbacks.simulator import SimConfig, create_simulator_app
+    from service.settings import Settings
+
+    config = SimConfig.from_settings(Settings(_env_file=None))  # type: ignore[call-arg]
+    app = create_simulator_app(config)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.seed_compare", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="100 tasks, time × 1/240")
+    p.add_argument("--no-results", action="store_true", help="do not update bench/RESULTS.md")
+    p.add_argument("--serve-simulator", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_simulator:
+        serve_simulator(args.port)
+        return 0
+    figures = run(args.quick)
+    print(json.dumps(figures, indent=2))
+    from bench import run as bench_run
+
+    goals = bench_run.GOALS["seed_compare"]
+    print(markdown(figures, goals))
+    if not args.no_results:
+        command = "python -m bench.seed_compare" + (" --quick" if args.quick else "")
+        bench_run.write_sections({"seed_compare": bench_run.seed_section(figures, command)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
