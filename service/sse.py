@@ -141,6 +141,11 @@ async def _opening_resumed(svc: Services, task_id: str, after: str) -> Opening:
         page = await svc.store.feed_after(after, GAP_BATCH)
     except BadRequest as exc:
         raise _bad_event_id(after) from exc
+    except StoreError:
+        # A store whose feed cannot be replayed by position (MongoDB without the event log: its
+        # ids are change-stream tokens): resume from the current state instead of failing.
+        frames, seen = await _opening_fresh(svc, task_id)
+        return Opening(frames, seen, ended=False, more=None)
     frames = [Frame.of(e) for e in page if e.task_id == task_id]
     more = page[-1].position if len(page) == GAP_BATCH else None
     return Opening(frames, task.version, task.terminal, more)
