@@ -3,6 +3,7 @@ errors are raised and mapped to responses in one place (service/errors.py)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -13,7 +14,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.auth import authenticate_hash, bearer_key, hash_key
+from service.auth import (
+    KEY_CACHE_MAX,
+    KEY_CACHE_TTL_S,
+    TtlCache,
+    authenticate_hash,
+    bearer_key,
+    hash_key,
+)
 from service.blobs import InvalidBlobKey, validate_key
 from service.context import Services
 from service.views import task_json, user_json
@@ -35,6 +43,8 @@ MAX_IDEMPOTENCY_KEY = 200
 MAX_PAGE = 100
 MAX_PARAM_CHARS = 2000
 MAX_SAFE_INT = 2**53
+UPLOAD_CACHE_TTL_S = 60.0
+UPLOAD_CACHE_MAX = 10_000
 # owner/name, owner/name:version, a bare version id, deployments/owner/name
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]*$"
 
@@ -89,12 +99,23 @@ def services(request: Request) -> Services:
     return svc
 
 
+def _cache(svc: Services, name: str, ttl_s: float, max_items: int) -> TtlCache[Any]:
+    """A per-process cache kept with the app's resources (created on first use)."""
+    cache: TtlCache[Any] | None = svc.extras.get(name)
+    if cache is None:
+        cache = svc.extras[name] = TtlCache(ttl_s, max_items)
+    return cache
+
+
 async def caller(request: Request) -> User:
-    """Authenticate and rate-limit the request; the calling user."""
+    """Authenticate and rate-limit the request; the calling user. Its ``balance`` may be a few
+    seconds old (keys are cached): read the user again to show it."""
     svc = services(request)
     key_hash = hash_key(bearer_key(request))
-    svc.limiter.check(key_hash, svc.now())
-    return await authenticate_hash(svc.store, key_hash)
+    now = svc.now()
+    svc.limiter.check(key_hash, now)
+    keys = _cache(svc, "key_cache", KEY_CACHE_TTL_S, KEY_CACHE_MAX)
+    return await authenticate_hash(svc.store, key_hash, keys, now)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -151,8 +172,10 @@ def request_hash(body: CreateTaskBody) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def new_task_id() -> str:
-    return "tsk_" + secrets.token_hex(12)
+def new_ids() -> tuple[str, str]:
+    """A task id and its unguessable callback token, from one call to the OS's generator."""
+    raw = secrets.token_bytes(36)
+    return "tsk_" + raw[:12].hex(), base64.urlsafe_b64encode(raw[12:]).decode("ascii")
 
 
 async def create_task(request: Request) -> Response:
@@ -177,8 +200,9 @@ async def create_task(request: Request) -> Response:
     model = model or default_model(svc, provider)
     inputs = tuple([await checked_input(svc, user, i) for i in body.inputs])
     now = svc.now()
+    task_id, callback_token = new_ids()
     task = Task(
-        id=new_task_id(),
+        id=task_id,
         owner=user.name,
         state=State.PENDING,
         version=1,
@@ -188,7 +212,7 @@ async def create_task(request: Request) -> Response:
         cost=style.cost,
         created_at=now,
         updated_at=now,
-        callback_token=secrets.token_urlsafe(24),
+        callback_token=callback_token,
         style=body.style,
         params={**style.params, **body.params},
         inputs=inputs,
@@ -206,15 +230,31 @@ async def checked_input(svc: Services, user: User, item: UploadInput | UrlInput)
     user's key, a malformed one and a missing one get the same answer."""
     if isinstance(item, UrlInput):
         return {"url": item.url}
+    if not item.upload.startswith(f"uploads/{user.name}/"):
+        raise BadRequest(f"unknown upload {item.upload!r}", code="unknown_upload")
+    # Upload keys are content addresses, written once: one that existed a minute ago still does
+    # (and if it were deleted, the processing step fails the task with a refund). This saves a
+    # blob-store round trip (a thread hop for local files) on most creations.
+    if _uploads(svc).get(item.upload, svc.now()):
+        return {"upload": item.upload}
     try:
-        found = item.upload.startswith(f"uploads/{user.name}/") and await svc.blobs.exists(
-            validate_key(item.upload)
-        )
+        found = await svc.blobs.exists(validate_key(item.upload))
     except InvalidBlobKey:
         found = False
-    if not found:
+    if found:
+        remember_upload(svc, item.upload)
+    else:
         raise BadRequest(f"unknown upload {item.upload!r}", code="unknown_upload")
     return {"upload": item.upload}
+
+
+def _uploads(svc: Services) -> TtlCache[bool]:
+    return _cache(svc, "upload_cache", UPLOAD_CACHE_TTL_S, UPLOAD_CACHE_MAX)
+
+
+def remember_upload(svc: Services, key: str) -> None:
+    """Note that the upload ``key`` exists (just stored, or just seen in the blob store)."""
+    _uploads(svc).put(key, True, svc.now())
 
 
 def default_model(svc: Services, provider: str) -> str:
@@ -279,7 +319,9 @@ async def cancel_task(request: Request) -> Response:
 
 
 async def me(request: Request) -> Response:
-    return JSONResponse(user_json(await caller(request)))
+    user = await caller(request)
+    fresh = await services(request).store.get_user(user.name)  # the balance, as of now
+    return JSONResponse(user_json(fresh or user))
 
 
 async def styles(request: Request) -> Response:

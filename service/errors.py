@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from callbacks.errors import WebhookRejected
@@ -65,6 +65,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, str(exc.detail), None)
 
 
+async def client_disconnected(request: Request, exc: Exception) -> Response:
+    """The client went away while its body was being read: nobody reads the answer, and it is
+    no server error (no traceback, no 500 in the logs or the metrics)."""
+    log.info("client_disconnected", path=request.url.path)
+    return error_response(400, "client_disconnected", "the client closed the connection")
+
+
 async def unhandled_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled_error", error=repr(exc))
     return error_response(500, "internal_error", "internal error")
@@ -72,6 +79,7 @@ async def unhandled_error(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     HooklineError: hookline_error,
+    ClientDisconnect: client_disconnected,
     HTTPException: http_error,
     Exception: unhandled_error,
 }

@@ -8,7 +8,7 @@ import hashlib
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.api import caller, read_body, services
+from service.api import caller, read_body, remember_upload, services
 from service.blobs import extension_for, upload_key
 from service.images import decode_upload
 
@@ -30,6 +30,7 @@ async def create_upload(request: Request) -> Response:
     digest = hashlib.sha256(image.data).hexdigest()[:32]
     key = upload_key(user.name, digest, extension_for(image.content_type))
     await svc.blobs.put(key, image.data, image.content_type)
+    remember_upload(svc, key)
     body = {
         "key": key,
         "width": image.width,
