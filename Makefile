@@ -36,6 +36,9 @@ unit: $(STAMP)
 chaos: $(STAMP)
 	HOOKLINE_CHAOS_N=1000 $(PY) -m pytest -q -p no:cacheprovider -m chaos
 
+fuzz: $(STAMP)
+	HOOKLINE_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
+
 test-mongo: $(STAMP)
 	@test -n "$$HOOKLINE_TEST_MONGODB_URL" || { echo "set HOOKLINE_TEST_MONGODB_URL (see deploy/docker-compose.yml)"; exit 2; }
 	$(PY) -m pytest -q -p no:cacheprovider tests/contract
