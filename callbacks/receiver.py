@@ -18,13 +18,15 @@ from callbacks.errors import ProviderError, WebhookRejected
 from callbacks.provider import Outcome, Provider
 from statemachine.errors import NotFound
 from statemachine.store import TaskStore
+from statemachine.task import Task
 
 log = structlog.get_logger()
 
 
 class OutcomeSink(Protocol):
-    async def apply_outcome(self, task_id: str, outcome: Outcome) -> str:
-        """Apply a provider outcome monotonically; return a word for what happened."""
+    async def apply_outcome(self, task_id: str, outcome: Outcome, task: Task | None = None) -> str:
+        """Apply a provider outcome monotonically; return a word for what happened. ``task`` is
+        the record as just read, if the caller has it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ class WebhookReceiver:
                 provider_name, delivery.delivery_id, task_id, self.now()
             )
             return Receipt(202, {"status": "polling"})
-        result = await self.sink.apply_outcome(task_id, delivery.outcome)
+        result = await self.sink.apply_outcome(task_id, delivery.outcome, task)
         await self.store.record_delivery(provider_name, delivery.delivery_id, task_id, self.now())
         log.info(
             "webhook_applied", provider=provider_name, status=delivery.outcome.status, result=result

@@ -11,6 +11,7 @@ tasks: across replicas, aggregate them with ``max``, not ``sum``.
 from __future__ import annotations
 
 import hmac
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -25,7 +26,7 @@ from service.api import services
 from service.context import Services
 from service.stats import TIMEOUT_OUTCOMES, state_intervals
 from statemachine.errors import AuthError, Unavailable
-from statemachine.states import REFUNDED_STATES, Event, State
+from statemachine.states import REFUNDED_STATES, TERMINAL, Event, State
 from statemachine.store import FeedEvent
 
 STATE_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600, 1800)
@@ -33,6 +34,7 @@ PROVIDER_BUCKETS_S: Final = (0.5, 1, 2, 5, 10, 20, 30, 40, 60, 90, 120, 180, 300
 # Model names come from requests: beyond this many (provider, model) pairs they are "other", so
 # no client can grow the label set without bound.
 MAX_MODEL_LABELS: Final = 50
+MAX_TRACKED_TASKS: Final = 200_000  # tasks whose current state is being timed
 OTHER: Final = "other"
 
 
@@ -42,6 +44,7 @@ class Metrics:
     def __init__(self, svc: Services) -> None:
         self._svc = svc
         self._models: set[tuple[str, str]] = set()
+        self._entered: OrderedDict[str, float] = OrderedDict()  # task id → entered its state
         self.registry = CollectorRegistry()
         r = self.registry
         self.tasks = Gauge("hookline_tasks", "Tasks by state (all users).", ["state"], registry=r)
@@ -86,8 +89,18 @@ class Metrics:
     # --- fed by the change feed -----------------------------------------------------------------
 
     async def observe(self, event: FeedEvent) -> None:
-        """Count one feed event (a Watcher handler)."""
+        """Count one feed event (a Watcher handler).
+
+        Time in a state is the gap since the task's previous event seen here (the first event of
+        a task after this process started gives no sample). The task itself is read only for
+        events that need its fields: creation (cost), refunds, retries and timeouts, and the end
+        of the AI's work (provider and model) — two reads for a task that succeeds."""
         self.transitions.labels(event=event.event, to=event.dest.value).inc()
+        self._time_state(event)
+        ai_done = event.source is State.AI_PROCESSING and event.dest is State.WATERMARKING
+        settles = event.dest in REFUNDED_STATES or event.event == Event.RETRY.value
+        if event.source is not None and not ai_done and not settles:
+            return
         task = await self._svc.store.get_task(event.task_id)
         if task is None:
             return
@@ -101,12 +114,22 @@ class Metrics:
         for attempt in task.attempt_log:
             if attempt.outcome in TIMEOUT_OUTCOMES and attempt.finished_at == event.at:
                 self.timeouts.labels(provider=self._provider(attempt.provider)).inc()
-        for stay in state_intervals(task):
-            if stay.end == event.at and stay.left_by == event.event and stay.state == event.source:
-                self.state_seconds.labels(state=stay.state.value).observe(stay.duration_s)
-                if stay.state is State.AI_PROCESSING and event.dest is State.WATERMARKING:
+        if ai_done:
+            for stay in state_intervals(task):
+                if stay.end == event.at and stay.state is State.AI_PROCESSING:
                     provider, model = self._model(task.provider, task.model)
                     self.provider_seconds.labels(provider, model).observe(stay.duration_s)
+
+    def _time_state(self, event: FeedEvent) -> None:
+        if event.source is not None and event.source == event.dest:
+            return  # an extension: the stay goes on
+        entered = self._entered.pop(event.task_id, None)
+        if entered is not None and event.source is not None:
+            self.state_seconds.labels(state=event.source.value).observe(event.at - entered)
+        if event.dest not in TERMINAL:
+            self._entered[event.task_id] = event.at
+            if len(self._entered) > MAX_TRACKED_TASKS:
+                self._entered.popitem(last=False)
 
     def on_webhook_rejected(self, provider: str, code: str) -> None:
         """The webhook receiver's ``on_rejected`` callback."""

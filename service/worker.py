@@ -290,10 +290,13 @@ class Worker:
 
     # --- outcomes ------------------------------------------------------------------------------
 
-    async def apply_outcome(self, task_id: str, outcome: Outcome) -> str:
-        """Apply a provider outcome (from a webhook or a poll) monotonically; say what happened."""
+    async def apply_outcome(self, task_id: str, outcome: Outcome, task: Task | None = None) -> str:
+        """Apply a provider outcome (from a webhook or a poll) monotonically; say what happened.
+
+        ``task`` is the record if the caller has just read it (the webhook receiver has)."""
         svc = self.svc
-        task = await svc.store.get_task(task_id)
+        if task is None or task.id != task_id:
+            task = await svc.store.get_task(task_id)
         if task is None:
             return "unknown_task"
         if task.terminal:
@@ -347,6 +350,7 @@ class Worker:
                 "attempt_log": close_attempt(t, "succeeded", now, job_id=outcome.job_id),
             },
             guard=lambda t: t.provider_job_id == current,
+            known=task,
         )
         if isinstance(result, lifecycle.Refused):
             return "already_applied"

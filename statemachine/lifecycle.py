@@ -40,15 +40,19 @@ async def advance(
     delay_s: float | None = None,
     changes: Changes | None = None,
     guard: Callable[[Task], bool] | None = None,
+    known: Task | None = None,
 ) -> Task | Refused:
     """Apply ``event`` to the stored task, retrying lost compare-and-set races.
 
     ``changes(task)`` gives extra fields for the new record, computed from the record the decision
     was made on. ``guard(task)`` may refuse the event for a reason the machine cannot see (a
-    webhook for a job that is no longer current). Returns the new record, or ``Refused``.
+    webhook for a job that is no longer current). ``known`` is a record the caller has just read:
+    the first try decides on it (saving a read); a lost race re-reads. Returns the new record, or
+    ``Refused``.
     """
     for _ in range(MAX_RACES):
-        task = await store.get_task(task_id)
+        task = known if known is not None else await store.get_task(task_id)
+        known = None
         if task is None:
             raise NotFound(f"task {task_id} not found")
         if guard is not None and not guard(task):
