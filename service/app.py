@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from callbacks.receiver import WebhookReceiver
 from callbacks.registry import build_providers, default_output_hosts
 from callbacks.simulator import SimConfig, create_simulator_app
-from service import api, ops, uploads
+from service import api, docs, openapi, ops, uploads
 from service.blobs import build_blob_store
 from service.context import Services
 from service.dispatcher import Dispatcher
@@ -93,17 +93,9 @@ async def _opened_soon(opener: asyncio.Task[None], wait_s: float) -> bool:
     return False
 
 
-async def run_watcher(watcher: Watcher, store: TaskStore, opener: asyncio.Task[None]) -> None:
-    """Run ``watcher`` once the store is open. A watcher that has never run starts at the feed's
-    head: older events are the reaper's to recover, not a history to replay."""
+async def run_watcher(watcher: Watcher, opener: asyncio.Task[None]) -> None:
+    """Run ``watcher`` once the store is open."""
     await asyncio.shield(opener)
-    if await store.load_position(watcher.name) is None:
-        try:
-            head = await store.feed_head()
-        except StoreError:
-            head = None  # a feed without positions of its own (MongoDB change streams)
-        if head is not None:
-            await store.save_position(watcher.name, head)
     await watcher.run()
 
 
@@ -177,10 +169,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         roles = settings.role_set()
         if "dispatcher" in roles:
             dispatcher = Dispatcher(store, worker)
-            watcher = Watcher("dispatcher", feed, store, dispatcher.handle)
-            loops.append(
-                asyncio.create_task(run_watcher(watcher, store, opener), name="dispatcher")
-            )
+            # Starting fresh at the head: older events are the reaper's to recover, not a
+            # history to replay.
+            watcher = Watcher("dispatcher", feed, store, dispatcher.handle, start_at_head=True)
+            loops.append(asyncio.create_task(run_watcher(watcher, opener), name="dispatcher"))
         if "reaper" in roles:
             reaper = Reaper(store, worker, interval_s=settings.reaper_interval_s, now=svc.now)
             loops.append(asyncio.create_task(reaper.run(), name="reaper"))
@@ -210,6 +202,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/uploads", uploads.create_upload, methods=["POST"]),
         Route("/v1/callbacks/{provider}/{task_id}", webhook, methods=["POST"]),
         *ops.routes(settings),
+        *openapi.routes(),
+        *docs.routes(settings),
     ]
     if isinstance(blobs, LocalBlobStore):
         routes.append(file_route(blobs))

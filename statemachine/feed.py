@@ -16,6 +16,7 @@ from typing import Final
 
 import structlog
 
+from statemachine.errors import StoreError
 from statemachine.sqlite_store import SqliteStore
 from statemachine.store import ChangeFeed, FeedEvent, TaskStore
 
@@ -53,7 +54,9 @@ class Watcher:
     """A named, resumable consumer of a ChangeFeed: at-least-once delivery to ``handler``.
 
     The position is loaded from the store at start, saved every ``save_every`` events, every
-    ``save_interval_s`` while it moves, and on stop (``stop()`` or cancellation of ``run``). A
+    ``save_interval_s`` while it moves, and on stop (``stop()`` or cancellation of ``run``);
+    ``persist=False`` saves nothing, and ``start_at_head`` starts a watcher with no saved position
+    at the feed's newest event instead of its beginning. A
     handler that raises is logged and skipped; a feed that fails is re-subscribed from the last
     handled position after an exponential backoff.
     """
@@ -69,8 +72,12 @@ class Watcher:
         save_interval_s: float = 1.0,
         retry_base_s: float = 0.1,
         retry_max_s: float = 10.0,
+        start_at_head: bool = False,
+        persist: bool = True,
     ) -> None:
         self.name = name
+        self._start_at_head = start_at_head
+        self._persist = persist
         self._feed = feed
         self._store = store
         self._handler = handler
@@ -96,7 +103,7 @@ class Watcher:
     async def run(self) -> None:
         """Consume the feed until ``stop()`` or cancellation; the position is saved either way."""
         self._stopping.clear()
-        self._position = self._saved = await self._store.load_position(self.name)
+        self._position = self._saved = await self._start_position()
         log.info("watcher.started", watcher=self.name, position=self._position)
         consumer = asyncio.create_task(self._consume(), name=f"watcher-{self.name}")
         saver = asyncio.create_task(self._save_periodically(), name=f"watcher-{self.name}-save")
@@ -110,6 +117,26 @@ class Watcher:
             # Shielded: a cancelled run still records how far it got.
             await asyncio.shield(self._save())
             log.info("watcher.stopped", watcher=self.name, position=self._position)
+
+    async def _start_position(self) -> str | None:
+        """The saved position; with ``start_at_head`` and none saved (or ``persist`` off), the
+        feed's head: what happened before is not this watcher's to replay."""
+        if self._persist:
+            saved = await self._store.load_position(self.name)
+            if saved is not None or not self._start_at_head:
+                return saved
+        elif not self._start_at_head:
+            return None
+        delay_s = self._retry_base_s
+        while True:
+            try:
+                return await self._store.feed_head()
+            except StoreError:
+                return None  # a feed without positions of its own (change streams start "now")
+            except Exception as exc:  # the store is not reachable yet
+                log.warning("watcher.feed_head_failed", watcher=self.name, error=repr(exc))
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self._retry_max_s)
 
     async def _consume(self) -> None:
         failures = 0
@@ -156,6 +183,8 @@ class Watcher:
             await self._save()
 
     async def _save(self) -> None:
+        if not self._persist:
+            return
         async with self._save_lock:
             position = self._position
             if position is None or position == self._saved:

@@ -21,8 +21,7 @@ import pytest
 import websockets
 from PIL import Image, ImageDraw
 
-from service import ops
-from tests.support.hookline import Hookline, running_hookline
+from tests.support.hookline import running_hookline
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.browser]
 
@@ -132,19 +131,6 @@ async def chromium(tmp_path: Path) -> AsyncIterator[Cdp]:
                 await proc.wait()
 
 
-@contextlib.asynccontextmanager
-async def live_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Hookline]:
-    """running_hookline with the operations loops started (a no-op once app.py starts them)."""
-    async with running_hookline(tmp_path, **overrides) as hl:
-        loops = await ops.start(hl.services)
-        try:
-            yield hl
-        finally:
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
-
-
 def portrait(path: Path) -> Path:
     image = Image.new("RGB", (480, 360), "#31556f")
     draw = ImageDraw.Draw(image)
@@ -162,7 +148,7 @@ async def submit_form(cdp: Cdp, form: str) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: apt-get install chromium")
 async def test_dashboard_submits_a_photo_and_shows_it_completed(tmp_path: Path) -> None:
-    async with live_hookline(tmp_path) as hl, chromium(tmp_path) as cdp:
+    async with running_hookline(tmp_path) as hl, chromium(tmp_path) as cdp:
         key = await hl.create_user("alice", credits=100)
         page = await hl.client.get("/")
         assert page.headers["content-security-policy"].startswith("default-src 'self'")

@@ -5,33 +5,16 @@ error."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
-from service import ops
 from service.cli import main
-from tests.support.hookline import Hookline, running_hookline
+from tests.support.hookline import running_hookline
 
 pytestmark = pytest.mark.asyncio
-
-
-@contextlib.asynccontextmanager
-async def live_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Hookline]:
-    """running_hookline with the operations loops started (a no-op once app.py starts them)."""
-    async with running_hookline(tmp_path, **overrides) as hl:
-        loops = await ops.start(hl.services)
-        try:
-            yield hl
-        finally:
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
 
 
 def photo(tmp_path: Path) -> Path:
@@ -51,7 +34,7 @@ async def run_cli(argv: list[str]) -> int:
 async def test_submit_wait_follows_the_task_and_prints_output_urls(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with live_hookline(tmp_path) as hl:
+    async with running_hookline(tmp_path) as hl:
         key = await hl.create_user("alice", credits=100)
         argv = ["submit", str(photo(tmp_path)), "--prompt", "a lighthouse", "--style", "anime"]
         code = await run_cli([*argv, "--url", hl.base_url, "--key", key, "--wait"])
@@ -69,7 +52,7 @@ async def test_submit_wait_follows_the_task_and_prints_output_urls(
 async def test_submit_takes_the_key_from_the_environment(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with live_hookline(tmp_path, roles="api") as hl:
+    async with running_hookline(tmp_path, roles="api") as hl:
         key = await hl.create_user("alice", credits=100)
         monkeypatch.setenv("HOOKLINE_API_KEY", key)
         argv = ["submit", str(photo(tmp_path)), "--prompt", "p", "--url", hl.base_url]
@@ -82,7 +65,7 @@ async def test_submit_reports_a_bad_key_a_non_image_and_a_failed_task(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("HOOKLINE_API_KEY", raising=False)
-    async with live_hookline(tmp_path, sim_failure_rate=1.0, max_attempts=1) as hl:
+    async with running_hookline(tmp_path, sim_failure_rate=1.0, max_attempts=1) as hl:
         key = await hl.create_user("alice", credits=100)
         image = str(photo(tmp_path))
         base = ["--prompt", "p", "--url", hl.base_url, "--wait"]

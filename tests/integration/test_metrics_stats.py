@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import ops
 from service.stats import compute_kpis, histogram, percentile, state_intervals, verdict
 from statemachine.states import State
 from statemachine.task import Attempt, HistoryEntry, Task
@@ -151,19 +148,6 @@ def test_state_stays_run_through_self_loops() -> None:
 # --- through the server ------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def live_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Hookline]:
-    """running_hookline with the operations loops started (a no-op once app.py starts them)."""
-    async with running_hookline(tmp_path, **overrides) as hl:
-        loops = await ops.start(hl.services)
-        try:
-            yield hl
-        finally:
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
-
-
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of an exposition, by (name, sorted labels)."""
     out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -195,7 +179,7 @@ async def scrape_until(hl: Hookline, name: str, labels: dict[str, str], value: f
 
 @pytest.mark.asyncio
 async def test_metrics_count_a_tasks_life_from_the_feed(tmp_path: Path) -> None:
-    async with live_hookline(tmp_path) as hl:
+    async with running_hookline(tmp_path) as hl:
         key = await hl.create_user("alice", credits=100)
         created = await hl.create_task(key, style="anime")
         await hl.wait_terminal(key, created["id"])
@@ -219,7 +203,7 @@ async def test_metrics_count_a_tasks_life_from_the_feed(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_metrics_count_refunds_and_rejected_webhooks(tmp_path: Path) -> None:
-    async with live_hookline(tmp_path, roles="api") as hl:
+    async with running_hookline(tmp_path, roles="api") as hl:
         key = await hl.create_user("alice", credits=100)
         created = await hl.create_task(key)
         r = await hl.client.post(f"/v1/tasks/{created['id']}/cancel", headers=hl.auth(key))
@@ -239,7 +223,7 @@ async def test_metrics_count_refunds_and_rejected_webhooks(tmp_path: Path) -> No
 
 @pytest.mark.asyncio
 async def test_metrics_token_is_required_when_set_and_never_shown(tmp_path: Path) -> None:
-    async with live_hookline(tmp_path, metrics_token="s3cret-metrics", roles="api") as hl:
+    async with running_hookline(tmp_path, metrics_token="s3cret-metrics", roles="api") as hl:
         assert (await hl.client.get("/metrics")).status_code == 401
         r = await hl.client.get("/metrics", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "bad_metrics_token"
@@ -251,8 +235,8 @@ async def test_metrics_token_is_required_when_set_and_never_shown(tmp_path: Path
 @pytest.mark.asyncio
 async def test_two_apps_keep_separate_registries(tmp_path: Path) -> None:
     async with (
-        live_hookline(tmp_path / "a", roles="api") as a,
-        live_hookline(tmp_path / "b", roles="api") as b,
+        running_hookline(tmp_path / "a", roles="api") as a,
+        running_hookline(tmp_path / "b", roles="api") as b,
     ):
         key = await a.create_user("alice")
         await a.create_task(key)
@@ -267,7 +251,7 @@ async def test_two_apps_keep_separate_registries(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_stats_show_a_user_their_own_and_an_admin_everyones(tmp_path: Path) -> None:
-    async with live_hookline(tmp_path) as hl:
+    async with running_hookline(tmp_path) as hl:
         alice = await hl.create_user("alice")
         bob = await hl.create_user("bob")
         admin = await hl.create_user("root", admin=True)

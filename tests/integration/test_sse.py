@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from service import ops
 from statemachine.feed import Broadcaster
 from tests.support.hookline import Hookline, running_hookline
 
@@ -23,19 +22,6 @@ pytestmark = pytest.mark.asyncio
 
 FULL_PATH = ["pending", "processing", "ai_processing", "watermarking", "completed"]
 TIMEOUT_S = 30
-
-
-@contextlib.asynccontextmanager
-async def live_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Hookline]:
-    """running_hookline with the operations loops started (a no-op once app.py starts them)."""
-    async with running_hookline(tmp_path, **overrides) as hl:
-        loops = await ops.start(hl.services)
-        try:
-            yield hl
-        finally:
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
 
 
 @dataclass
@@ -115,7 +101,7 @@ def states(got: list[Frame]) -> list[str]:
 async def test_stream_sends_current_state_then_every_change_and_ends_at_terminal(
     tmp_path: Path,
 ) -> None:
-    async with live_hookline(tmp_path) as hl:
+    async with running_hookline(tmp_path) as hl:
         key = await hl.create_user("alice")
         task = await hl.create_task(key)
         got = await state_frames(hl, key, task["id"])
@@ -138,7 +124,7 @@ async def test_stream_sends_current_state_then_every_change_and_ends_at_terminal
 async def test_a_reconnect_with_last_event_id_resumes_without_loss_or_repeat(
     tmp_path: Path,
 ) -> None:
-    async with live_hookline(tmp_path) as hl:
+    async with running_hookline(tmp_path) as hl:
         key = await hl.create_user("alice")
         task = await hl.create_task(key)
         first = await state_frames(hl, key, task["id"], limit=1)  # then it hangs up mid-stream
@@ -154,7 +140,7 @@ async def test_live_events_reach_a_waiting_client_and_leavers_are_unsubscribed(
     tmp_path: Path,
 ) -> None:
     # Only the API runs: the task stays pending until the test cancels it.
-    async with live_hookline(tmp_path, roles="api") as hl:
+    async with running_hookline(tmp_path, roles="api") as hl:
         hl.services.extras["sse_ping_s"] = 0.05
         key = await hl.create_user("alice")
         task = await hl.create_task(key)
@@ -183,7 +169,7 @@ async def test_live_events_reach_a_waiting_client_and_leavers_are_unsubscribed(
 
 
 async def test_garbage_last_event_id_is_a_400_and_subscribes_nobody(tmp_path: Path) -> None:
-    async with live_hookline(tmp_path, roles="api") as hl:
+    async with running_hookline(tmp_path, roles="api") as hl:
         key = await hl.create_user("alice")
         task = await hl.create_task(key)
         for garbage in ["not-a-position", "x" * 300, "1.5"]:
@@ -197,7 +183,7 @@ async def test_garbage_last_event_id_is_a_400_and_subscribes_nobody(tmp_path: Pa
 
 
 async def test_another_tasks_last_event_id_yields_only_this_tasks_events(tmp_path: Path) -> None:
-    async with live_hookline(tmp_path) as hl:
+    async with running_hookline(tmp_path) as hl:
         key = await hl.create_user("alice")
         a = await hl.create_task(key)
         b = await hl.create_task(key)
@@ -220,7 +206,7 @@ async def test_another_tasks_last_event_id_yields_only_this_tasks_events(tmp_pat
 
 
 async def test_streams_are_authenticated_and_private(tmp_path: Path) -> None:
-    async with live_hookline(tmp_path, roles="api") as hl:
+    async with running_hookline(tmp_path, roles="api") as hl:
         alice = await hl.create_user("alice")
         bob = await hl.create_user("bob")
         task = await hl.create_task(alice)
