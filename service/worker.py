@@ -1,12 +1,14 @@
-"""The steps that do I/O: submit (processing), copy and watermark outputs (watermarking), apply
-provider outcomes, retry or fail, reconcile overdue jobs. Every step begins with a lease or a
-compare-and-set claim and is safe to run again (at-least-once, idempotent effects)."""
+"""The leased steps that do I/O — submit (processing), copy and watermark outputs (watermarking) —
+and the runner that starts them in the background. Every step begins with a lease claimed by
+compare-and-set, renews it while it works, and is safe to run again (at-least-once, idempotent
+effects). What outcomes do to a task lives in service/outcomes.py."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import structlog
@@ -17,13 +19,14 @@ from service.blobs import output_key
 from service.context import Services
 from service.fetch import FetchError, SafeFetcher
 from service.images import prepare_input, sniff_content_type
+from service.outcomes import Outcomes
 from service.watermark import WatermarkConfig, apply_watermark
 from statemachine import lifecycle
-from statemachine.attempts import attempt_of, close_attempt, open_attempt
-from statemachine.decide import backoff_s
-from statemachine.errors import HooklineError
+from statemachine.attempts import attempt_of, open_attempt
+from statemachine.decide import backoff_s, renew
+from statemachine.errors import HooklineError, StoreError, Unavailable
 from statemachine.states import Event, State
-from statemachine.task import Output, Task, TaskFailure
+from statemachine.task import Output, Task
 
 log = structlog.get_logger()
 
@@ -31,7 +34,8 @@ SUBMIT_TRIES = 3
 FETCH_TRIES = 3
 DATA_URI_MAX_BYTES = 256_000
 QUEUE_RECHECK_S = 1.0  # a pending task over its provider's limit is offered again after this
-MAX_STEP_RETRIES = 5  # hand-backs of the watermarking step before the task fails
+MAX_STEP_RETRIES = 5  # hand-backs of a step after transient failures before the task fails
+CLOSE_GRACE_S = 10.0  # at shutdown, running steps get this long to finish before cancellation
 
 
 class Worker:
@@ -54,8 +58,11 @@ class Worker:
         self.output_fetchers = output_fetchers
         self.watermark_cfg = watermark
         self.rng = rng or random.Random()
+        self.outcomes = Outcomes(svc, self, self.rng)
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._stepping: set[str] = set()  # tasks with a step running in this process
 
     # --- running steps in the background -------------------------------------------------------
 
@@ -76,14 +83,49 @@ class Worker:
     def spawn_at(self, when: float, task_id: str) -> None:
         """Run the step ``task_id`` needs at ``when`` (after a backoff)."""
         delay = max(0.0, when - self.svc.now())
-        asyncio.get_running_loop().call_later(delay, lambda: self.spawn(self._dispatch_id(task_id)))
+        loop = asyncio.get_running_loop()
 
-    async def _dispatch_id(self, task_id: str) -> None:
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.kick(task_id)
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    def kick(self, task_id: str) -> None:
+        """Run the step the task's state needs, now, in the background."""
+        self.spawn(self._step_for(task_id))
+
+    async def _step_for(self, task_id: str) -> None:
         task = await self.svc.store.get_task(task_id)
         if task is not None:
-            await self.dispatch(task)
+            await self._run_step(task)
 
-    async def close(self) -> None:
+    async def _run_step(self, task: Task) -> None:
+        if task.state is State.WATERMARKING:
+            await self.watermark(task.id)
+        elif task.state in (State.PENDING, State.PROCESSING):
+            await self.process(task.id)
+
+    async def dispatch(self, task: Task) -> None:
+        """The reaper's way in: start the task's step in the background (unless this process is
+        already running one for it) and return at once, so a slow step never holds up a pass."""
+        if task.id not in self._stepping:
+            self.spawn(self._run_step(task))
+
+    async def drain(self) -> None:
+        """Wait until no step is running (tests; shutdown)."""
+        while self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)
+
+    async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Stop: pending timers are dropped (the reaper finds those tasks), running steps get
+        ``grace_s`` to finish — a submit cut short would be paid for twice — then are cancelled."""
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=grace_s)
         for job in list(self._running):
             job.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
@@ -92,12 +134,43 @@ class Worker:
     def busy(self) -> int:
         return len(self._running)
 
-    async def dispatch(self, task: Task) -> None:
-        """Run the step ``task``'s state needs now (the reaper's way in)."""
-        if task.state is State.WATERMARKING:
-            await self.watermark(task.id)
-        elif task.state in (State.PENDING, State.PROCESSING):
-            await self.process(task.id)
+    @contextlib.asynccontextmanager
+    async def _leased(self, task: Task) -> AsyncIterator[None]:
+        """While a step works: mark it running here and renew its lease (a heartbeat every third
+        of the lease), so a slow but healthy step is not taken over by another worker."""
+        self._stepping.add(task.id)
+        beat = asyncio.create_task(self._heartbeat(task.id), name=f"lease-{task.id}")
+        try:
+            yield
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            self._stepping.discard(task.id)
+
+    async def _heartbeat(self, task_id: str) -> None:
+        lease_s = self.svc.deadlines.lease_s
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            held = await self.svc.store.get_task(task_id)
+            if held is None:
+                return
+            renewed = renew(held, self.owner, self.svc.now(), lease_s)
+            if renewed is None:
+                return  # the lease is gone; the step's own guarded writes will be refused
+            await self.svc.store.transition(renewed, held.state, held.version, emit=False)
+
+    # --- outcomes (service/outcomes.py), for the receiver, the reaper and the API ----------------
+
+    async def apply_outcome(self, task_id: str, outcome: Outcome, task: Task | None = None) -> str:
+        """Apply a provider outcome; see ``Outcomes.apply``."""
+        return await self.outcomes.apply(task_id, outcome, task)
+
+    async def reconcile(self, task: Task, now: float) -> None:
+        """The reaper's ai_processing branch; see ``Outcomes.reconcile``."""
+        await self.outcomes.reconcile(task, now)
+
+    async def cancel_job(self, task: Task) -> None:
+        await self.outcomes.cancel_job(task)
 
     # --- processing: inputs, prompt, submit ----------------------------------------------------
 
@@ -119,27 +192,34 @@ class Worker:
         if claimed is None:
             return
         structlog.contextvars.bind_contextvars(task_id=task_id)
+        async with self._leased(claimed):
+            await self._process_claimed(claimed)
+
+    async def _process_claimed(self, claimed: Task) -> None:
+        out = self.outcomes
+        mine = self.owner
         if claimed.early_outcome and claimed.early_outcome.get("status") == "succeeded":
             await self._adopt_early(claimed)
             return
-        provider = svc.providers.get(claimed.provider)
+        provider = self.svc.providers.get(claimed.provider)
         if provider is None:
-            await self.fail(claimed.id, "unknown_provider", f"provider {claimed.provider} is gone")
+            message = f"provider {claimed.provider} is not configured"
+            await out.fail(claimed.id, "unknown_provider", message, owner=mine)
             return
         try:
             submission = await self._submission(claimed, provider)
             job_id = await self._submit(provider, submission)
         except FetchError as exc:
-            if exc.retryable:
-                await self.retry_or_fail(claimed.id, "input_unavailable", exc.message, False)
-            else:
-                await self.fail(claimed.id, exc.code, exc.message)
+            code = "input_unavailable" if exc.retryable else exc.code
+            await out.retry_or_fail(claimed.id, code, exc.message, exc.retryable, owner=mine)
         except PermanentProviderError as exc:
-            await self.fail(claimed.id, exc.code, exc.message)
+            await out.fail(claimed.id, exc.code, exc.message, owner=mine)
         except ProviderError as exc:
-            await self.retry_or_fail(claimed.id, exc.code, exc.message, True)
+            await out.retry_or_fail(claimed.id, exc.code, exc.message, True, owner=mine)
+        except (Unavailable, StoreError) as exc:
+            await self._transient(claimed, exc)
         except HooklineError as exc:
-            await self.fail(claimed.id, exc.code, exc.message)
+            await out.fail(claimed.id, exc.code, exc.message, owner=mine)
         else:
             await self._submitted(claimed, provider, job_id)
 
@@ -249,7 +329,7 @@ class Worker:
         )
         if isinstance(result, lifecycle.Refused):
             log.info("submit_orphaned", job_id=job_id, state=result.task.state.value)
-            await self._cancel_quietly(provider, job_id, task.model)
+            await self.outcomes.cancel_quietly(provider, job_id, task.model)
             return
         log.info("task_submitted", job_id=job_id, provider=task.provider)
         if early:
@@ -288,283 +368,6 @@ class Worker:
         outcome = Outcome("succeeded", job_id, tuple(early.get("outputs", ())))
         await self.apply_outcome(task.id, outcome)
 
-    # --- outcomes ------------------------------------------------------------------------------
-
-    async def apply_outcome(self, task_id: str, outcome: Outcome, task: Task | None = None) -> str:
-        """Apply a provider outcome (from a webhook or a poll) monotonically; say what happened.
-
-        ``task`` is the record if the caller has just read it (the webhook receiver has)."""
-        svc = self.svc
-        if task is None or task.id != task_id:
-            task = await svc.store.get_task(task_id)
-        if task is None:
-            return "unknown_task"
-        if task.terminal:
-            return "after_terminal"
-        if outcome.status == "running":
-            return "running"
-        if task.state is State.PROCESSING:
-            return await self._defer(task, outcome)
-        if task.state is not State.AI_PROCESSING:
-            return "ignored"
-        if outcome.job_id == task.provider_job_id:
-            if outcome.status == "succeeded":
-                return await self._succeeded(task, outcome)
-            reason = outcome.reason or f"provider reported {outcome.status}"
-            return await self.retry_or_fail(
-                task.id,
-                "provider_failed",
-                reason,
-                outcome.retryable,
-                expected_job=outcome.job_id,
-                provider_fault=True,
-            )
-        if outcome.status == "succeeded" and attempt_of(task, outcome.job_id) is not None:
-            return await self._succeeded(task, outcome, late=True)
-        return "stale"
-
-    async def _succeeded(self, task: Task, outcome: Outcome, *, late: bool = False) -> str:
-        svc = self.svc
-        now = svc.now()
-        if not outcome.outputs:
-            return await self.retry_or_fail(
-                task.id,
-                "no_outputs",
-                "provider returned no outputs",
-                True,
-                expected_job=outcome.job_id,
-            )
-        current = task.provider_job_id
-        old = attempt_of(task, outcome.job_id)
-        detail = f"adopted late success of attempt {old.number}" if late and old else None
-        result = await lifecycle.advance(
-            svc.store,
-            task.id,
-            Event.AI_SUCCEEDED,
-            now,
-            svc.deadlines,
-            detail=detail,
-            changes=lambda t: {
-                "provider_outputs": outcome.outputs,
-                "provider_job_id": outcome.job_id,
-                "attempt_log": close_attempt(t, "succeeded", now, job_id=outcome.job_id),
-            },
-            guard=lambda t: t.provider_job_id == current,
-            known=task,
-        )
-        if isinstance(result, lifecycle.Refused):
-            return "already_applied"
-        if late and current and current != outcome.job_id:
-            await self._cancel_quietly(svc.providers.get(task.provider), current, task.model)
-        return "late_success" if late else "succeeded"
-
-    async def _defer(self, task: Task, outcome: Outcome) -> str:
-        """Keep an outcome that arrived before the submit was recorded (or for a task backing off
-        before its next attempt); the processing step applies it."""
-        if task.early_outcome and task.early_outcome.get("status") == "succeeded":
-            return "already_deferred"
-        if outcome.status != "succeeded" and task.early_outcome:
-            return "already_deferred"
-        early = {
-            "status": outcome.status,
-            "job_id": outcome.job_id,
-            "outputs": list(outcome.outputs),
-            "reason": outcome.reason,
-            "retryable": outcome.retryable,
-        }
-        updated = await lifecycle.update(self.svc.store, task, self.svc.now(), early_outcome=early)
-        if updated is None:
-            return await self.apply_outcome(task.id, outcome)  # the record moved: decide again
-        if not updated.lease_held(self.svc.now()) and outcome.status == "succeeded":
-            self.spawn(self.process(task.id))
-        return "deferred"
-
-    async def retry_or_fail(
-        self,
-        task_id: str,
-        code: str,
-        message: str,
-        retryable: bool,
-        *,
-        expected_job: str | None = None,
-        provider_fault: bool = False,
-        outcome: str = "failed",
-    ) -> str:
-        """Another attempt after a backoff if the failure allows one, else ``failed`` (refunded)."""
-        svc = self.svc
-        now = svc.now()
-        task = await svc.store.get_task(task_id)
-        if task is None or task.terminal:
-            return "after_terminal"
-        if expected_job is not None and task.provider_job_id != expected_job:
-            return "stale"
-        if retryable and task.attempts < svc.deadlines.max_attempts:
-            delay = backoff_s(task.attempts, svc.deadlines.retry_backoff_s, self.rng.random())
-
-            def changes(t: Task) -> dict[str, Any]:
-                fields: dict[str, Any] = {
-                    "attempts": t.attempts + 1,
-                    "provider_job_id": None,
-                    "provider_outputs": (),
-                    "early_outcome": None,
-                    "error": TaskFailure(code, message),
-                    "attempt_log": close_attempt(t, outcome, now)
-                    if t.provider_job_id
-                    else t.attempt_log,
-                }
-                if provider_fault:
-                    fields.update(self._fallback(t))
-                return fields
-
-            result = await lifecycle.advance(
-                svc.store,
-                task_id,
-                Event.RETRY,
-                now,
-                svc.deadlines,
-                detail=f"{code}: {message}"[:300],
-                delay_s=delay,
-                changes=changes,
-                guard=lambda t: expected_job is None or t.provider_job_id == expected_job,
-            )
-            if not isinstance(result, lifecycle.Refused):
-                log.info("task_retry", code=code, attempt=result.attempts, delay_s=round(delay, 2))
-                self.spawn_at(now + delay, task_id)
-                return "retry"
-            if result.task.terminal or result.task.provider_job_id != task.provider_job_id:
-                return "already_applied"
-        return await self.fail(task_id, code, message, expected_job=expected_job, outcome=outcome)
-
-    def _fallback(self, task: Task) -> dict[str, Any]:
-        """The next provider of the style's fallback list, for a failure that was the provider's."""
-        style = self.svc.catalogue.get(task.style)
-        chain = [task.provider, *[p for p in style.fallbacks if p != task.provider]]
-        usable = [p for p in chain if p in self.svc.providers]
-        if len(usable) < 2:
-            return {}
-        nxt = (
-            usable[(usable.index(task.provider) + 1) % len(usable)]
-            if task.provider in usable
-            else usable[0]
-        )
-        if nxt == task.provider:
-            return {}
-        from service.api import default_model
-
-        return {"provider": nxt, "model": default_model(self.svc, nxt)}
-
-    async def fail(
-        self,
-        task_id: str,
-        code: str,
-        message: str,
-        *,
-        expected_job: str | None = None,
-        outcome: str = "failed",
-    ) -> str:
-        """Any non-terminal state → failed, with the refund written by the same compare-and-set."""
-        svc = self.svc
-        now = svc.now()
-
-        def changes(t: Task) -> dict[str, Any]:
-            log_ = close_attempt(t, outcome, now) if t.provider_job_id else t.attempt_log
-            return {"error": TaskFailure(code, message), "attempt_log": log_}
-
-        result = await lifecycle.advance(
-            svc.store,
-            task_id,
-            Event.FAIL,
-            now,
-            svc.deadlines,
-            detail=f"{code}: {message}"[:300],
-            changes=changes,
-            guard=lambda t: expected_job is None or t.provider_job_id == expected_job,
-        )
-        if isinstance(result, lifecycle.Refused):
-            return "already_applied"
-        log.warning("task_failed", code=code, error=message)
-        await svc.blobs.delete_prefix(f"outputs/{task_id}/")
-        if result.provider_job_id:
-            await self._cancel_quietly(
-                svc.providers.get(result.provider), result.provider_job_id, result.model
-            )
-        return "failed"
-
-    # --- reconciliation (the reaper's ai_processing branch) -------------------------------------
-
-    async def reconcile(self, task: Task, now: float) -> None:
-        """Poll the provider for an overdue job: adopt a success, extend while running within the
-        hard cap, otherwise retry (or fail after the last attempt)."""
-        svc = self.svc
-        claimed = await lifecycle.update(svc.store, task, now, deadline=now + svc.deadlines.lease_s)
-        if claimed is None or claimed.provider_job_id is None:
-            return  # another reaper or a webhook got there first
-        structlog.contextvars.bind_contextvars(task_id=task.id)
-        provider = svc.providers.get(claimed.provider)
-        attempt = attempt_of(claimed, claimed.provider_job_id)
-        started = attempt.submitted_at if attempt and attempt.submitted_at else claimed.updated_at
-        over_cap = now - started >= svc.deadlines.ai_hard_cap_s
-        outcome: Outcome | None = None
-        if provider is not None:
-            try:
-                outcome = await provider.poll(claimed.provider_job_id, claimed.model)
-            except PermanentProviderError as exc:
-                log.warning("poll_refused", error=exc.message)
-                await self._timeout(claimed, f"provider no longer knows the job: {exc.message}")
-                return
-            except ProviderError as exc:
-                log.warning("poll_failed", error=exc.message)
-        svc.extras.setdefault("counters", {}).setdefault("reconciliations", 0)
-        if outcome is not None and outcome.final:
-            svc.extras["counters"]["reconciliations"] += 1
-            log.info("reconciled_by_poll", status=outcome.status)
-            await self.apply_outcome(claimed.id, outcome)
-            return
-        if over_cap:
-            await self._timeout(claimed, "no result within the hard cap")
-            return
-        remaining = started + svc.deadlines.ai_hard_cap_s - now
-        extend = min(svc.deadlines.ai_deadline_s, remaining)
-        await lifecycle.advance(
-            svc.store,
-            claimed.id,
-            Event.EXTEND,
-            now,
-            svc.deadlines,
-            detail="provider still running" if outcome else "poll failed; waiting",
-            delay_s=extend,
-            guard=lambda t: t.provider_job_id == claimed.provider_job_id,
-        )
-
-    async def _timeout(self, task: Task, message: str) -> None:
-        job = task.provider_job_id
-        await self._cancel_quietly(self.svc.providers.get(task.provider), job, task.model)
-        await self.retry_or_fail(
-            task.id,
-            "timeout",
-            message,
-            True,
-            expected_job=job,
-            provider_fault=True,
-            outcome="timeout",
-        )
-
-    async def cancel_job(self, task: Task) -> None:
-        if task.provider_job_id:
-            await self._cancel_quietly(
-                self.svc.providers.get(task.provider), task.provider_job_id, task.model
-            )
-
-    async def _cancel_quietly(
-        self, provider: Provider | None, job_id: str | None, model: str
-    ) -> None:
-        if provider is None or job_id is None:
-            return
-        try:
-            await provider.cancel(job_id, model)
-        except ProviderError as exc:
-            log.info("provider_cancel_failed", job_id=job_id, error=exc.message)
-
     # --- watermarking: copy outputs, watermark, store -------------------------------------------
 
     async def watermark(self, task_id: str) -> None:
@@ -580,16 +383,27 @@ class Worker:
         if claimed is None:
             return
         structlog.contextvars.bind_contextvars(task_id=task_id)
+        async with self._leased(claimed):
+            await self._watermark_claimed(claimed)
+
+    async def _watermark_claimed(self, claimed: Task) -> None:
+        svc = self.svc
+        task_id = claimed.id
         try:
             outputs = await self._render_outputs(claimed)
         except FetchError as exc:
-            if exc.retryable and claimed.step_retries < MAX_STEP_RETRIES:
-                await self._hand_back(claimed, exc.message)
+            if exc.retryable:
+                await self._transient(claimed, exc, code="output_unavailable")
             else:
-                await self.fail(task_id, "output_unavailable", exc.message)
+                await self.outcomes.fail(
+                    task_id, "output_unavailable", exc.message, owner=self.owner
+                )
+            return
+        except (Unavailable, StoreError) as exc:
+            await self._transient(claimed, exc)
             return
         except HooklineError as exc:
-            await self.fail(task_id, exc.code, exc.message)
+            await self.outcomes.fail(task_id, exc.code, exc.message, owner=self.owner)
             return
         result = await lifecycle.advance(
             svc.store,
@@ -602,6 +416,14 @@ class Worker:
         )
         if not isinstance(result, lifecycle.Refused):
             log.info("task_completed", outputs=len(outputs))
+
+    async def _transient(self, task: Task, exc: HooklineError, code: str | None = None) -> None:
+        """A failure that may pass (a blob store or file host blip): hand the step back with a
+        backoff, a bounded number of times; then fail the task (with its refund)."""
+        if task.step_retries < MAX_STEP_RETRIES:
+            await self._hand_back(task, exc.message)
+        else:
+            await self.outcomes.fail(task.id, code or exc.code, exc.message, owner=self.owner)
 
     async def _hand_back(self, task: Task, reason: str) -> None:
         """Give up the lease after a transient failure; the step runs again after a backoff (the

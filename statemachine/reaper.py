@@ -64,7 +64,11 @@ class Reaper:
     async def run_pass(self) -> int:
         """One pass; returns how many overdue tasks were handed to an action."""
         now = self.now()
-        repaired = await self.store.reconcile(now)
+        try:
+            repaired = await self.store.reconcile(now)
+        except Exception as exc:  # a poisoned repair must not stop the recovery of overdue tasks
+            log.exception("reaper_repair_failed", error=repr(exc))
+            repaired = 0
         if repaired:
             log.warning("reaper_repaired_half_done_writes", count=repaired)
         tasks = await self.store.overdue(now, self.batch)

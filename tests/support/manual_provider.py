@@ -40,6 +40,8 @@ class ManualProvider:
     polls: list[str] = field(default_factory=list)
     # Called inside submit() after the job exists and before its id is returned.
     on_submit: Callable[[ManualJob], Awaitable[None]] | None = None
+    # Called inside poll() before it answers (to make something happen "during" a poll).
+    on_poll: Callable[[str], Awaitable[None]] | None = None
     poll_error: Exception | None = None
     submit_errors: list[Exception] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -71,12 +73,14 @@ class ManualProvider:
 
     async def poll(self, job_id: str, model: str) -> Outcome:
         self.polls.append(job_id)
+        answer = self.jobs[job_id].outcome if job_id in self.jobs else None
+        if self.on_poll is not None:
+            await self.on_poll(job_id)
         if self.poll_error is not None:
             raise self.poll_error
-        job = self.jobs.get(job_id)
-        if job is None:
+        if answer is None:
             raise PermanentProviderError(f"no job {job_id}")
-        return job.outcome
+        return answer
 
     async def cancel(self, job_id: str, model: str) -> None:
         self.cancels.append(job_id)

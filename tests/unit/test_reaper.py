@@ -14,10 +14,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from callbacks.errors import RetryableProviderError
+from callbacks.errors import PermanentProviderError, RetryableProviderError
 from callbacks.provider import Outcome
 from service.context import Services
-from service.fetch import FetchResult
+from service.fetch import FetchError, FetchResult
 from service.local_blobs import LocalBlobStore
 from service.ratelimit import RateLimiter
 from service.settings import Settings
@@ -26,6 +26,7 @@ from service.watermark import WatermarkConfig
 from service.worker import Worker
 from statemachine import lifecycle
 from statemachine.decide import Deadlines
+from statemachine.errors import Unavailable
 from statemachine.feed import SqliteFeed
 from statemachine.reaper import Reaper, plan
 from statemachine.sqlite_store import SqliteStore
@@ -96,6 +97,12 @@ class World:
         )
         task, _ = await self.store.create_task(task)
         return task
+
+    async def reap(self) -> int:
+        """One reaper pass, then wait for the steps it started in the background."""
+        handled = await self.reaper.run_pass()
+        await self.worker.drain()
+        return handled
 
     async def get(self, task_id: str) -> Task:
         task = await self.store.get_task(task_id)
@@ -176,9 +183,9 @@ def test_plan_skips_tasks_not_due_terminal_or_under_a_live_lease() -> None:
 
 async def test_a_pending_task_the_dispatcher_missed_is_dispatched(world: World) -> None:
     task = await world.task()
-    assert await world.reaper.run_pass() == 0  # not due yet
+    assert await world.reap() == 0  # not due yet
     world.clock.advance(DEADLINES.handoff_s)
-    assert await world.reaper.run_pass() == 1
+    assert await world.reap() == 1
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and task.provider_job_id == "job1"
 
@@ -188,9 +195,9 @@ async def test_work_of_a_dead_worker_is_taken_over_when_its_lease_expires(world:
     dead = await lifecycle.take_lease(world.store, task, "dead-worker", world.clock(), 60)
     assert dead is not None and dead.state is State.PROCESSING
     world.clock.advance(30)
-    assert await world.reaper.run_pass() == 0  # lease still live
+    assert await world.reap() == 0  # lease still live
     world.clock.advance(31)
-    assert await world.reaper.run_pass() == 1
+    assert await world.reap() == 1
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and len(world.provider.jobs) == 1
     assert valid(task)
@@ -208,7 +215,7 @@ async def test_watermarking_with_an_expired_lease_is_finished_by_another_worker(
     dead = await lifecycle.take_lease(world.store, task, "dead-worker", world.clock(), 60)
     assert dead is not None
     world.clock.advance(61)
-    assert await world.reaper.run_pass() == 1
+    assert await world.reap() == 1
     task = await world.get(task.id)
     assert task.state is State.COMPLETED and len(task.outputs) == 1
     assert history(task) == ["start", "submitted", "ai_succeeded", "finished"]
@@ -221,7 +228,7 @@ async def test_an_overdue_job_that_succeeded_is_adopted_not_paid_twice(world: Wo
     task = await world.submitted()
     world.provider.finish("job1")  # succeeded, but the webhook was lost
     world.clock.advance(DEADLINES.ai_deadline_s)
-    assert await world.reaper.run_pass() == 1
+    assert await world.reap() == 1
     task = await world.get(task.id)
     assert task.state is State.WATERMARKING and task.attempts == 1
     assert world.provider.polls == ["job1"] and len(world.provider.jobs) == 1
@@ -231,7 +238,7 @@ async def test_an_overdue_job_that_succeeded_is_adopted_not_paid_twice(world: Wo
 async def test_a_job_still_running_within_the_hard_cap_gets_more_time(world: World) -> None:
     task = await world.submitted()
     world.clock.advance(DEADLINES.ai_deadline_s)
-    await world.reaper.run_pass()
+    await world.reap()
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and history(task)[-1] == "extend"
     assert task.deadline == world.clock() + DEADLINES.ai_deadline_s
@@ -241,7 +248,7 @@ async def test_a_job_still_running_within_the_hard_cap_gets_more_time(world: Wor
 async def test_extensions_stop_at_the_hard_cap(world: World) -> None:
     task = await world.submitted()
     world.clock.advance(DEADLINES.ai_deadline_s * 2.5)
-    await world.reaper.run_pass()
+    await world.reap()
     task = await world.get(task.id)
     remaining = DEADLINES.ai_hard_cap_s - DEADLINES.ai_deadline_s * 2.5
     assert task.deadline == pytest.approx(world.clock() + remaining)
@@ -252,7 +259,7 @@ async def test_a_job_past_the_hard_cap_is_cancelled_and_retried_with_backoff(
 ) -> None:
     task = await world.submitted()
     world.clock.advance(DEADLINES.ai_hard_cap_s)
-    await world.reaper.run_pass()
+    await world.reap()
     task = await world.get(task.id)
     assert task.state is State.PROCESSING and task.attempts == 2
     assert world.provider.cancels == ["job1"]
@@ -262,12 +269,12 @@ async def test_a_job_past_the_hard_cap_is_cancelled_and_retried_with_backoff(
     assert [a.outcome for a in task.attempt_log] == ["timeout"]
     assert world.later == [(task.deadline, task.id)]
     # Not before the backoff is over...
-    assert await world.reaper.run_pass() == 0
+    assert await world.reap() == 0
     await world.worker.process(task.id)
     assert (await world.get(task.id)).state is State.PROCESSING
     # ...then the next attempt is submitted.
     world.clock.advance(delay)
-    assert await world.reaper.run_pass() == 1
+    assert await world.reap() == 1
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and task.provider_job_id == "job2"
     assert valid(task)
@@ -278,11 +285,11 @@ async def test_backoff_grows_exponentially_between_attempts(world: World) -> Non
     delays = []
     for _ in range(2):
         world.clock.advance(DEADLINES.ai_hard_cap_s)
-        await world.reaper.run_pass()
+        await world.reap()
         task = await world.get(task.id)
         delays.append(task.deadline - world.clock())  # type: ignore[operator]
         world.clock.advance(delays[-1])
-        await world.reaper.run_pass()
+        await world.reap()
     assert 1 <= delays[0] <= 3 and 2 <= delays[1] <= 6
 
 
@@ -295,12 +302,12 @@ async def test_a_failed_job_is_retried_and_the_last_failure_fails_with_one_refun
         assert job == f"job{attempt}"
         world.provider.finish(job, "failed", reason="boom")
         world.clock.advance(DEADLINES.ai_deadline_s)
-        await world.reaper.run_pass()  # polls, finds the failure
+        await world.reap()  # polls, finds the failure
         task = await world.get(task.id)
         if attempt < 3:
             assert task.state is State.PROCESSING and task.attempts == attempt + 1
             world.clock.advance(10)
-            await world.reaper.run_pass()  # backoff over: next attempt submitted
+            await world.reap()  # backoff over: next attempt submitted
     assert task.state is State.FAILED and task.refunded and task.attempts == 3
     assert task.error is not None and task.error.code == "provider_failed"
     user = await world.store.get_user("alice")
@@ -313,7 +320,7 @@ async def test_a_provider_that_forgot_the_job_404_gets_a_retry(world: World) -> 
     task = await world.submitted()
     del world.provider.jobs["job1"]  # poll answers 404 → PermanentProviderError
     world.clock.advance(DEADLINES.ai_deadline_s)
-    await world.reaper.run_pass()
+    await world.reap()
     task = await world.get(task.id)
     assert task.state is State.PROCESSING and task.attempts == 2
     assert task.error is not None and task.error.code == "timeout"
@@ -323,11 +330,11 @@ async def test_garbage_from_polls_waits_until_the_hard_cap_then_retries(world: W
     task = await world.submitted()
     world.provider.poll_error = RetryableProviderError("not JSON")
     world.clock.advance(DEADLINES.ai_deadline_s)
-    await world.reaper.run_pass()
+    await world.reap()
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and task.history[-1].detail == "poll failed; waiting"
     world.clock.advance(DEADLINES.ai_hard_cap_s)
-    await world.reaper.run_pass()
+    await world.reap()
     task = await world.get(task.id)
     assert task.state is State.PROCESSING and task.attempts == 2
 
@@ -339,6 +346,7 @@ async def test_two_reapers_never_act_on_one_task(world: World) -> None:
     other = Reaper(world.store, world.worker, interval_s=1, now=world.clock)
 
     handled = await asyncio.gather(world.reaper.run_pass(), other.run_pass())
+    await world.worker.drain()
     assert sum(handled) == 2  # both saw it overdue...
     assert world.provider.polls == ["job1"]  # ...one claimed it and polled
     task = await world.get(task.id)
@@ -353,6 +361,7 @@ async def test_a_webhook_and_the_reaper_racing_end_in_one_state(world: World) ->
     results = await asyncio.gather(
         world.worker.apply_outcome(task.id, outcome), world.reaper.run_pass()
     )
+    await world.worker.drain()
     task = await world.get(task.id)
     assert task.state is State.WATERMARKING and history(task).count("ai_succeeded") == 1
     assert results[0] in ("succeeded", "already_applied", "ignored")
@@ -361,9 +370,9 @@ async def test_a_webhook_and_the_reaper_racing_end_in_one_state(world: World) ->
 async def test_a_failure_webhook_for_an_earlier_attempt_changes_nothing(world: World) -> None:
     task = await world.submitted()
     world.clock.advance(DEADLINES.ai_hard_cap_s)
-    await world.reaper.run_pass()
+    await world.reap()
     world.clock.advance(10)
-    await world.reaper.run_pass()
+    await world.reap()
     task = await world.get(task.id)
     assert task.provider_job_id == "job2"
     stale = Outcome("failed", "job1", reason="late failure")
@@ -407,3 +416,143 @@ async def test_a_step_already_running_in_this_process_is_not_run_twice(world: Wo
     await world.worker.dispatch(await world.get(task.id))
     assert world.provider.jobs == {}
     assert (await world.get(task.id)).version == mine.version
+
+
+# --- regressions from the review of races -------------------------------------------------------
+
+
+async def test_a_success_that_lands_during_the_timeout_poll_wins(world: World) -> None:
+    """The reaper polls past the hard cap and hears "running"; meanwhile the webhook applies the
+    success. The timeout must not fail (and refund) a result the provider delivered."""
+    task = await world.submitted()
+    success = Outcome("succeeded", "job1", (world.provider.output_url,))
+
+    async def webhook_meanwhile(job_id: str) -> None:
+        assert await world.worker.apply_outcome(task.id, success) == "succeeded"
+
+    world.provider.on_poll = webhook_meanwhile
+    world.clock.advance(DEADLINES.ai_hard_cap_s)
+    await world.reap()
+    task = await world.get(task.id)
+    assert task.state in (State.WATERMARKING, State.COMPLETED) and not task.refunded
+    assert world.provider.cancels == []
+
+
+async def test_a_worker_that_lost_its_lease_cannot_fail_the_task(world: World) -> None:
+    """Worker w1's submit runs past its lease; w2 takes the task over and submits it; w1's
+    submit then errors. w1's failure must not touch w2's attempt."""
+    task = await world.task()
+
+    async def taken_over_meanwhile(job: Any) -> None:
+        world.clock.advance(DEADLINES.lease_s + 1)
+        stale = await world.get(task.id)
+        other = await lifecycle.take_lease(world.store, stale, "w2", world.clock(), 60)
+        assert other is not None
+        result = await lifecycle.advance(
+            world.store,
+            task.id,
+            Event.SUBMITTED,
+            world.clock(),
+            DEADLINES,
+            changes=lambda t: {"provider_job_id": "jobX"},
+        )
+        assert isinstance(result, Task)
+        raise PermanentProviderError("422 from the provider")
+
+    world.provider.on_submit = taken_over_meanwhile
+    await world.worker.process(task.id)
+    await world.worker.drain()
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and task.provider_job_id == "jobX"
+    assert not task.refunded and world.provider.cancels == []
+
+
+async def test_a_blob_store_blip_hands_the_step_back_instead_of_failing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = await world.submitted()
+    await world.worker.apply_outcome(task.id, world.provider.finish("job1"))
+    blobs = world.worker.svc.blobs
+    real_put = blobs.put
+    failures = [Unavailable("blob store down", code="blob_store_down")]
+
+    async def flaky_put(key: str, data: bytes, content_type: str) -> None:
+        if failures:
+            raise failures.pop()
+        await real_put(key, data, content_type)
+
+    monkeypatch.setattr(blobs, "put", flaky_put)
+    await world.worker.watermark(task.id)
+    task = await world.get(task.id)
+    assert task.state is State.WATERMARKING and task.step_retries == 1
+    assert task.lease_owner is None and task.deadline is not None
+    world.clock.advance(task.deadline - world.clock())
+    await world.reap()
+    assert (await world.get(task.id)).state is State.COMPLETED
+
+
+async def test_an_input_url_that_is_down_for_now_gets_another_attempt(world: World) -> None:
+    class DownFetcher:
+        async def fetch(self, url: str, **_: Any) -> FetchResult:
+            raise FetchError("503 from the host", code="http_status", retryable=True)
+
+    world.worker.input_fetcher = DownFetcher()  # type: ignore[assignment]
+    task = await world.task()
+    await world.store.transition(
+        task.with_changes(version=2, inputs=({"url": "https://img.example/a.png"},)),
+        State.PENDING,
+        1,
+        emit=False,
+    )
+    await world.worker.process(task.id)
+    task = await world.get(task.id)
+    assert task.state is State.PROCESSING and task.attempts == 2
+    assert task.error is not None and task.error.code == "input_unavailable"
+
+
+async def test_a_failing_webhook_makes_no_outbound_call_before_its_answer(world: World) -> None:
+    task = await world.submitted()
+    for _ in range(2):
+        world.clock.advance(DEADLINES.ai_hard_cap_s)
+        await world.reap()
+        world.clock.advance(10)
+        await world.reap()
+    task = await world.get(task.id)
+    assert task.attempts == 3 and task.provider_job_id == "job3"
+    cancels_before = list(world.provider.cancels)
+    failed = world.provider.finish("job3", "failed", reason="boom")
+    assert await world.worker.apply_outcome(task.id, failed) == "failed"
+    assert world.provider.cancels == cancels_before  # the job failed: nothing to cancel
+    task = await world.get(task.id)
+    assert task.state is State.FAILED and task.refunded
+
+
+async def test_a_stale_outcome_of_a_finished_attempt_is_not_deferred(world: World) -> None:
+    task = await world.submitted()
+    world.clock.advance(DEADLINES.ai_hard_cap_s)
+    await world.reap()  # job1 timed out: processing, backing off
+    task = await world.get(task.id)
+    assert task.state is State.PROCESSING
+    late_cancel = Outcome("cancelled", "job1")
+    assert await world.worker.apply_outcome(task.id, late_cancel) == "stale"
+    assert (await world.get(task.id)).early_outcome is None
+
+
+async def test_the_reaper_does_not_wait_for_the_steps_it_starts(world: World) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_submit(job: Any) -> None:
+        entered.set()
+        await release.wait()
+
+    world.provider.on_submit = slow_submit
+    task = await world.task()
+    world.clock.advance(DEADLINES.handoff_s)
+    assert await world.reaper.run_pass() == 1  # returns while the submit is still running
+    await asyncio.wait_for(entered.wait(), 10)
+    assert (await world.get(task.id)).state is State.PROCESSING
+    assert await world.reaper.run_pass() == 0  # its lease is live: not dispatched twice
+    release.set()
+    await world.worker.drain()
+    assert (await world.get(task.id)).state is State.AI_PROCESSING
+    assert len(world.provider.jobs) == 1
