@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -134,6 +134,19 @@ class Worker:
     def busy(self) -> int:
         return len(self._running)
 
+    async def _run_claimed(self, task: Task, body: Callable[[Task], Awaitable[None]]) -> None:
+        """Claim ``task``'s lease (nothing happens if someone holds it) and run ``body`` on the
+        claimed record while holding it."""
+        svc = self.svc
+        claimed = await lifecycle.take_lease(
+            svc.store, task, self.owner, svc.now(), svc.deadlines.lease_s
+        )
+        if claimed is None:
+            return
+        structlog.contextvars.bind_contextvars(task_id=task.id)
+        async with self._leased(claimed):
+            await body(claimed)
+
     @contextlib.asynccontextmanager
     async def _leased(self, task: Task) -> AsyncIterator[None]:
         """While a step works: mark it running here and renew its lease (a heartbeat every third
@@ -186,18 +199,10 @@ class Worker:
             return  # waiting out a retry's backoff; the dispatcher or the reaper comes back
         if task.state is State.PENDING and await self._provider_full(task, now):
             return
-        claimed = await lifecycle.take_lease(
-            svc.store, task, self.owner, now, svc.deadlines.lease_s
-        )
-        if claimed is None:
-            return
-        structlog.contextvars.bind_contextvars(task_id=task_id)
-        async with self._leased(claimed):
-            await self._process_claimed(claimed)
+        await self._run_claimed(task, self._process_claimed)
 
     async def _process_claimed(self, claimed: Task) -> None:
-        out = self.outcomes
-        mine = self.owner
+        out, mine = self.outcomes, self.owner
         if claimed.early_outcome and claimed.early_outcome.get("status") == "succeeded":
             await self._adopt_early(claimed)
             return
@@ -372,19 +377,10 @@ class Worker:
 
     async def watermark(self, task_id: str) -> None:
         """watermarking → completed: download outputs, watermark, store under deterministic keys."""
-        svc = self.svc
-        task = await svc.store.get_task(task_id)
-        now = svc.now()
+        task = await self.svc.store.get_task(task_id)
         if task is None or task.state is not State.WATERMARKING:
             return
-        claimed = await lifecycle.take_lease(
-            svc.store, task, self.owner, now, svc.deadlines.lease_s
-        )
-        if claimed is None:
-            return
-        structlog.contextvars.bind_contextvars(task_id=task_id)
-        async with self._leased(claimed):
-            await self._watermark_claimed(claimed)
+        await self._run_claimed(task, self._watermark_claimed)
 
     async def _watermark_claimed(self, claimed: Task) -> None:
         svc = self.svc
