@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
+import orjson
 import structlog
 
 from statemachine.errors import (
@@ -309,7 +310,7 @@ def _store_error(message: str, exc: sqlite3.Error) -> StoreError:
 
 
 def _task_row(task: Task) -> tuple[Any, ...]:
-    doc = json.dumps(to_doc(task), separators=(",", ":"))
+    doc = orjson.dumps(to_doc(task)).decode()
     return (
         task.id,
         task.owner,
@@ -323,7 +324,7 @@ def _task_row(task: Task) -> tuple[Any, ...]:
 
 
 def _load(doc: str) -> Task:
-    return from_doc(cast(TaskDoc, json.loads(doc)))
+    return from_doc(cast(TaskDoc, orjson.loads(doc)))
 
 
 def _feed_event(row: tuple[Any, ...]) -> FeedEvent:

@@ -188,15 +188,33 @@ def to_doc(task: Task) -> TaskDoc:
         lease_expires=task.lease_expires,
         provider_job_id=task.provider_job_id,
         provider_outputs=list(task.provider_outputs),
-        outputs=[dataclasses.asdict(o) for o in task.outputs],
-        error=dataclasses.asdict(task.error) if task.error else None,
+        outputs=[_output_doc(o) for o in task.outputs],
+        error={"code": task.error.code, "message": task.error.message} if task.error else None,
         history=[h.to_doc() for h in task.history],
-        attempt_log=[dataclasses.asdict(a) for a in task.attempt_log],
+        attempt_log=[_attempt_doc(a) for a in task.attempt_log],
         idempotency_key=task.idempotency_key,
         request_hash=task.request_hash,
         early_outcome=task.early_outcome,
         step_retries=task.step_retries,
     )
+
+
+# Written out rather than dataclasses.asdict, which deep-copies recursively (a hot path: every
+# stored change encodes the whole task).
+def _output_doc(o: Output) -> dict[str, Any]:
+    return {"key": o.key, "width": o.width, "height": o.height, "content_type": o.content_type}
+
+
+def _attempt_doc(a: Attempt) -> dict[str, Any]:
+    return {
+        "number": a.number,
+        "provider": a.provider,
+        "model": a.model,
+        "job_id": a.job_id,
+        "submitted_at": a.submitted_at,
+        "finished_at": a.finished_at,
+        "outcome": a.outcome,
+    }
 
 
 def from_doc(doc: TaskDoc | dict[str, Any]) -> Task:
