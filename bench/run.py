@@ -58,7 +58,7 @@ class Spec:
 
 BENCHES: tuple[Spec, ...] = (
     Spec("bench_store", "SQLite store: CAS transitions, creation, the overdue query", 120, 15),
-    Spec("bench_http", "HTTP: POST /v1/tasks, webhook ingest, webhook→completed", 120, 30),
+    Spec("bench_http", "HTTP: POST /v1/tasks, webhook ingest, webhook→completed", 120, 60),
     Spec("bench_images", "Images: watermark + store, upload decoding", 45, 10),
     Spec("bench_reaper", "Reaper: idle pass, 10,000 overdue tasks", 110, 10),
     Spec("bench_waiting", "What a waiting task costs", 110, 25),
