@@ -24,7 +24,7 @@ from service.auth import (
 )
 from service.blobs import InvalidBlobKey, validate_key
 from service.context import Services
-from service.views import task_json, user_json
+from service.views import Status, TaskList, style_json, task_json, user_json
 from statemachine import lifecycle
 from statemachine.errors import (
     BadRequest,
@@ -292,8 +292,11 @@ async def list_tasks(request: Request) -> Response:
     except ValueError as exc:
         raise BadRequest("invalid cursor", code="bad_cursor") from exc
     ttl = svc.settings.file_url_ttl_s
-    items = [await task_json(t, svc.blobs, ttl) for t in page.items]
-    return JSONResponse({"items": items, "next": page.next})
+    body: TaskList = {
+        "items": [await task_json(t, svc.blobs, ttl) for t in page.items],
+        "next": page.next,
+    }
+    return JSONResponse(body)
 
 
 async def cancel_task(request: Request) -> Response:
@@ -326,18 +329,20 @@ async def me(request: Request) -> Response:
 
 async def styles(request: Request) -> Response:
     await caller(request)
-    return JSONResponse({"items": [s.to_json() for s in services(request).catalogue.all()]})
+    return JSONResponse({"items": [style_json(s) for s in services(request).catalogue.all()]})
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    body: Status = {"status": "ok"}
+    return JSONResponse(body)
 
 
 async def readyz(request: Request) -> Response:
     svc = services(request)
     await svc.store.ping()
     await svc.blobs.ping()
-    return JSONResponse({"status": "ready"})
+    body: Status = {"status": "ready"}
+    return JSONResponse(body)
 
 
 def routes() -> list[Route]:

@@ -187,7 +187,7 @@ class LocalBlobStore:
             exp_i = int(exp)
         except (TypeError, ValueError):
             raise BadSignature("file URL has a malformed expiry") from None
-        if not sig or not hmac.compare_digest(self.sign(key, exp_i), sig):
+        if not sig or not hmac.compare_digest(self.sign(key, exp_i).encode(), sig.encode()):
             raise BadSignature("file URL signature does not match")
         if now >= exp_i:
             raise UrlExpired("file URL has expired", details={"expired_at": exp_i})

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from service.api import caller, read_body, remember_upload, services
 from service.blobs import extension_for, upload_key
 from service.images import decode_upload
+from service.views import upload_json
 
 
 async def create_upload(request: Request) -> Response:
@@ -31,11 +32,5 @@ async def create_upload(request: Request) -> Response:
     key = upload_key(user.name, digest, extension_for(image.content_type))
     await svc.blobs.put(key, image.data, image.content_type)
     remember_upload(svc, key)
-    body = {
-        "key": key,
-        "width": image.width,
-        "height": image.height,
-        "content_type": image.content_type,
-        "bytes": len(image.data),
-    }
+    body = upload_json(key, image.width, image.height, image.content_type, len(image.data))
     return JSONResponse(body, status_code=201)

@@ -1,26 +1,258 @@
-"""How records look on the wire: ISO-8601 times, outputs with signed URLs."""
+"""How records look on the wire: ISO-8601 times, outputs with signed URLs.
+
+Every response body is declared here as a ``TypedDict`` and built as a plain dict literal of that
+type: mypy checks each builder against its type (a missing or extra key is an error), building
+costs nothing more than the dict, and service/openapi.py generates the document's schemas from the
+same types through pydantic. ``extra="forbid"`` makes the schemas strict, so a test that validates
+real responses against the document (tests/integration/test_openapi.py, and the fuzzer) catches a
+body that grew a key its type does not declare.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, overload
 
+from pydantic import ConfigDict, Field, WithJsonSchema, with_config
+from typing_extensions import TypedDict
+
+from statemachine.states import State
 from statemachine.store import User
-from statemachine.task import Task
+from statemachine.task import Task as TaskRecord
 
 if TYPE_CHECKING:
     from service.blobs import BlobStore
+    from service.styles import Style as StyleRecord
+
+STRICT = ConfigDict(extra="forbid")
+
+Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+Rate = Annotated[float, Field(ge=0, le=1)]
 
 
+@with_config(STRICT)
+class Output(TypedDict):
+    """An output image: a signed URL that expires (fetch it again from the task for a new one)."""
+
+    url: str
+    width: int
+    height: int
+    content_type: str
+
+
+@with_config(STRICT)
+class TaskError(TypedDict):
+    """Why a task failed: a stable code and a message."""
+
+    code: str
+    message: str
+
+
+# "from" is a keyword, hence the functional form.
+Transition = TypedDict(
+    "Transition",
+    {"from": State, "to": State, "event": str, "at": Timestamp, "detail": NotRequired[str]},
+)
+Transition.__pydantic_config__ = STRICT  # type: ignore[attr-defined]
+
+
+@with_config(STRICT)
+class Task(TypedDict):
+    """A task (DESIGN.md, "Response shapes")."""
+
+    id: str
+    state: State
+    attempts: int
+    provider: str
+    model: str
+    style: str | None
+    prompt: str
+    num_outputs: int
+    cost: int
+    refunded: bool
+    created_at: Timestamp
+    updated_at: Timestamp
+    deadline: Timestamp | None
+    history: list[Transition]
+    outputs: list[Output]
+    error: TaskError | None
+
+
+@with_config(STRICT)
+class TaskList(TypedDict):
+    """A page of tasks; ``next`` is the cursor of the following page (null on the last)."""
+
+    items: list[Task]
+    next: str | None
+
+
+@with_config(STRICT)
+class Me(TypedDict):
+    """The caller and their credit balance, as of now."""
+
+    user: str
+    balance: int
+    admin: bool
+
+
+@with_config(STRICT)
+class Upload(TypedDict):
+    """A stored upload: use ``key`` as ``{"upload": key}`` in a task's inputs."""
+
+    key: str
+    width: int
+    height: int
+    content_type: str
+    bytes: int
+
+
+@with_config(STRICT)
+class Style(TypedDict):
+    """A style of the catalogue."""
+
+    name: str
+    description: str
+    prompt_template: str
+    negative_prompt: str | None
+    provider: str
+    model: str
+    params: dict[str, Any]
+    cost: int
+    fallbacks: list[str]
+
+
+@with_config(STRICT)
+class StyleList(TypedDict):
+    items: list[Style]
+
+
+@with_config(STRICT)
+class Status(TypedDict):
+    status: Literal["ok", "ready"]
+
+
+@with_config(STRICT)
+class ErrorDetail(TypedDict):
+    code: str
+    message: str
+    details: Any
+
+
+@with_config(STRICT)
+class Error(TypedDict):
+    """Every error: ``{"error": {"code", "message", "details"}}`` (service/errors.py)."""
+
+    error: ErrorDetail
+
+
+@with_config(STRICT)
+class StateEvent(TypedDict):
+    """The ``data`` of one Server-Sent Event (``event: state``) of ``/v1/tasks/{id}/events``."""
+
+    task_id: str
+    state: State
+    event: str
+    at: Timestamp
+
+
+@with_config(STRICT)
+class WebhookReceipt(TypedDict):
+    """What the webhook route answers a provider: what became of the delivery."""
+
+    status: str
+
+
+# /v1/stats (service/stats.py builds it; tests validate its responses against this type)
+
+
+@with_config(STRICT)
+class Summary(TypedDict):
+    count: int
+    p50: float | None
+    p95: float | None
+    mean: float | None
+
+
+# "from" and "40_to_60s" are no identifiers, hence the functional form.
+Bucket = TypedDict("Bucket", {"from": float, "to": float | None, "count": int})
+Bucket.__pydantic_config__ = STRICT  # type: ignore[attr-defined]
+
+Bands = TypedDict(
+    "Bands", {"under_40s": Rate | None, "40_to_60s": Rate | None, "over_60s": Rate | None}
+)
+Bands.__pydantic_config__ = STRICT  # type: ignore[attr-defined]
+
+
+@with_config(STRICT)
+class AiLatency(TypedDict):
+    count: int
+    p50: float | None
+    p95: float | None
+    mean: float | None
+    bands: Bands
+    histogram: list[Bucket]
+
+
+@with_config(STRICT)
+class RateThresholds(TypedDict):
+    acceptable_below: Rate
+    redesign_above: Rate
+
+
+@with_config(STRICT)
+class Thresholds(TypedDict):
+    timeout_rate: RateThresholds
+
+
+@with_config(STRICT)
+class Baseline(TypedDict):
+    first_try_success_rate: Rate
+    final_success_rate: Rate
+    mean_latency_s: float
+
+
+@with_config(STRICT)
+class Stats(TypedDict):
+    """The seed's KPIs over the caller's tasks (an admin's: everyone's); rates are 0-1 fractions
+    over settled (completed or failed) tasks, null without any."""
+
+    window_s: int
+    since: Timestamp
+    scope: Literal["all", "own"]
+    tasks: int
+    settled: int
+    completed: int
+    failed: int
+    cancelled: int
+    in_flight: int
+    first_try_success_rate: Rate | None
+    final_success_rate: Rate | None
+    timeout_rate: Rate | None
+    timeouts: int
+    retries_per_task: float | None
+    latency_s: Summary
+    ai_latency_s: AiLatency
+    state_latency_s: dict[str, Summary]
+    thresholds: Thresholds
+    verdict: Literal["acceptable", "tune", "redesign"] | None
+    baseline: Baseline
+
+
+@overload
+def iso(ts: float) -> str: ...
+@overload
+def iso(ts: None) -> None: ...
+@overload
+def iso(ts: float | None) -> str | None: ...
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-async def task_json(task: Task, blobs: BlobStore, url_ttl_s: int) -> dict[str, Any]:
+async def task_json(task: TaskRecord, blobs: BlobStore, url_ttl_s: int) -> Task:
     """The public shape of a task (DESIGN.md, "Response shapes")."""
-    outputs = [
+    outputs: list[Output] = [
         {
             "url": await blobs.url(o.key, url_ttl_s),
             "width": o.width,
@@ -29,20 +261,15 @@ async def task_json(task: Task, blobs: BlobStore, url_ttl_s: int) -> dict[str, A
         }
         for o in task.outputs
     ]
-    history: list[dict[str, Any]] = []
+    history: list[Transition] = []
     for h in task.history:
-        entry: dict[str, Any] = {
-            "from": h.source.value,
-            "to": h.dest.value,
-            "event": h.event,
-            "at": iso(h.at),
-        }
+        entry: Transition = {"from": h.source, "to": h.dest, "event": h.event, "at": iso(h.at)}
         if h.detail is not None:
             entry["detail"] = h.detail
         history.append(entry)
     return {
         "id": task.id,
-        "state": task.state.value,
+        "state": task.state,
         "attempts": task.attempts,
         "provider": task.provider,
         "model": task.model,
@@ -60,5 +287,29 @@ async def task_json(task: Task, blobs: BlobStore, url_ttl_s: int) -> dict[str, A
     }
 
 
-def user_json(user: User) -> dict[str, Any]:
+def user_json(user: User) -> Me:
     return {"user": user.name, "balance": user.balance, "admin": user.is_admin}
+
+
+def style_json(style: StyleRecord) -> Style:
+    return {
+        "name": style.name,
+        "description": style.description,
+        "prompt_template": style.prompt_template,
+        "negative_prompt": style.negative_prompt,
+        "provider": style.provider,
+        "model": style.model,
+        "params": style.params,
+        "cost": style.cost,
+        "fallbacks": list(style.fallbacks),
+    }
+
+
+def upload_json(key: str, width: int, height: int, content_type: str, size: int) -> Upload:
+    return {
+        "key": key,
+        "width": width,
+        "height": height,
+        "content_type": content_type,
+        "bytes": size,
+    }

@@ -261,7 +261,7 @@ class Simulator:
         if not (exp and sig and exp.isascii() and exp.isdigit() and name.endswith(".png")):
             raise SimHTTPError(403, "Forbidden", "Missing or malformed signature.")
         good = self._file_sig(prediction_id, name, int(exp))
-        if not hmac.compare_digest(sig, good):
+        if not hmac.compare_digest(sig.encode(), good.encode()):
             raise SimHTTPError(403, "Forbidden", "Signature does not match.")
         if self._clock() >= int(exp):
             raise SimHTTPError(403, "Forbidden", "Request has expired.")

@@ -1,0 +1,593 @@
+"""The API's OpenAPI 3.1 document (``GET /openapi.json``) and its 3.0 rendition for Swagger UI 4
+(``GET /openapi-3.0.json``).
+
+Nothing here is a second copy of a shape: the request schemas come from the pydantic models that
+validate requests (service/api.py), the response schemas from the TypedDicts the handlers build
+their bodies as (service/views.py), limits from the constants the handlers check. What this
+module adds is the operation table: per route, its parameters, its success response and the error
+statuses it can answer. The document lists the app's routes as they are (``request.app.routes``),
+so an app without local blobs has no ``/files``; a route the table does not describe is left out
+and logged, and tests/integration/test_openapi.py fails on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+from pydantic import BaseModel, TypeAdapter
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from service import api, sse, stats, views
+
+log = structlog.get_logger()
+
+JsonObject = dict[str, Any]
+
+REF: Final = "#/components/schemas/{model}"
+SKIPPED_MOUNTS: Final = frozenset({"/sim"})  # the provider simulator: not hookline's API
+TASK_ID_PATTERN: Final = r"^tsk_[0-9a-f]{24}$"
+
+# Request models (validation) and response types (what handlers build), by schema name.
+REQUEST_MODELS: Final[dict[str, type[BaseModel]]] = {"CreateTaskBody": api.CreateTaskBody}
+RESPONSE_TYPES: Final[dict[str, Any]] = {
+    "Task": views.Task,
+    "TaskList": views.TaskList,
+    "Me": views.Me,
+    "Upload": views.Upload,
+    "StyleList": views.StyleList,
+    "Status": views.Status,
+    "Stats": views.Stats,
+    "Error": views.Error,
+    "StateEvent": views.StateEvent,
+    "WebhookReceipt": views.WebhookReceipt,
+}
+
+# One reusable response per error status; every error body is the one ``Error`` schema.
+ERRORS: Final[dict[int, tuple[str, str]]] = {
+    400: ("BadRequest", "Malformed: JSON that does not parse, a bad header or query value."),
+    401: ("Unauthorized", "No API key, or an invalid one (webhooks: a bad token or signature)."),
+    402: ("InsufficientCredits", "The balance does not cover the task's cost."),
+    403: ("Forbidden", "Not allowed: a file URL that is unsigned, tampered with or expired."),
+    404: ("NotFound", "Unknown, or another user's (ids cannot be probed)."),
+    409: ("Conflict", "Idempotency-Key reused with another body, or a task past cancelling."),
+    413: ("PayloadTooLarge", "Body, image or pixel count over the limit."),
+    415: ("UnsupportedMediaType", "Not JSON where JSON is expected, or not a supported image."),
+    422: ("ValidationFailed", "Well-formed but invalid; `details` lists what failed."),
+    429: ("RateLimited", "Too many requests for this API key; retry after `Retry-After` s."),
+    503: ("Unavailable", "The store (or another dependency) is unreachable; retry later."),
+}
+AUTHED: Final = (401, 429, 503)  # what any authenticated route can answer
+
+
+def _json(schema: str) -> JsonObject:
+    return {"application/json": {"schema": {"$ref": REF.format(model=schema)}}}
+
+
+def _param(name: str, where: str, schema: JsonObject, desc: str, *, required: bool = False) -> Any:
+    return {
+        "name": name,
+        "in": where,
+        "required": required,
+        "description": desc,
+        "schema": schema,
+    }
+
+
+TASK_LINKS: Final = {
+    name: {"operationId": op, "parameters": {"task_id": "$response.body#/id"}}
+    for name, op in (("GetTask", "getTask"), ("CancelTask", "cancelTask"), ("Events", "taskEvents"))
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation: what the table adds to the route and the models."""
+
+    id: str
+    summary: str
+    tag: str
+    status: int = 200
+    body: str | None = None  # a JSON response schema by name, or:
+    content: JsonObject | None = None  # another success content
+    errors: tuple[int, ...] = ()
+    auth: bool = True
+    params: tuple[JsonObject, ...] = ()
+    request: JsonObject | None = None
+    description: str = ""
+    links: JsonObject = field(default_factory=dict)
+    extra: JsonObject = field(default_factory=dict)  # more success responses (status → response)
+
+
+def _operations() -> dict[tuple[str, str], Op]:
+    """The operation table, keyed by (route path as Starlette writes it, method)."""
+    task = ("/v1/tasks/{task_id}", "Task")
+    webhook_headers = tuple(
+        _param(name, "header", {"type": "string"}, desc)
+        for name, desc in (
+            ("webhook-id", "Standard Webhooks: the delivery id (deliveries are de-duplicated)."),
+            ("webhook-timestamp", "Standard Webhooks: Unix seconds, within the tolerance."),
+            ("webhook-signature", "Standard Webhooks: `v1,<base64 HMAC-SHA256>` of the body."),
+        )
+    )
+    html = {"text/html": {"schema": {"type": "string"}}}
+    return {
+        ("/v1/tasks", "POST"): Op(
+            "createTask",
+            "Create a task",
+            "tasks",
+            status=202,
+            body="Task",
+            errors=(400, 402, 409, 413, 415, 422),
+            params=(
+                _param(
+                    "Idempotency-Key",
+                    "header",
+                    {"type": "string", "minLength": 1, "maxLength": api.MAX_IDEMPOTENCY_KEY},
+                    "Replaying a key with the same body returns the same task and charges "
+                    "nothing; with another body it is a 409.",
+                ),
+            ),
+            request={
+                "required": True,
+                "content": _json("CreateTaskBody"),
+            },
+            description="Debits the task's cost and answers at once; the task then runs on its "
+            "own. Follow it with `GET /v1/tasks/{id}/events`.",
+            links=TASK_LINKS,
+        ),
+        ("/v1/tasks", "GET"): Op(
+            "listTasks",
+            "List the caller's tasks (an admin's: everyone's), newest first",
+            "tasks",
+            body="TaskList",
+            errors=(422,),
+            params=(
+                _param("state", "query", {"$ref": REF.format(model="State")}, "Only this state."),
+                _param(
+                    "limit",
+                    "query",
+                    {"type": "integer", "minimum": 1, "maximum": api.MAX_PAGE, "default": 20},
+                    "Page size.",
+                ),
+                _param("cursor", "query", {"type": "string"}, "`next` of the previous page."),
+            ),
+        ),
+        (task[0], "GET"): Op("getTask", "Get a task", "tasks", body="Task", errors=(404,)),
+        (task[0] + "/cancel", "POST"): Op(
+            "cancelTask",
+            "Cancel a task (refunded)",
+            "tasks",
+            body="Task",
+            errors=(404, 409),
+            description="Cancelling a cancelled task answers it again; a task producing its "
+            "outputs or finished is a 409.",
+        ),
+        (task[0] + "/events", "GET"): Op(
+            "taskEvents",
+            "Follow a task live (Server-Sent Events)",
+            "tasks",
+            content={"text/event-stream": {"schema": {"type": "string"}}},
+            errors=(400, 404),
+            params=(
+                _param(
+                    "Last-Event-ID",
+                    "header",
+                    {"type": "string", "maxLength": sse.MAX_EVENT_ID},
+                    "Resume after this event id: no event is lost or repeated.",
+                ),
+            ),
+            description="Frames are `id: <feed position>`, `event: state`, `data: <StateEvent "
+            "JSON>` (schema `StateEvent`); the current state comes first, `: ping` comments "
+            "keep the connection open, and the stream ends after a terminal state.",
+        ),
+        ("/v1/uploads", "POST"): Op(
+            "createUpload",
+            "Upload an input image",
+            "tasks",
+            status=201,
+            body="Upload",
+            errors=(400, 413, 415, 422),
+            request={
+                "required": True,
+                "content": {
+                    media: {"schema": {"type": "string", "format": "binary"}}
+                    for media in ("image/jpeg", "image/png", "image/webp")
+                },
+            },
+            description="The raw image as the body. It is checked, EXIF-rotated and normalised; "
+            "decompression bombs are refused.",
+        ),
+        ("/v1/me", "GET"): Op("getMe", "The caller and their balance", "account", body="Me"),
+        ("/v1/styles", "GET"): Op("listStyles", "The style catalogue", "account", body="StyleList"),
+        ("/v1/stats", "GET"): Op(
+            "getStats",
+            "The KPIs: success rates, timeouts, retries, latency",
+            "operations",
+            body="Stats",
+            errors=(400,),
+            params=(
+                _param(
+                    "window_s",
+                    "query",
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": stats.MAX_WINDOW_S,
+                        "default": stats.DEFAULT_WINDOW_S,
+                    },
+                    "Tasks created in the last this many seconds.",
+                ),
+            ),
+        ),
+        ("/v1/callbacks/{provider}/{task_id}", "POST"): Op(
+            "providerWebhook",
+            "The AI provider's webhook (called by the provider, not by clients)",
+            "providers",
+            body="WebhookReceipt",
+            errors=(400, 401, 404, 413, 503),
+            auth=False,
+            params=(
+                _param(
+                    "token",
+                    "query",
+                    {"type": "string"},
+                    "The task's callback token, part of the callback URL hookline gave.",
+                    required=True,
+                ),
+                *webhook_headers,
+            ),
+            request={"required": True, "content": {"application/json": {"schema": {}}}},
+            description="Authenticated by the token and the provider's signature over the raw "
+            "body (Standard Webhooks headers for Replicate and the simulator; fal and BFL use "
+            "their own). Answers at once; a duplicate delivery is a 200 that changes nothing.",
+            extra={
+                "202": {
+                    "description": "A trigger only: the outcome is fetched from the provider.",
+                    "content": _json("WebhookReceipt"),
+                }
+            },
+        ),
+        ("/healthz", "GET"): Op(
+            "healthz", "Liveness", "operations", body="Status", auth=False, errors=()
+        ),
+        ("/readyz", "GET"): Op(
+            "readyz",
+            "Readiness: store and blobs reachable",
+            "operations",
+            body="Status",
+            auth=False,
+            errors=(503,),
+        ),
+        ("/metrics", "GET"): Op(
+            "metrics",
+            "Prometheus metrics",
+            "operations",
+            content={"text/plain": {"schema": {"type": "string"}}},
+            errors=(401, 503),
+            auth=False,
+            description="Open by default; behind `Authorization: Bearer <HOOKLINE_METRICS_TOKEN>` "
+            "when that is set.",
+        ),
+        ("/files/{key:path}", "GET"): Op(
+            "getFile",
+            "A stored image, behind a signed, expiring URL (as given in a task's outputs)",
+            "files",
+            content={
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("image/jpeg", "image/png", "image/webp")
+            },
+            errors=(403, 404, 422),
+            auth=False,
+            params=(
+                _param("exp", "query", {"type": "string"}, "Expiry, Unix seconds.", required=True),
+                _param("sig", "query", {"type": "string"}, "The URL's signature.", required=True),
+            ),
+        ),
+        ("/", "GET"): Op("dashboard", "The dashboard", "pages", content=html, auth=False),
+        ("/static/{name}", "GET"): Op(
+            "dashboardAsset",
+            "The dashboard's scripts and styles",
+            "pages",
+            content={"text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {}}},
+            errors=(404,),
+            auth=False,
+        ),
+        ("/docs", "GET"): Op("docs", "This API's documentation", "pages", content=html, auth=False),
+        ("/docs/{name}", "GET"): Op(
+            "docsAsset",
+            "Swagger UI's files, served locally",
+            "pages",
+            content={
+                "text/javascript": {"schema": {"type": "string"}},
+                "text/css": {"schema": {"type": "string"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+            errors=(404,),
+            auth=False,
+        ),
+        ("/openapi.json", "GET"): Op(
+            "openapi",
+            "This document (OpenAPI 3.1)",
+            "pages",
+            content={"application/json": {"schema": {"type": "object"}}},
+            auth=False,
+        ),
+        ("/openapi-3.0.json", "GET"): Op(
+            "openapi30",
+            "This document as OpenAPI 3.0, for tools that read only 3.0 (Swagger UI 4)",
+            "pages",
+            content={"application/json": {"schema": {"type": "object"}}},
+            auth=False,
+        ),
+    }
+
+
+def component_schemas() -> JsonObject:
+    """Every named schema: request models in validation mode, response types as serialised."""
+    inputs = [(name, "validation", TypeAdapter(m)) for name, m in REQUEST_MODELS.items()]
+    inputs += [(name, "serialization", TypeAdapter(t)) for name, t in RESPONSE_TYPES.items()]
+    top, defs = TypeAdapter.json_schemas(inputs, ref_template=REF)  # type: ignore[arg-type]
+    schemas: JsonObject = dict(defs.get("$defs", {}))
+    for (name, _mode), schema in top.items():
+        schemas.setdefault(name, schema)  # a top-level type is a $ref into $defs already
+    return dict(sorted(schemas.items()))
+
+
+def iter_routes(routes: Sequence[BaseRoute], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(path, method) of every endpoint, mounts included (not the simulator); HEAD, which
+    Starlette adds to every GET, is left out."""
+    for route in routes:
+        if isinstance(route, Mount):
+            path = prefix + route.path
+            if path not in SKIPPED_MOUNTS:
+                yield from iter_routes(route.routes, path)
+        elif isinstance(route, Route):
+            for method in sorted(route.methods or ()):
+                if method != "HEAD":
+                    yield prefix + route.path, method
+
+
+def _path_params(path: str) -> list[JsonObject]:
+    params = []
+    for name in re.findall(r"{(\w+)(?::\w+)?}", path):
+        schema: JsonObject = {"type": "string", "minLength": 1}
+        if name == "task_id":
+            schema = {"type": "string", "pattern": TASK_ID_PATTERN}
+        params.append(_param(name, "path", schema, "", required=True))
+    return params
+
+
+def _operation(path: str, op: Op) -> JsonObject:
+    ok: JsonObject = {"description": op.summary}
+    if op.body is not None:
+        ok["content"] = _json(op.body)
+    elif op.content is not None:
+        ok["content"] = op.content
+    if op.links:
+        ok["links"] = op.links
+    responses: JsonObject = {str(op.status): ok, **op.extra}
+    statuses = set(op.errors) | (set(AUTHED) if op.auth else set())
+    for status in sorted(statuses):
+        responses[str(status)] = {"$ref": f"#/components/responses/{ERRORS[status][0]}"}
+    operation: JsonObject = {
+        "operationId": op.id,
+        "summary": op.summary,
+        "tags": [op.tag],
+        "parameters": [*_path_params(path), *op.params],
+        "responses": responses,
+    }
+    if op.description:
+        operation["description"] = op.description
+    if op.request is not None:
+        operation["requestBody"] = op.request
+    if not op.auth:
+        operation["security"] = [{}, {"metricsToken": []}] if op.id == "metrics" else []
+    return operation
+
+
+def _error_responses() -> JsonObject:
+    responses: JsonObject = {}
+    for _status, (name, text) in sorted(ERRORS.items()):
+        responses[name] = {"description": text, "content": _json("Error")}
+    responses["RateLimited"]["headers"] = {
+        "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+    }
+    return responses
+
+
+def build_document(routes: Sequence[BaseRoute]) -> JsonObject:
+    """The OpenAPI 3.1 document of the endpoints in ``routes`` (those the table describes)."""
+    table = _operations()
+    paths: JsonObject = {}
+    for path, method in iter_routes(routes):
+        op = table.get((path, method))
+        if op is None:
+            log.warning("route_not_documented", path=path, method=method)
+            continue
+        public = re.sub(r"{(\w+):\w+}", r"{\1}", path)
+        paths.setdefault(public, {})[method.lower()] = _operation(path, op)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "hookline",
+            "version": "1",
+            "description": "AI image-generation jobs as persisted state machines advanced by the "
+            'provider\'s webhook. Errors are always `{"error": {"code", "message", '
+            '"details"}}` (schema `Error`).',
+        },
+        "security": [{"bearerAuth": []}],
+        "tags": [{"name": t} for t in ("tasks", "account", "operations", "providers", "files")]
+        + [{"name": "pages"}],
+        "paths": paths,
+        "components": {
+            "schemas": component_schemas(),
+            "responses": _error_responses(),
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key: `Authorization: Bearer hk_…` "
+                    "(`hookline users create NAME`).",
+                },
+                "metricsToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "`HOOKLINE_METRICS_TOKEN`, when set.",
+                },
+            },
+        },
+    }
+
+
+# --- the 3.0 rendition ---------------------------------------------------------------------------
+
+# JSON Schema keywords OpenAPI 3.0's schema object does not have.
+DROPPED_IN_30: Final = frozenset(
+    {
+        "$schema",
+        "$id",
+        "$anchor",
+        "$comment",
+        "$defs",
+        "const",  # rewritten to enum first
+        "contentEncoding",
+        "contentMediaType",
+        "contentSchema",
+        "dependentRequired",
+        "dependentSchemas",
+        "else",
+        "if",
+        "then",
+        "prefixItems",
+        "propertyNames",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+        "examples",  # rewritten to example first
+        "patternProperties",  # rewritten to additionalProperties first
+    }
+)
+
+
+def schema_to_30(schema: Any) -> Any:
+    """One JSON Schema (2020-12, as OpenAPI 3.1 uses) as an OpenAPI 3.0 schema object:
+    ``type: [T, "null"]`` and ``anyOf`` with ``{"type": "null"}`` become ``nullable: true``,
+    ``const`` a one-value ``enum``, ``examples`` one ``example``, numeric ``exclusiveMinimum``/
+    ``exclusiveMaximum`` the boolean form, ``patternProperties`` an ``additionalProperties`` (3.0
+    cannot say which names), and keywords 3.0 lacks are dropped."""
+    if isinstance(schema, list):
+        return [schema_to_30(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: JsonObject = {}
+    for key, value in schema.items():
+        if key in ("properties", "patternProperties"):
+            out[key] = {name: schema_to_30(s) for name, s in value.items()}
+        elif key in ("items", "additionalProperties", "not", "allOf", "oneOf", "anyOf"):
+            out[key] = schema_to_30(value)
+        else:
+            out[key] = copy.deepcopy(value)
+    if "const" in out:
+        out["enum"] = [out["const"]]
+    if "examples" in out and isinstance(out["examples"], list) and out["examples"]:
+        out["example"] = out["examples"][0]
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(bound), int | float) and not isinstance(out[bound], bool):
+            out[plain] = out.pop(bound)
+            out[bound] = True
+    patterns = out.get("patternProperties")
+    if patterns and "additionalProperties" not in out:
+        values = list(patterns.values())
+        out["additionalProperties"] = values[0] if len(values) == 1 else {"anyOf": values}
+    kind = out.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null"]
+        if len(kinds) < len(kind):
+            out["nullable"] = True
+        if len(kinds) == 1:
+            out["type"] = kinds[0]
+        elif not kinds:
+            del out["type"]
+        else:
+            del out["type"]
+            out["anyOf"] = [{"type": k} for k in kinds]
+    elif kind == "null":
+        del out["type"]
+        out["nullable"] = True
+        out["enum"] = [None]
+    for combiner in ("anyOf", "oneOf"):
+        options = out.get(combiner)
+        if isinstance(options, list) and any(
+            o == {"nullable": True, "enum": [None]} for o in options
+        ):
+            rest = [o for o in options if o != {"nullable": True, "enum": [None]}]
+            out["nullable"] = True
+            if len(rest) == 1 and "$ref" not in rest[0]:
+                del out[combiner]
+                out.update({k: v for k, v in rest[0].items() if k not in out})
+            elif len(rest) == 1:
+                del out[combiner]
+                out["allOf"] = rest  # a $ref's siblings are ignored in 3.0: wrap it
+            else:
+                out[combiner] = rest
+    return {k: v for k, v in out.items() if k not in DROPPED_IN_30}
+
+
+def to_openapi_30(document: JsonObject) -> JsonObject:
+    """The 3.0.3 rendition of a 3.1 document made by ``build_document``: every schema converted
+    by ``schema_to_30``; the rest of the document means the same in both versions."""
+    doc = copy.deepcopy(document)
+    doc["openapi"] = "3.0.3"
+    doc.pop("jsonSchemaDialect", None)
+    doc.pop("webhooks", None)
+    components = doc.get("components", {})
+    components["schemas"] = {n: schema_to_30(s) for n, s in components.get("schemas", {}).items()}
+    _convert_schemas_in(doc["paths"])
+    _convert_schemas_in(components.get("responses", {}))
+    return doc
+
+
+def _convert_schemas_in(node: Any) -> None:
+    """Convert, in place, every ``schema`` of parameters, bodies, responses and headers."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "schema":
+                node[key] = schema_to_30(value)
+            else:
+                _convert_schemas_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            _convert_schemas_in(item)
+
+
+# --- the routes ----------------------------------------------------------------------------------
+
+
+def routes() -> list[BaseRoute]:
+    """``/openapi.json`` and ``/openapi-3.0.json``, built from the app's routes on first use."""
+    rendered: dict[str, bytes] = {}  # per app: its routes do not change once it serves
+
+    def render(request: Request, version: str) -> bytes:
+        if version not in rendered:
+            doc = build_document(request.app.routes)
+            rendered["3.1"] = json.dumps(doc).encode()
+            rendered["3.0"] = json.dumps(to_openapi_30(doc)).encode()
+        return rendered[version]
+
+    async def openapi_31(request: Request) -> Response:
+        return Response(render(request, "3.1"), media_type="application/json")
+
+    async def openapi_30(request: Request) -> Response:
+        return Response(render(request, "3.0"), media_type="application/json")
+
+    return [
+        Route("/openapi.json", openapi_31, methods=["GET"]),
+        Route("/openapi-3.0.json", openapi_30, methods=["GET"]),
+    ]
