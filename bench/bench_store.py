@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from service.cli import tune_gc
 from statemachine.decide import Deadlines, Transition, apply, decide
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import Event, State
@@ -205,7 +206,11 @@ GOALS = {
 
 
 def run(quick: bool) -> dict[str, float]:
-    """Run every measurement; return {name: value} (units in GOALS) and print one line each."""
+    """Run every measurement; return {name: value} (units in GOALS) and print one line each.
+
+    The process is tuned as ``hookline serve`` tunes itself (``service.cli.tune_gc``): the store
+    runs inside it."""
+    tune_gc()
     with tempfile.TemporaryDirectory(prefix="hookline-bench-") as tmp:
         results = asyncio.run(run_async(quick, Path(tmp)))
     for name, value in results.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +20,7 @@ T = TypeVar("T")
 USER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 DEMO_USER = "demo"
 DEMO_CREDITS = 1000
+GC_GEN0_THRESHOLD = 20_000
 
 
 def _with_store(settings: Settings, action: Callable[[TaskStore], Awaitable[T]]) -> T:
@@ -111,6 +113,14 @@ hookline is starting on {base} (store {settings.store_url}, provider {settings.p
 """
 
 
+def tune_gc() -> None:
+    """How ``hookline serve`` runs Python's cyclic GC: start-up objects are frozen out of it and
+    young collections run less often, which removes most pauses from the tail latency
+    (bench/RESULTS.md: p99 at 64 connections fell from ~50 ms to ~18 ms)."""
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -127,6 +137,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.demo:
         print(demo_banner(settings, ensure_demo_user(settings)), flush=True)
     app = create_app(settings)
+    tune_gc()
     uvicorn.run(
         app,
         host=settings.host,
