@@ -17,6 +17,7 @@ from statemachine import clock
 from statemachine.decide import Deadlines
 from statemachine.errors import BadRequest
 from statemachine.store import ChangeFeed, TaskStore
+from statemachine.task import Task
 
 if TYPE_CHECKING:
     from service.blobs import BlobStore
@@ -35,6 +36,15 @@ class Services:
     deadlines: Deadlines
     now: Callable[[], float] = clock.now
     extras: dict[str, Any] = field(default_factory=dict)
+    _timings: dict[tuple[str, str], Deadlines] = field(default_factory=dict, repr=False)
+
+    def deadlines_for(self, task: Task) -> Deadlines:
+        """The timings that apply to ``task``'s current provider and model."""
+        key = (task.provider, task.model)
+        found = self._timings.get(key)
+        if found is None:
+            found = self._timings[key] = self.settings.deadlines_for(*key, base=self.deadlines)
+        return found
 
     def provider(self, name: str) -> Provider:
         try:

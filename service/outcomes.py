@@ -179,8 +179,9 @@ class Outcomes:
             return "after_terminal"
         if not holds(task):
             return "stale"
-        if retryable and task.attempts < svc.deadlines.max_attempts:
-            delay = backoff_s(task.attempts, svc.deadlines.retry_backoff_s, self.rng.random())
+        timing = svc.deadlines_for(task)
+        if retryable and task.attempts < timing.max_attempts:
+            delay = backoff_s(task.attempts, timing.retry_backoff_s, self.rng.random())
 
             def changes(t: Task) -> dict[str, Any]:
                 fields: dict[str, Any] = {
@@ -202,7 +203,7 @@ class Outcomes:
                 task_id,
                 Event.RETRY,
                 now,
-                svc.deadlines,
+                timing,
                 detail=f"{code}: {message}"[:300],
                 delay_s=delay,
                 changes=changes,
@@ -275,7 +276,8 @@ class Outcomes:
         """Poll the provider for an overdue job: adopt a success, extend while running within the
         hard cap, otherwise retry (or fail after the last attempt)."""
         svc = self.svc
-        claimed = await lifecycle.update(svc.store, task, now, deadline=now + svc.deadlines.lease_s)
+        timing = svc.deadlines_for(task)
+        claimed = await lifecycle.update(svc.store, task, now, deadline=now + timing.lease_s)
         if claimed is None:
             return  # another reaper or a webhook got there first
         job = claimed.provider_job_id
@@ -285,7 +287,7 @@ class Outcomes:
         provider = svc.providers.get(claimed.provider)
         attempt = attempt_of(claimed, job)
         started = attempt.submitted_at if attempt and attempt.submitted_at else claimed.updated_at
-        over_cap = now - started >= svc.deadlines.ai_hard_cap_s
+        over_cap = now - started >= timing.ai_hard_cap_s
         outcome: Outcome | None = None
         if provider is not None:
             try:
@@ -306,15 +308,15 @@ class Outcomes:
         if over_cap:
             await self._timeout(claimed, "no result within the hard cap")
             return
-        remaining = started + svc.deadlines.ai_hard_cap_s - now
+        remaining = started + timing.ai_hard_cap_s - now
         await lifecycle.advance(
             svc.store,
             claimed.id,
             Event.EXTEND,
             now,
-            svc.deadlines,
+            timing,
             detail="provider still running" if outcome else "poll failed; waiting",
-            delay_s=min(svc.deadlines.ai_deadline_s, remaining),
+            delay_s=min(timing.ai_deadline_s, remaining),
             guard=current(job, None),
         )
 

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from statemachine.decide import Deadlines
 
 ProviderName = Literal["sim", "replicate", "fal", "bfl"]
+
+
+class ProviderTiming(BaseModel):
+    """Timing of one provider (key ``provider``) or one of its models (key ``provider:model``).
+    ``expected_latency_s`` alone sets the AI deadline to twice that latency."""
+
+    model_config = ConfigDict(extra="forbid")
+    expected_latency_s: float | None = Field(default=None, gt=0)
+    ai_deadline_s: float | None = Field(default=None, gt=0)
+    ai_hard_cap_s: float | None = Field(default=None, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -76,6 +88,9 @@ class Settings(BaseSettings):
     reaper_interval_s: float = 5.0
     max_attempts: int = 3
     retry_backoff_s: float = 2.0
+    # Per provider or provider:model, as JSON, e.g.
+    # {"replicate": {"ai_deadline_s": 300}, "fal:fal-ai/flux/dev": {"expected_latency_s": 20}}
+    provider_timings: dict[str, ProviderTiming] = Field(default_factory=dict)
 
     # HTTP edges
     max_body_bytes: int = 1_000_000  # JSON bodies
@@ -114,6 +129,21 @@ class Settings(BaseSettings):
             retry_backoff_s=self.retry_backoff_s,
             max_attempts=self.max_attempts,
         )
+
+    def deadlines_for(self, provider: str, model: str, base: Deadlines | None = None) -> Deadlines:
+        """``base`` (default: these settings' timings) refined by ``provider_timings``: the
+        provider's entry, then the model's."""
+        deadlines = base or self.deadlines()
+        for key in (provider, f"{provider}:{model}"):
+            timing = self.provider_timings.get(key)
+            if timing is None:
+                continue
+            changes = timing.model_dump(exclude_none=True)
+            expected = changes.pop("expected_latency_s", None)
+            if expected is not None and "ai_deadline_s" not in changes:
+                changes["ai_deadline_s"] = 2 * expected
+            deadlines = dataclasses.replace(deadlines, **changes)
+        return deadlines
 
     def role_set(self) -> frozenset[str]:
         return frozenset(r.strip() for r in self.roles.split(",") if r.strip())

@@ -288,7 +288,7 @@ class Worker:
             return ref
         key = f"inputs/{task.id}/{index}"
         await svc.blobs.put(key, prepared, sniff_content_type(prepared) or "image/jpeg")
-        return await svc.blobs.url(key, int(svc.deadlines.ai_hard_cap_s))
+        return await svc.blobs.url(key, int(svc.deadlines_for(task).ai_hard_cap_s))
 
     async def _submit(self, provider: Provider, submission: Submission) -> str:
         """Submit, retrying transient failures inside the step (honouring Retry-After)."""
@@ -327,7 +327,7 @@ class Worker:
             task.id,
             Event.SUBMITTED,
             now,
-            svc.deadlines,
+            svc.deadlines_for(task),
             detail=f"{task.provider} job {job_id}",
             changes=changes,
             guard=lambda t: t.lease_owner == self.owner and t.attempts == task.attempts,
@@ -357,7 +357,7 @@ class Worker:
             task.id,
             Event.SUBMITTED,
             now,
-            self.svc.deadlines,
+            self.svc.deadlines_for(task),
             detail=f"adopted {task.provider} job {job_id} that had already succeeded",
             changes=lambda t: {
                 "provider_job_id": job_id,

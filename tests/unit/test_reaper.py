@@ -21,7 +21,7 @@ from service.fetch import FetchError, FetchResult
 from service.local_blobs import LocalBlobStore
 from service.ratelimit import RateLimiter
 from service.settings import Settings
-from service.styles import Catalogue
+from service.styles import Catalogue, Style
 from service.watermark import WatermarkConfig
 from service.worker import Worker
 from statemachine import lifecycle
@@ -94,7 +94,7 @@ class World:
             callback_token="tok",
             inputs=(),
             deadline=now + DEADLINES.handoff_s,
-        )
+        ).with_changes(**changes)
         task, _ = await self.store.create_task(task)
         return task
 
@@ -556,3 +556,40 @@ async def test_the_reaper_does_not_wait_for_the_steps_it_starts(world: World) ->
     await world.worker.drain()
     assert (await world.get(task.id)).state is State.AI_PROCESSING
     assert len(world.provider.jobs) == 1
+
+
+# --- fallbacks and per-provider timings --------------------------------------------------------
+
+
+async def test_a_provider_failure_moves_the_next_attempt_to_the_styles_fallback(
+    world: World,
+) -> None:
+    svc = world.worker.svc
+    second = ManualProvider(http=world.provider.http, output_url="https://o/2.png", name="backup")
+    svc.providers["backup"] = second
+    svc.catalogue = Catalogue(
+        {"fb": Style(name="fb", prompt_template="{prompt}", cost=5, fallbacks=("backup",))}
+    )
+    task = await world.task(style="fb")
+    await world.worker.process(task.id)
+    failed = world.provider.finish("job1", "failed", reason="CUDA out of memory")
+    assert await world.worker.apply_outcome(task.id, failed) == "retry"
+    task = await world.get(task.id)
+    assert task.provider == "backup" and task.attempts == 2
+    world.clock.advance(10)
+    await world.reap()
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and list(second.jobs) == [task.provider_job_id]
+    assert [a.provider for a in task.attempt_log] == ["manual", "backup"]
+
+
+async def test_max_attempts_can_be_set_per_provider(world: World, tmp_path: Path) -> None:
+    svc = world.worker.svc
+    svc.settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, var_dir=tmp_path / "v", provider_timings={"manual": {"max_attempts": 1}}
+    )
+    svc._timings.clear()
+    task = await world.submitted()
+    failed = world.provider.finish("job1", "failed", reason="interrupted")
+    assert await world.worker.apply_outcome(task.id, failed) == "failed"
+    assert (await world.get(task.id)).refunded
