@@ -11,11 +11,14 @@ with a status the test chooses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -96,3 +99,16 @@ class WebhookSink:
     @property
     def last(self) -> RecordedRequest:
         return self.received[-1]
+
+
+class HttpClientLifespan:
+    """A fake's lifespan: one HTTP client (for the webhooks it sends) while it is served."""
+
+    _http: httpx.AsyncClient | None = None
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            self._http = http
+            yield
+            self._http = None

@@ -13,13 +13,11 @@ documented), when the submission carried a ``webhook_secret`` the fake adds
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes import FaultPlan, RecordedRequest, record
+from tests.fakes import FaultPlan, HttpClientLifespan, RecordedRequest, record
 
 MODELS = frozenset({"flux-pro-1.1", "flux-pro-1.1-ultra", "flux-dev", "flux-kontext-pro"})
 
@@ -62,7 +60,7 @@ class Delivered:
     status: int | None
 
 
-class BflFake:
+class BflFake(HttpClientLifespan):
     """Tasks in memory, controls for tests, unsigned trigger webhooks."""
 
     def __init__(
@@ -88,13 +86,6 @@ class BflFake:
             ],
             lifespan=self._lifespan,
         )
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=10.0) as http:
-            self._http = http
-            yield
-            self._http = None
 
     # -- the API --------------------------------------------------------------------------------
 

@@ -14,13 +14,12 @@ published).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes import FaultPlan, RecordedRequest, record
+from tests.fakes import FaultPlan, HttpClientLifespan, RecordedRequest, record
 
 
 def jwk(key: Ed25519PublicKey) -> dict[str, str]:
@@ -65,7 +64,7 @@ class Delivered:
     status: int | None
 
 
-class FalFake:
+class FalFake(HttpClientLifespan):
     """Queue jobs in memory, controls for tests, ED25519-signed webhooks, a JWKS."""
 
     def __init__(
@@ -99,13 +98,6 @@ class FalFake:
             ],
             lifespan=self._lifespan,
         )
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=10.0) as http:
-            self._http = http
-            yield
-            self._http = None
 
     # -- the API --------------------------------------------------------------------------------
 

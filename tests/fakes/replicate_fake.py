@@ -16,11 +16,10 @@ where the tests' receiver listens.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from callbacks import standard_webhooks
-from tests.fakes import FaultPlan, RecordedRequest, record
+from tests.fakes import FaultPlan, HttpClientLifespan, RecordedRequest, record
 
 EVENTS = frozenset({"start", "output", "logs", "completed"})
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
@@ -60,7 +59,7 @@ class Delivered:
     status: int | None  # None: the receiver could not be reached
 
 
-class ReplicateFake:
+class ReplicateFake(HttpClientLifespan):
     """Predictions in memory, controls for tests, signed webhooks to the given URL."""
 
     def __init__(
@@ -92,13 +91,6 @@ class ReplicateFake:
             ],
             lifespan=self._lifespan,
         )
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=10.0) as http:
-            self._http = http
-            yield
-            self._http = None
 
     # -- the API --------------------------------------------------------------------------------
 
