@@ -119,6 +119,7 @@ class Outcomes:
                 "provider_outputs": outcome.outputs,
                 "provider_job_id": outcome.job_id,
                 "attempt_log": close_attempt(t, "succeeded", now, job_id=outcome.job_id),
+                "step_retries": 0,  # the watermarking step gets its own hand-back budget
             },
             guard=lambda t: t.provider_job_id == waiting_on,
             known=task,

@@ -35,6 +35,7 @@ FETCH_TRIES = 3
 DATA_URI_MAX_BYTES = 256_000
 QUEUE_RECHECK_S = 1.0  # a pending task over its provider's limit is offered again after this
 MAX_STEP_RETRIES = 5  # hand-backs of a step after transient failures before the task fails
+HAND_BACK_TRIES = 5
 CLOSE_GRACE_S = 10.0  # at shutdown, running steps get this long to finish before cancellation
 
 
@@ -63,6 +64,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._stepping: set[str] = set()  # tasks with a step running in this process
+        self._closing = False
 
     # --- running steps in the background -------------------------------------------------------
 
@@ -82,6 +84,8 @@ class Worker:
 
     def spawn_at(self, when: float, task_id: str) -> None:
         """Run the step ``task_id`` needs at ``when`` (after a backoff)."""
+        if self._closing:
+            return  # shutting down: the reaper finds the task by its stored deadline
         delay = max(0.0, when - self.svc.now())
         loop = asyncio.get_running_loop()
 
@@ -121,11 +125,16 @@ class Worker:
     async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stop: pending timers are dropped (the reaper finds those tasks), running steps get
         ``grace_s`` to finish — a submit cut short would be paid for twice — then are cancelled."""
+        self._closing = True
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
-        if self._running:
-            await asyncio.wait(list(self._running), timeout=grace_s)
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self._running:  # work spawned during the grace period is waited for as well
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(list(self._running), timeout=left)
         for job in list(self._running):
             job.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
@@ -164,13 +173,16 @@ class Worker:
         lease_s = self.svc.deadlines.lease_s
         while True:
             await asyncio.sleep(lease_s / 3)
-            held = await self.svc.store.get_task(task_id)
-            if held is None:
-                return
-            renewed = renew(held, self.owner, self.svc.now(), lease_s)
-            if renewed is None:
-                return  # the lease is gone; the step's own guarded writes will be refused
-            await self.svc.store.transition(renewed, held.state, held.version, emit=False)
+            try:
+                held = await self.svc.store.get_task(task_id)
+                if held is None:
+                    return
+                renewed = renew(held, self.owner, self.svc.now(), lease_s)
+                if renewed is None:
+                    return  # the lease is gone; the step's own guarded writes will be refused
+                await self.svc.store.transition(renewed, held.state, held.version, emit=False)
+            except Exception as exc:  # a store blip: keep beating, the lease has time left
+                log.warning("lease_renewal_failed", task_id=task_id, error=repr(exc))
 
     # --- outcomes (service/outcomes.py), for the receiver, the reaper and the API ----------------
 
@@ -320,6 +332,7 @@ class Worker:
                 "provider_job_id": job_id,
                 "attempt_log": open_attempt(t, job_id, now),
                 "early_outcome": None,
+                "step_retries": 0,  # the hand-back budget is per step
             }
 
         result = await lifecycle.advance(
@@ -365,6 +378,7 @@ class Worker:
                 if attempt_of(t, job_id) is None
                 else t.attempt_log,
                 "early_outcome": None,
+                "step_retries": 0,
             },
             guard=lambda t: t.lease_owner == self.owner,
         )
@@ -428,18 +442,24 @@ class Worker:
         delay = backoff_s(
             task.step_retries + 1, self.svc.deadlines.retry_backoff_s, self.rng.random()
         )
-        current = await self.svc.store.get_task(task.id)
-        if current is None or current.lease_owner != self.owner or current.state is not task.state:
-            return
-        handed = await lifecycle.update(
-            self.svc.store,
-            current,
-            now,
-            lease_owner=None,
-            lease_expires=None,
-            deadline=now + delay,
-            step_retries=current.step_retries + 1,
-        )
+        handed = None
+        for _ in range(HAND_BACK_TRIES):  # the lease's heartbeat may bump the version meanwhile
+            current = await self.svc.store.get_task(task.id)
+            if current is None or current.lease_owner != self.owner:
+                return
+            if current.state is not task.state:
+                return
+            handed = await lifecycle.update(
+                self.svc.store,
+                current,
+                now,
+                lease_owner=None,
+                lease_expires=None,
+                deadline=now + delay,
+                step_retries=current.step_retries + 1,
+            )
+            if handed is not None:
+                break
         if handed is not None:
             log.warning("step_handed_back", reason=reason, retry_in_s=round(delay, 2))
             self.spawn_at(now + delay, task.id)

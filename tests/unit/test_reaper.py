@@ -4,6 +4,7 @@ drives by hand."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -593,3 +594,43 @@ async def test_max_attempts_can_be_set_per_provider(world: World, tmp_path: Path
     failed = world.provider.finish("job1", "failed", reason="interrupted")
     assert await world.worker.apply_outcome(task.id, failed) == "failed"
     assert (await world.get(task.id)).refunded
+
+
+# --- regressions from the final review ------------------------------------------------------------
+
+
+async def test_the_hand_back_budget_is_per_step(world: World) -> None:
+    """Hand-backs spent while submitting must not use up the watermarking step's budget."""
+    task = await world.task(step_retries=5)
+    await world.worker.process(task.id)
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and task.step_retries == 0
+    await world.worker.apply_outcome(task.id, world.provider.finish("job1"))
+    assert (await world.get(task.id)).step_retries == 0
+
+
+async def test_a_store_blip_does_not_stop_the_lease_heartbeat(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = world.worker.svc
+    svc.deadlines = dataclasses.replace(DEADLINES, lease_s=0.03)  # beats every 10 ms
+    task = await world.task()
+    held = await lifecycle.take_lease(world.store, task, world.worker.owner, world.clock(), 60)
+    assert held is not None
+    real_get = world.store.get_task
+    blips = [Unavailable("store blip")]
+
+    async def flaky_get(task_id: str) -> Task | None:
+        if blips:
+            raise blips.pop()
+        return await real_get(task_id)
+
+    monkeypatch.setattr(world.store, "get_task", flaky_get)
+    beat = asyncio.create_task(world.worker._heartbeat(task.id))
+    try:
+        async with asyncio.timeout(10):
+            while (await real_get(task.id)).version == held.version:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+    finally:
+        beat.cancel()
+    assert not blips  # the blip happened, and a later beat still renewed the lease
