@@ -197,7 +197,7 @@ async def create_task(request: Request) -> Response:
     provider = provider or settings.provider
     svc.provider(provider)  # 422 for an unknown provider
     model = body.model or (style.model if style.model != "default" else None)
-    model = model or default_model(svc, provider)
+    model = model or settings.default_model(provider)
     inputs = tuple([await checked_input(svc, user, i) for i in body.inputs])
     now = svc.now()
     task_id, callback_token = new_ids()
@@ -255,12 +255,6 @@ def _uploads(svc: Services) -> TtlCache[bool]:
 def remember_upload(svc: Services, key: str) -> None:
     """Note that the upload ``key`` exists (just stored, or just seen in the blob store)."""
     _uploads(svc).put(key, True, svc.now())
-
-
-def default_model(svc: Services, provider: str) -> str:
-    s = svc.settings
-    models = {"replicate": s.replicate_model, "fal": s.fal_model, "bfl": s.bfl_model}
-    return models.get(provider, "hookline/sim")
 
 
 async def get_task(request: Request) -> Response:

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from callbacks.receiver import WebhookReceiver
-from callbacks.registry import build_providers, default_output_hosts
+from callbacks.registry import build_providers, default_output_hosts, sim_base_url_for
 from callbacks.simulator import SimConfig, create_simulator_app
 from service import api, docs, openapi, ops, uploads
 from service.blobs import build_blob_store
@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if not await _opened_soon(opener, settings.store_timeout_s + 1):
             log.error("store_unavailable_at_startup", store=settings.store_url.split("?")[0])
         http = httpx.AsyncClient(timeout=httpx.Timeout(30.0), follow_redirects=False)
-        sim_base = settings.public_url.rstrip("/") + "/sim/v1" if sim_app is not None else None
+        sim_base = sim_base_url_for(settings) if sim_app is not None else None
         sim_secret = sim_app.state.sim.config.webhook_secret if sim_app is not None else None
         providers = build_providers(settings, http, sim_base_url=sim_base, sim_secret=sim_secret)
         svc = Services(

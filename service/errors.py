@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import structlog
@@ -83,8 +82,3 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_error,
     Exception: unhandled_error,
 }
-
-
-def json_error_bytes(status_code: str, message: str) -> bytes:
-    """An error body as bytes, for ASGI middleware that answers before routing."""
-    return json.dumps(error_body(status_code, message)).encode()

@@ -229,9 +229,7 @@ class Outcomes:
         if len(usable) < 2 or task.provider not in usable:
             return {}
         nxt = usable[(usable.index(task.provider) + 1) % len(usable)]
-        from service.api import default_model
-
-        return {"provider": nxt, "model": default_model(self.svc, nxt)}
+        return {"provider": nxt, "model": self.svc.settings.default_model(nxt)}
 
     async def fail(
         self,

@@ -145,5 +145,10 @@ class Settings(BaseSettings):
             deadlines = dataclasses.replace(deadlines, **changes)
         return deadlines
 
+    def default_model(self, provider: str) -> str:
+        """The model for ``provider`` when neither the request nor its style names one."""
+        models = {"replicate": self.replicate_model, "fal": self.fal_model, "bfl": self.bfl_model}
+        return models.get(provider, "hookline/sim")
+
     def role_set(self) -> frozenset[str]:
         return frozenset(r.strip() for r in self.roles.split(",") if r.strip())

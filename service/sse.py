@@ -176,16 +176,11 @@ async def task_events(request: Request) -> Response:
         else:
             opening = await _opening_resumed(svc, task.id, after)
     except BaseException:
-        await _leave(sub)
+        broadcaster.unsubscribe(sub)
         raise
     ping_s: float = svc.extras.get("sse_ping_s", PING_S)
     stream = _frames(svc, sub, task.id, opening, ping_s)
-    return EventStream(stream, on_close=lambda: _leave(sub))
-
-
-async def _leave(sub: Subscription) -> None:
-    """Unsubscribe (the Subscription's own ``async with`` exit)."""
-    await sub.__aexit__(None, None, None)
+    return EventStream(stream, on_close=lambda: _unsubscribe(broadcaster, sub))
 
 
 async def _frames(
@@ -277,3 +272,7 @@ class EventStream(Response):
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _unsubscribe(broadcaster: Broadcaster, sub: Subscription) -> None:
+    broadcaster.unsubscribe(sub)

@@ -23,7 +23,7 @@ from service.outcomes import Outcomes
 from service.watermark import WatermarkConfig, apply_watermark
 from statemachine import lifecycle
 from statemachine.attempts import attempt_of, open_attempt
-from statemachine.decide import backoff_s, renew
+from statemachine.decide import backoff_s, release, renew
 from statemachine.errors import HooklineError, StoreError, Unavailable
 from statemachine.states import Event, State
 from statemachine.task import Output, Task
@@ -449,16 +449,13 @@ class Worker:
                 return
             if current.state is not task.state:
                 return
-            handed = await lifecycle.update(
-                self.svc.store,
-                current,
-                now,
-                lease_owner=None,
-                lease_expires=None,
-                deadline=now + delay,
-                step_retries=current.step_retries + 1,
+            released = release(current, now, now + delay).with_changes(
+                step_retries=current.step_retries + 1
             )
-            if handed is not None:
+            if await self.svc.store.transition(
+                released, current.state, current.version, emit=False
+            ):
+                handed = released
                 break
         if handed is not None:
             log.warning("step_handed_back", reason=reason, retry_in_s=round(delay, 2))

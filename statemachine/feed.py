@@ -248,7 +248,7 @@ class Subscription:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._broadcaster._remove(self)
+        self._broadcaster.unsubscribe(self)
 
 
 class Broadcaster:
@@ -280,17 +280,18 @@ class Broadcaster:
             for sub in list(self._by_task.get(key, ())):
                 if not sub._offer(event):
                     log.warning("broadcaster.dropped_slow", task_id=sub.task_id)
-                    self._remove(sub)
+                    self.unsubscribe(sub)
                     sub._end(dropped=True)
 
     def close(self) -> None:
         """End every subscription (shutdown)."""
         for subs in list(self._by_task.values()):
             for sub in list(subs):
-                self._remove(sub)
+                self.unsubscribe(sub)
                 sub._end(dropped=False)
 
-    def _remove(self, sub: Subscription) -> None:
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Stop delivering to ``sub`` (what leaving its ``async with`` does); idempotent."""
         subs = self._by_task.get(sub.task_id)
         if subs is None:
             return

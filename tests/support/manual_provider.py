@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from callbacks.errors import PermanentProviderError, RetryableProviderError, WebhookRejected
+from callbacks.errors import PermanentProviderError, WebhookRejected
 from callbacks.provider import Delivery, Limits, Outcome, Submission
 
 
@@ -117,7 +117,3 @@ class ManualProvider:
             url = url.split("?token=")[0] + f"?token={token}"
         headers = {"X-Delivery-Id": delivery_id or f"{job_id}:{o.status}"}
         return await self.http.post(url, json=body, headers=headers)
-
-
-def retryable(message: str = "provider down") -> RetryableProviderError:
-    return RetryableProviderError(message)
