@@ -49,9 +49,12 @@ async def test_callback_tokens_have_at_least_128_bits_and_are_bound_to_one_task(
             assert len(raw) * 8 >= 128
         assert ta.callback_token != tb.callback_token
         # wait until both are submitted, then use A's token on B's callback
-        for task_id in (a, b):
-            while (t := await hl.store.get_task(task_id)) and t.state is not State.AI_PROCESSING:
-                await asyncio.sleep(0.01)
+        async with asyncio.timeout(30):  # a hang fails the test instead of stalling the suite
+            for task_id in (a, b):
+                while (
+                    t := await hl.store.get_task(task_id)
+                ) and t.state is not State.AI_PROCESSING:
+                    await asyncio.sleep(0.01)
         job_b = next(j for j in manual.jobs.values() if j.submission.task_id == b)
         manual.finish(job_b.job_id)
         r = await manual.deliver(job_b.job_id, token=ta.callback_token)
