@@ -43,9 +43,9 @@ import httpx
 from PIL import Image
 
 from bench.loadgen import SEPARATOR, percentile
-from callbacks.registry import SIM_API_TOKEN
 from callbacks.standard_webhooks import sign_headers
-from service.auth import hash_key, new_api_key
+from service.http.auth import hash_key, new_api_key
+from service.providers import SIM_API_TOKEN
 from statemachine import clock
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import State
@@ -170,9 +170,9 @@ def serve_passthrough() -> None:
     left is the framework's own cost (feed, dispatch, two compare-and-sets)."""
     import uvicorn
 
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import Settings
-    from service.worker import Worker
+    from service.steps.worker import Worker
     from statemachine import lifecycle
     from statemachine.states import Event
 

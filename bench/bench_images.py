@@ -19,9 +19,9 @@ from pathlib import Path
 
 from PIL import Image, ImageChops
 
-from service.images import decode_upload
-from service.local_blobs import LocalBlobStore
-from service.watermark import WatermarkConfig, apply_watermark
+from service.blobs.local import LocalBlobStore
+from service.media.images import decode_upload
+from service.media.watermark import WatermarkConfig, apply_watermark
 
 GOAL_IMAGES_PER_S_1024 = 40.0
 THREADS = 2

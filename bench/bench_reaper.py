@@ -26,15 +26,15 @@ from pathlib import Path
 import httpx
 
 from callbacks.provider import Delivery, Limits, Outcome, Submission
-from service.context import Services
-from service.fetch import SafeFetcher
-from service.local_blobs import LocalBlobStore
+from service.blobs.local import LocalBlobStore
+from service.http.ratelimit import RateLimiter
 from service.logging import configure_logging
-from service.ratelimit import RateLimiter
+from service.media.fetch import SafeFetcher
+from service.media.watermark import WatermarkConfig
+from service.runtime import Services
 from service.settings import Settings
+from service.steps.worker import Worker
 from service.styles import Catalogue
-from service.watermark import WatermarkConfig
-from service.worker import Worker
 from statemachine.decide import Deadlines
 from statemachine.feed import SqliteFeed
 from statemachine.reaper import Reaper

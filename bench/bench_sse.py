@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from service.auth import hash_key, new_api_key
+from service.http.auth import hash_key, new_api_key
 from statemachine import clock
 from statemachine.sqlite_store import SqliteStore
 
@@ -54,7 +54,7 @@ def serve(directory: Path, port: int) -> None:
     import uvicorn
 
     from service import ops
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import Settings
 
     settings = Settings(

@@ -35,7 +35,7 @@ from typing import IO, Any
 import httpx
 from pydantic import SecretStr
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 from statemachine import clock
 from statemachine.sqlite_store import SqliteStore

@@ -39,7 +39,7 @@ import httpx
 from PIL import Image
 
 from bench.seed_arch import SIM_TOKEN, SeedArchitecture, SeedTask, iso_seconds
-from service.auth import hash_key, new_api_key
+from service.http.auth import hash_key, new_api_key
 from statemachine import clock
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import State

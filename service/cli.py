@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from service.auth import hash_key, new_api_key
+from service.http.auth import hash_key, new_api_key
 from service.settings import Settings
 from statemachine import clock
 from statemachine.errors import HooklineError
@@ -24,7 +24,7 @@ GC_GEN0_THRESHOLD = 20_000
 
 
 def _with_store(settings: Settings, action: Callable[[TaskStore], Awaitable[T]]) -> T:
-    from service.app import build_store
+    from service.http.app import build_store
 
     async def run() -> T:
         store, _feed = build_store(settings)
@@ -124,7 +124,7 @@ def tune_gc() -> None:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     updates: dict[str, object] = {}
     if args.host:

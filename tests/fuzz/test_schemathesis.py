@@ -42,8 +42,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
-from service.auth import hash_key, new_api_key
+from service.http.app import create_app
+from service.http.auth import hash_key, new_api_key
 from service.settings import Settings
 from statemachine import clock
 from statemachine.sqlite_store import SqliteStore

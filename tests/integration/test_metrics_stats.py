@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.stats import compute_kpis, histogram, percentile, state_intervals, verdict
+from service.ops.stats import compute_kpis, histogram, percentile, state_intervals, verdict
 from statemachine.states import State
 from statemachine.task import Attempt, HistoryEntry, Task
 from tests.support.hookline import Hookline, running_hookline

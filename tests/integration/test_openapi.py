@@ -19,8 +19,8 @@ import jsonschema_rs
 import pytest
 from PIL import Image
 
-from service import openapi
-from service.app import create_app
+from service.http import openapi
+from service.http.app import create_app
 from service.settings import Settings
 from tests.browser.test_dashboard import ARTIFACTS, CHROMIUM, chromium
 from tests.support.hookline import Hookline, running_hookline

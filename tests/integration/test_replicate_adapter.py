@@ -26,8 +26,8 @@ from callbacks.errors import (
     WebhookRejected,
 )
 from callbacks.provider import Delivery, Outcome, Submission
-from callbacks.registry import SIM_API_TOKEN, build_providers, default_output_hosts
 from callbacks.replicate import ReplicateProvider
+from service.providers import SIM_API_TOKEN, build_providers, default_output_hosts
 from service.settings import Settings
 from tests.fakes import WebhookSink
 from tests.fakes.replicate_fake import ReplicateFake

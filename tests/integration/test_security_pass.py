@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import hash_key
+from service.http.auth import hash_key
 from tests.support.hookline import running_hookline
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from callbacks.registry import SIM_API_TOKEN
 from callbacks.standard_webhooks import generate_secret, sign_headers
+from service.providers import SIM_API_TOKEN
 from statemachine import clock
 from statemachine.states import State
 from statemachine.task import Task

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from service.app import create_app
-from service.auth import hash_key, new_api_key
+from service.http.app import create_app
+from service.http.auth import hash_key, new_api_key
 from service.settings import Settings
 from statemachine import clock
 from statemachine.states import TERMINAL
@@ -123,7 +123,7 @@ async def running_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Ho
 async def install_manual_provider(hl: Hookline) -> Any:
     """Register a ``ManualProvider`` named "manual" in the running app; its outputs are a real
     image served by hookline's own signed file URLs."""
-    from service.fetch import SafeFetcher
+    from service.media.fetch import SafeFetcher
     from tests.support.manual_provider import ManualProvider
 
     svc = hl.services

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.fetch import FetchError, SafeFetcher, is_public_address
+from service.media.fetch import FetchError, SafeFetcher, is_public_address
 
 PUBLIC_IP = "93.184.215.14"
 

@@ -12,7 +12,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from service.images import (
+from service.media.images import (
     decode_upload,
     encode,
     prepare_input,

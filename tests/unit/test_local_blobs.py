@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.blobs import (
+from service.blobs.base import (
     InvalidBlobKey,
     build_blob_store,
     content_type_for_key,
@@ -25,7 +25,7 @@ from service.blobs import (
     upload_key,
     validate_key,
 )
-from service.local_blobs import (
+from service.blobs.local import (
     BadSignature,
     LocalBlobStore,
     UrlExpired,
@@ -283,7 +283,7 @@ def test_racing_processes_agree_on_one_secret(tmp_path: Path) -> None:
     """Several processes starting at once: exactly one key wins and all of them read it."""
     code = (
         "import sys, time; from pathlib import Path;"
-        "from service.local_blobs import load_or_create_secret as f;"
+        "from service.blobs.local import load_or_create_secret as f;"
         "t = float(sys.argv[2]);"
         "time.sleep(max(0.0, t - time.time()));"
         "print(f(Path(sys.argv[1])).hex())"

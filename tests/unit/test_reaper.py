@@ -17,14 +17,14 @@ from PIL import Image
 
 from callbacks.errors import PermanentProviderError, RetryableProviderError
 from callbacks.provider import Outcome
-from service.context import Services
-from service.fetch import FetchError, FetchResult
-from service.local_blobs import LocalBlobStore
-from service.ratelimit import RateLimiter
+from service.blobs.local import LocalBlobStore
+from service.http.ratelimit import RateLimiter
+from service.media.fetch import FetchError, FetchResult
+from service.media.watermark import WatermarkConfig
+from service.runtime import Services
 from service.settings import Settings
+from service.steps.worker import Worker
 from service.styles import Catalogue, Style
-from service.watermark import WatermarkConfig
-from service.worker import Worker
 from statemachine import lifecycle
 from statemachine.decide import Deadlines
 from statemachine.errors import Unavailable
@@ -398,7 +398,7 @@ async def test_a_retryable_submit_failure_is_retried_inside_the_step(
     async def no_sleep(_: float) -> None:
         return None
 
-    monkeypatch.setattr("service.worker.asyncio.sleep", no_sleep)
+    monkeypatch.setattr("service.steps.worker.asyncio.sleep", no_sleep)
     world.provider.submit_errors = [RetryableProviderError("503"), RetryableProviderError("503")]
     task = await world.task()
     await world.worker.process(task.id)

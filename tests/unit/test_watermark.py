@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
+from service.media.watermark import POSITIONS, Position, WatermarkConfig, apply_watermark
 from service.settings import Settings
-from service.watermark import POSITIONS, Position, WatermarkConfig, apply_watermark
 from statemachine.errors import BadRequest, PayloadTooLarge
 
 SIZE = 400

@@ -22,9 +22,9 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.api import services
-from service.context import Services
-from service.stats import TIMEOUT_OUTCOMES, state_intervals
+from service.http.tasks import services
+from service.ops.stats import TIMEOUT_OUTCOMES, state_intervals
+from service.runtime import Services
 from statemachine.errors import AuthError, Unavailable
 from statemachine.states import REFUNDED_STATES, TERMINAL, Event, State
 from statemachine.store import FeedEvent

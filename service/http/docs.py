@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
-from service.dashboard import security_headers
+from service.http.dashboard import security_headers
 from service.settings import Settings
 from statemachine.errors import NotFound
 

@@ -19,22 +19,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from callbacks.receiver import WebhookReceiver
-from callbacks.registry import build_providers, default_output_hosts, sim_base_url_for
 from callbacks.simulator import SimConfig, create_simulator_app
-from service import api, docs, openapi, ops, uploads
-from service.blobs import build_blob_store
-from service.context import Services
-from service.dispatcher import Dispatcher
-from service.errors import EXCEPTION_HANDLERS
-from service.fetch import SafeFetcher
-from service.local_blobs import LocalBlobStore, file_route
+from service.blobs.base import build_blob_store
+from service.blobs.local import LocalBlobStore, file_route
+from service.http import docs, openapi, ops, tasks, uploads
+from service.http.errors import EXCEPTION_HANDLERS
+from service.http.middleware import RequestContext
+from service.http.ratelimit import RateLimiter
 from service.logging import configure_logging
-from service.middleware import RequestContext
-from service.ratelimit import RateLimiter
+from service.media.fetch import SafeFetcher
+from service.media.watermark import WatermarkConfig
+from service.providers import build_providers, default_output_hosts, sim_base_url_for
+from service.runtime import Services
 from service.settings import Settings
+from service.steps.dispatcher import Dispatcher
+from service.steps.worker import Worker
 from service.styles import Catalogue
-from service.watermark import WatermarkConfig
-from service.worker import Worker
 from statemachine.errors import StoreError, Unavailable
 from statemachine.feed import Watcher
 from statemachine.reaper import Reaper
@@ -198,7 +198,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await store.close()
 
     routes: list[BaseRoute] = [
-        *api.routes(),
+        *tasks.routes(),
         Route("/v1/uploads", uploads.create_upload, methods=["POST"]),
         Route("/v1/callbacks/{provider}/{task_id}", webhook, methods=["POST"]),
         *ops.routes(settings),
@@ -233,7 +233,7 @@ async def webhook(request: Request) -> Response:
     """``POST /v1/callbacks/{provider}/{task_id}?token=…``: the provider's webhook."""
     svc: Services = request.state.services
     receiver: WebhookReceiver = svc.extras["receiver"]
-    body = await api.read_body(request, WEBHOOK_MAX_BYTES)
+    body = await tasks.read_body(request, WEBHOOK_MAX_BYTES)
     receipt = await receiver.handle(
         request.path_params["provider"],
         request.path_params["task_id"],

@@ -15,12 +15,12 @@ import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
 from callbacks.provider import Outcome, Provider, Submission
-from service.blobs import output_key
-from service.context import Services
-from service.fetch import FetchError, SafeFetcher
-from service.images import prepare_input, sniff_content_type
-from service.outcomes import Outcomes
-from service.watermark import WatermarkConfig, apply_watermark
+from service.blobs.base import output_key
+from service.media.fetch import FetchError, SafeFetcher
+from service.media.images import prepare_input, sniff_content_type
+from service.media.watermark import WatermarkConfig, apply_watermark
+from service.runtime import Services
+from service.steps.outcomes import Outcomes
 from statemachine import lifecycle
 from statemachine.attempts import attempt_of, open_attempt
 from statemachine.decide import backoff_s, release, renew

@@ -21,7 +21,7 @@ from statemachine.store import User
 from statemachine.task import Task as TaskRecord
 
 if TYPE_CHECKING:
-    from service.blobs import BlobStore
+    from service.blobs.base import BlobStore
     from service.styles import Style as StyleRecord
 
 STRICT = ConfigDict(extra="forbid")

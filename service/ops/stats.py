@@ -16,8 +16,8 @@ from typing import Any, Final
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.api import caller, services
-from service.views import iso
+from service.http.tasks import caller, services
+from service.http.views import iso
 from statemachine.errors import MalformedRequest
 from statemachine.states import Event, State
 from statemachine.task import Task

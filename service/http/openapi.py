@@ -2,7 +2,7 @@
 (``GET /openapi-3.0.json``).
 
 Nothing here is a second copy of a shape: the request schemas come from the pydantic models that
-validate requests (service/api.py), the response schemas from the TypedDicts the handlers build
+validate requests (service/tasks.py), the response schemas from the TypedDicts the handlers build
 their bodies as (service/views.py), limits from the constants the handlers check. What this
 module adds is the operation table: per route, its parameters, its success response and the error
 statuses it can answer. The document lists the app's routes as they are (``request.app.routes``),
@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from service import api, sse, stats, views
+from service.http import sse, tasks, views
+from service.ops import stats
 
 log = structlog.get_logger()
 
@@ -36,7 +37,7 @@ SKIPPED_MOUNTS: Final = frozenset({"/sim"})  # the provider simulator: not hookl
 TASK_ID_PATTERN: Final = r"^tsk_[0-9a-f]{24}$"
 
 # Request models (validation) and response types (what handlers build), by schema name.
-REQUEST_MODELS: Final[dict[str, type[BaseModel]]] = {"CreateTaskBody": api.CreateTaskBody}
+REQUEST_MODELS: Final[dict[str, type[BaseModel]]] = {"CreateTaskBody": tasks.CreateTaskBody}
 RESPONSE_TYPES: Final[dict[str, Any]] = {
     "Task": views.Task,
     "TaskList": views.TaskList,
@@ -130,7 +131,7 @@ def _operations() -> dict[tuple[str, str], Op]:
                 _param(
                     "Idempotency-Key",
                     "header",
-                    {"type": "string", "minLength": 1, "maxLength": api.MAX_IDEMPOTENCY_KEY},
+                    {"type": "string", "minLength": 1, "maxLength": tasks.MAX_IDEMPOTENCY_KEY},
                     "Replaying a key with the same body returns the same task and charges "
                     "nothing; with another body it is a 409.",
                 ),
@@ -154,7 +155,7 @@ def _operations() -> dict[tuple[str, str], Op]:
                 _param(
                     "limit",
                     "query",
-                    {"type": "integer", "minimum": 1, "maximum": api.MAX_PAGE, "default": 20},
+                    {"type": "integer", "minimum": 1, "maximum": tasks.MAX_PAGE, "default": 20},
                     "Page size.",
                 ),
                 _param("cursor", "query", {"type": "string"}, "`next` of the previous page."),

@@ -26,9 +26,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service.api import caller, services, visible_task
-from service.context import Services
-from service.views import iso
+from service.http.tasks import caller, services, visible_task
+from service.http.views import iso
+from service.runtime import Services
 from statemachine.errors import BadRequest, MalformedRequest, StoreError, Unavailable
 from statemachine.feed import Broadcaster, Subscription
 from statemachine.states import TERMINAL, State

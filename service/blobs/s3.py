@@ -23,7 +23,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
-from service.blobs import validate_key, validate_prefix
+from service.blobs.base import validate_key, validate_prefix
 from statemachine.errors import BadRequest, NotFound, StoreError, Unavailable
 
 T = TypeVar("T")

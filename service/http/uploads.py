@@ -8,10 +8,10 @@ import hashlib
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.api import caller, read_body, remember_upload, services
-from service.blobs import extension_for, upload_key
-from service.images import decode_upload
-from service.views import upload_json
+from service.blobs.base import extension_for, upload_key
+from service.http.tasks import caller, read_body, remember_upload, services
+from service.http.views import upload_json
+from service.media.images import decode_upload
 
 
 async def create_upload(request: Request) -> Response:

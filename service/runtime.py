@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from callbacks.provider import Provider
-from service.ratelimit import RateLimiter
+from service.http.ratelimit import RateLimiter
 from service.settings import Settings
 from service.styles import Catalogue
 from statemachine import clock
@@ -20,7 +20,7 @@ from statemachine.store import ChangeFeed, TaskStore
 from statemachine.task import Task
 
 if TYPE_CHECKING:
-    from service.blobs import BlobStore
+    from service.blobs.base import BlobStore
 
 
 @dataclass

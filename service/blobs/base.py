@@ -165,7 +165,7 @@ def build_blob_store(settings: Settings) -> BlobStore:
     if not sep:
         raise ValueError(f"HOOKLINE_BLOB_URL must be file://… or s3://…, got {url!r}")
     if scheme == "file":
-        from service.local_blobs import LocalBlobStore, load_or_create_secret
+        from service.blobs.local import LocalBlobStore, load_or_create_secret
 
         if not rest:
             raise ValueError("HOOKLINE_BLOB_URL file:// needs a path")
@@ -176,7 +176,7 @@ def build_blob_store(settings: Settings) -> BlobStore:
         )
         return LocalBlobStore(Path(rest), settings.public_url, secret)
     if scheme == "s3":
-        from service.s3_blobs import S3BlobStore, split_endpoint
+        from service.blobs.s3 import S3BlobStore, split_endpoint
 
         bucket, _, prefix = rest.partition("/")
         if not bucket:

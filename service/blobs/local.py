@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.blobs import content_type_for_key, validate_key, validate_prefix
+from service.blobs.base import content_type_for_key, validate_key, validate_prefix
 from statemachine import clock
 from statemachine.errors import BadRequest, Forbidden, NotFound
 

@@ -14,7 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.auth import (
+from service.blobs.base import InvalidBlobKey, validate_key
+from service.http.auth import (
     KEY_CACHE_MAX,
     KEY_CACHE_TTL_S,
     TtlCache,
@@ -22,9 +23,8 @@ from service.auth import (
     bearer_key,
     hash_key,
 )
-from service.blobs import InvalidBlobKey, validate_key
-from service.context import Services
-from service.views import Status, TaskList, style_json, task_json, user_json
+from service.http.views import Status, TaskList, style_json, task_json, user_json
+from service.runtime import Services
 from statemachine import lifecycle
 from statemachine.errors import (
     BadRequest,

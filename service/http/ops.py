@@ -16,8 +16,9 @@ import asyncio
 import structlog
 from starlette.routing import BaseRoute, Route
 
-from service import dashboard, metrics, sse, stats
-from service.context import Services
+from service.http import dashboard, sse
+from service.ops import metrics, stats
+from service.runtime import Services
 from service.settings import Settings
 from statemachine.feed import Broadcaster, Handler, Watcher
 

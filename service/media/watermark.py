@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Literal
 
 from PIL import Image, ImageDraw, ImageFont
 
-from service.images import CONTENT_TYPES, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, encode, open_image
+from service.media.images import (
+    CONTENT_TYPES,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    encode,
+    open_image,
+)
 
 if TYPE_CHECKING:
     from service.settings import Settings

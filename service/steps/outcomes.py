@@ -18,7 +18,7 @@ import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError
 from callbacks.provider import Outcome, Provider
-from service.context import Services
+from service.runtime import Services
 from statemachine import lifecycle
 from statemachine.attempts import attempt_of, close_attempt
 from statemachine.decide import backoff_s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import structlog
 
-from service.worker import Worker
+from service.steps.worker import Worker
 from statemachine.states import State
 from statemachine.store import FeedEvent, TaskStore
 

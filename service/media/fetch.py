@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from service.images import sniff_content_type
+from service.media.images import sniff_content_type
 from statemachine.errors import BadRequest
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
