@@ -36,8 +36,8 @@ from service.settings import Settings
 from service.steps.worker import Worker
 from service.styles import Catalogue
 from statemachine.decide import Deadlines
-from statemachine.feed import SqliteFeed
 from statemachine.reaper import Reaper
+from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import State
 from statemachine.task import Task, TaskDoc, to_doc

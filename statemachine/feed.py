@@ -1,8 +1,7 @@
-"""Consuming the change feed: the SQLite feed, a resumable Watcher, an in-process Broadcaster.
+"""Consuming the change feed: a resumable Watcher and an in-process Broadcaster.
 
-``SqliteFeed`` reads the store's event table. ``Watcher`` and ``Broadcaster`` know only the
-``ChangeFeed`` and ``TaskStore`` ports, so every adapter's feed (MongoDB change streams too) reuses
-them::
+Both know only the ``ChangeFeed`` and ``TaskStore`` ports, so every adapter's feed
+(``sqlite_feed.SqliteFeed``, ``mongo_feed.MongoChangeFeed``) reuses them::
 
     feed ──▶ Watcher("sse", feed, store, broadcaster.publish) ──▶ Broadcaster ──▶ SSE clients
 """
@@ -17,37 +16,11 @@ from typing import Final
 import structlog
 
 from statemachine.errors import StoreError
-from statemachine.sqlite_store import SqliteStore
 from statemachine.store import ChangeFeed, FeedEvent, TaskStore
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[FeedEvent], Awaitable[None]]
-
-
-class SqliteFeed:
-    """The ChangeFeed of a SqliteStore: woken at once by this process's writes (the store's
-    listeners), polling every ``poll_interval_s`` for other processes' writes."""
-
-    def __init__(self, store: SqliteStore, poll_interval_s: float = 0.5, batch: int = 500) -> None:
-        self._store = store
-        self._poll_interval_s = poll_interval_s
-        self._batch = batch
-
-    async def subscribe(self, after: str | None) -> AsyncIterator[FeedEvent]:
-        """Every event after ``after``, in order, then new ones as they are written, forever."""
-        position = after
-        with self._store.listen() as wake:
-            while True:
-                # Cleared before reading: a commit after the read sets it again, so none is missed.
-                wake.clear()
-                events = await self._store.feed_after(position, self._batch)
-                for event in events:
-                    yield event
-                    position = event.position
-                if len(events) < self._batch:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), self._poll_interval_s)
 
 
 class Watcher:

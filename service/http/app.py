@@ -49,7 +49,7 @@ def build_store(settings: Settings) -> tuple[TaskStore, ChangeFeed]:
     """The store and change feed named by ``HOOKLINE_STORE_URL``."""
     url = settings.store_url
     if url.startswith("sqlite:"):
-        from statemachine.feed import SqliteFeed
+        from statemachine.sqlite_feed import SqliteFeed
         from statemachine.sqlite_store import SqliteStore
 
         store = SqliteStore.from_url(url)

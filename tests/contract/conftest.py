@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from statemachine.decide import Deadlines, Transition, apply, decide
-from statemachine.feed import SqliteFeed
+from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import Event, State
 from statemachine.store import ChangeFeed, TaskStore

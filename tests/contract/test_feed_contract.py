@@ -10,7 +10,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from statemachine.errors import StoreError
-from statemachine.feed import Broadcaster, SqliteFeed, Watcher
+from statemachine.feed import Broadcaster, Watcher
+from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import Event, State
 from statemachine.store import ChangeFeed, FeedEvent, TaskStore

@@ -28,8 +28,8 @@ from service.styles import Catalogue, Style
 from statemachine import lifecycle
 from statemachine.decide import Deadlines
 from statemachine.errors import Unavailable
-from statemachine.feed import SqliteFeed
 from statemachine.reaper import Reaper, plan
+from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import Event, State, is_valid_path
 from statemachine.task import Task

@@ -1,0 +1,35 @@
+"""The ChangeFeed of the SQLite adapter: the store's append-only event table, read in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from statemachine.sqlite_store import SqliteStore
+from statemachine.store import FeedEvent
+
+
+class SqliteFeed:
+    """The ChangeFeed of a SqliteStore: woken at once by this process's writes (the store's
+    listeners), polling every ``poll_interval_s`` for other processes' writes."""
+
+    def __init__(self, store: SqliteStore, poll_interval_s: float = 0.5, batch: int = 500) -> None:
+        self._store = store
+        self._poll_interval_s = poll_interval_s
+        self._batch = batch
+
+    async def subscribe(self, after: str | None) -> AsyncIterator[FeedEvent]:
+        """Every event after ``after``, in order, then new ones as they are written, forever."""
+        position = after
+        with self._store.listen() as wake:
+            while True:
+                # Cleared before reading: a commit after the read sets it again, so none is missed.
+                wake.clear()
+                events = await self._store.feed_after(position, self._batch)
+                for event in events:
+                    yield event
+                    position = event.position
+                if len(events) < self._batch:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), self._poll_interval_s)
