@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,51 +166,36 @@ def server(workdir: Path, roles: str, *, passthrough: bool = False) -> Iterator[
 
 
 def serve_passthrough() -> None:
-    """``hookline serve`` whose watermarking step only claims the task and finishes it: what is
-    left is the framework's own cost (feed, dispatch, two compare-and-sets)."""
+    """``hookline serve`` whose watermarking step only finishes the task under its lease: what is
+    left is the framework's own cost (feed, dispatch, lease claim, two compare-and-sets)."""
     import uvicorn
 
     from service.http.app import create_app
     from service.settings import Settings
-    from service.steps.worker import Worker
+    from service.steps.runner import Lease
     from statemachine import lifecycle
     from statemachine.states import Event
 
+    class PassThrough:
+        async def ready(self, task: Task, now: float) -> bool:
+            return task.state is State.WATERMARKING
+
+        async def run(self, lease: Lease) -> None:
+            rt = app.state.runtime
+            await lifecycle.advance(
+                rt.store,
+                lease.task.id,
+                Event.FINISHED,
+                rt.now(),
+                rt.timings.base,
+                guard=lease.holds,
+            )
+
     settings = Settings()
     app = create_app(settings)
-    inner = app.router.lifespan_context
-
-    def passthrough(worker: Worker) -> Any:
-        async def watermark(task_id: str) -> None:
-            svc = worker.svc
-            task = await svc.store.get_task(task_id)
-            if task is None or task.state is not State.WATERMARKING:
-                return
-            now = svc.now()
-            claimed = await lifecycle.take_lease(
-                svc.store, task, worker.owner, now, svc.deadlines.lease_s
-            )
-            if claimed is None:
-                return
-            await lifecycle.advance(
-                svc.store,
-                task_id,
-                Event.FINISHED,
-                svc.now(),
-                svc.deadlines,
-                guard=lambda t: t.lease_owner == worker.owner,
-            )
-
-        return watermark
-
-    @contextlib.asynccontextmanager
-    async def lifespan(a: Any) -> AsyncIterator[Any]:
-        async with inner(a) as state:
-            worker = a.state.services_ref.extras["worker"]
-            worker.watermark = passthrough(worker)
-            yield state
-
-    app.router.lifespan_context = lifespan
+    runner = app.state.runtime.runner
+    assert runner is not None, "the passthrough server runs the dispatcher"
+    runner.steps[State.WATERMARKING] = PassThrough()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import statistics
 import tempfile
 import time
@@ -27,20 +26,17 @@ import httpx
 
 from callbacks.provider import Delivery, Limits, Outcome, Submission
 from service.blobs.local import LocalBlobStore
-from service.http.ratelimit import RateLimiter
 from service.logging import configure_logging
 from service.media.fetch import SafeFetcher
-from service.media.watermark import WatermarkConfig
-from service.runtime import Services
+from service.runtime import Runtime, build_runtime
 from service.settings import Settings
-from service.steps.worker import Worker
-from service.styles import Catalogue
-from statemachine.decide import Deadlines
+from service.steps.dispatcher import Backstop
 from statemachine.reaper import Reaper
 from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import State
-from statemachine.task import Task, TaskDoc, to_doc
+from statemachine.task import TaskDoc, to_doc
+from tests.support.factories import make_task
 
 T0 = 1_700_000_000.0
 OWNER = "bench"
@@ -76,18 +72,15 @@ class SucceededProvider:
 
 
 def template() -> TaskDoc:
-    task = Task(
-        id="template",
+    """The stored task the generated rows are copies of (each sets its own id and deadline)."""
+    task = make_task(
         owner=OWNER,
         state=State.AI_PROCESSING,
         version=3,
         provider=PROVIDER,
         model=MODEL,
         prompt="a lighthouse at dusk",
-        cost=5,
-        created_at=T0 - 3600,
-        updated_at=T0 - 3600,
-        callback_token=secrets.token_urlsafe(24),
+        now=T0 - 3600,
         attempts=1,
     )
     return to_doc(task)
@@ -137,30 +130,25 @@ def overdue_docs(n: int) -> Iterator[TaskDoc]:
         yield doc
 
 
-def build_worker(store: SqliteStore, directory: Path, http: httpx.AsyncClient) -> Worker:
-    """The production Worker on a fixed clock, with the succeeding fake as its only provider."""
+def build_runtime_for_bench(
+    store: SqliteStore, directory: Path, http: httpx.AsyncClient
+) -> Runtime:
+    """The production runtime on a fixed clock, with the succeeding fake as its only provider."""
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, var_dir=directory / "var", public_url="http://127.0.0.1:9"
     )
-    svc = Services(
-        settings=settings,
+    fetcher = SafeFetcher(http, max_bytes=1_000_000, timeout_s=5)
+    return build_runtime(
+        settings,
         store=store,
         feed=SqliteFeed(store),
         blobs=LocalBlobStore(directory / "blobs", settings.public_url, b"bench-secret"),
         http=http,
         providers={PROVIDER: SucceededProvider()},
-        catalogue=Catalogue.load(),
-        limiter=RateLimiter(0, 1),
-        deadlines=Deadlines(),
-        now=lambda: T0,
-    )
-    fetcher = SafeFetcher(http, max_bytes=1_000_000, timeout_s=5)
-    return Worker(
-        svc,
-        owner="bench-reaper",
         input_fetcher=fetcher,
         output_fetchers={},
-        watermark=WatermarkConfig.from_settings(settings),
+        now=lambda: T0,
+        owner="bench-reaper",
     )
 
 
@@ -184,8 +172,10 @@ async def run_async(quick: bool, directory: Path) -> dict[str, float]:
     await store.open()
     try:
         async with httpx.AsyncClient() as http:
-            worker = build_worker(store, directory, http)
-            reaper = Reaper(store, worker, interval_s=1.0, now=lambda: T0)
+            runtime = build_runtime_for_bench(store, directory, http)
+            assert runtime.runner is not None
+            backstop = Backstop(runtime.runner, runtime.outcomes)
+            reaper = Reaper(store, backstop, interval_s=1.0, now=lambda: T0)
             started = time.perf_counter()
             await store.bulk_load_for_bench(waiting_docs(n_rows))
             results["bulk_load_s"] = time.perf_counter() - started

@@ -11,8 +11,8 @@ watching one task, the worst fan-out). Two figures:
   transition's own timestamp (the ``at`` of its event, taken by the server just before the write)
   to the moment the client has read the frame. Goal: p99 ≤ 100 ms.
 
-The server runs ``service.ops.start`` itself (a no-op once the app's lifespan does). Figures are
-reported, never asserted.
+Every hookline process runs the live watchers that feed the streams (service/ops/live.py).
+Figures are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,6 @@ def serve(directory: Path, port: int) -> None:
     """The server side: hookline with the operations loops started after its lifespan's startup."""
     import uvicorn
 
-    from service import ops
     from service.http.app import create_app
     from service.settings import Settings
 
@@ -68,32 +67,8 @@ def serve(directory: Path, port: int) -> None:
         log_level="warning",
     )
     app = create_app(settings)
-
-    async def with_ops(
-        scope: Message, receive: Callable[[], Awaitable[Message]], send: Any
-    ) -> None:
-        if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
-        loops: list[asyncio.Task[None]] = []
-
-        async def send_started(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                loops.extend(await ops.start(app.state.services_ref))
-            await send(message)
-
-        async def receive_stopping() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.shutdown":
-                for loop in loops:
-                    loop.cancel()
-                await asyncio.gather(*loops, return_exceptions=True)
-            return message
-
-        await app(scope, receive_stopping, send_started)
-
     uvicorn.run(
-        with_ops,
+        app,
         host="127.0.0.1",
         port=port,
         log_level="warning",

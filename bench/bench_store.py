@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import secrets
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from statemachine.decide import Deadlines, Transition, apply, decide
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import Event, State
 from statemachine.task import Task, TaskDoc, to_doc
+from tests.support.factories import make_task
 
 T0 = 1_700_000_000.0
 OWNER = "bench"
@@ -30,20 +29,12 @@ CONCURRENCY = 256
 
 
 def new_task(i: int) -> Task:
-    return Task(
-        id=uuid.uuid4().hex,
+    return make_task(
         owner=OWNER,
-        state=State.PENDING,
-        version=1,
-        provider="sim",
-        model="sim-1",
         prompt=f"a portrait in the rain #{i}",
         cost=1,
-        created_at=T0 + i * 0.001,
-        updated_at=T0 + i * 0.001,
-        callback_token=secrets.token_urlsafe(24),
-        deadline=T0 + 10,
-        idempotency_key=f"key-{i}",
+        now=T0 + i * 0.001,
+        idempotency_key=f"key-{i}",  # every create pays for the Idempotency-Key lookup
         request_hash="h",
     )
 

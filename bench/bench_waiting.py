@@ -246,11 +246,11 @@ async def measure_process(directory: Path, n: int) -> dict[str, float]:
 
 
 def inproc_figures(app: Any) -> dict[str, float]:
-    worker = app.state.services_ref.extras["worker"]
+    runner = app.state.runtime.runner
     return {
         "asyncio_tasks": float(len(asyncio.all_tasks())),
         "threads": float(threading.active_count()),
-        "worker_steps": float(worker.busy),
+        "worker_steps": float(runner.busy if runner is not None else 0),
     }
 
 

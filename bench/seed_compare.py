@@ -515,10 +515,11 @@ def serve_simulator(port: int) -> None:
     polls a second, logging would cost the simulator more than answering)."""
     import uvicorn
 
-    from callbacks.simulator import SimConfig, create_simulator_app
+    from callbacks.simulator import create_simulator_app
+    from service.providers import sim_config
     from service.settings import Settings
 
-    config = SimConfig.from_settings(Settings(_env_file=None))  # type: ignore[call-arg]
+    config = sim_config(Settings(_env_file=None))  # type: ignore[call-arg]
     app = create_simulator_app(config)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-OutcomeStatus = Literal["running", "succeeded", "failed", "cancelled"]
+from statemachine.outcome import Outcome, OutcomeStatus
+
+__all__ = ["Delivery", "Limits", "Outcome", "OutcomeStatus", "Provider", "Submission"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,21 +28,6 @@ class Submission:
     negative_prompt: str | None = None
     num_outputs: int = 1
     params: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the provider says about a job. ``retryable`` matters only for ``failed``."""
-
-    status: OutcomeStatus
-    job_id: str
-    outputs: tuple[str, ...] = ()
-    reason: str | None = None
-    retryable: bool = True
-
-    @property
-    def final(self) -> bool:
-        return self.status != "running"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ log = structlog.get_logger()
 
 
 class OutcomeSink(Protocol):
-    async def apply_outcome(self, task_id: str, outcome: Outcome, task: Task | None = None) -> str:
+    async def apply(self, task_id: str, outcome: Outcome, task: Task | None = None) -> str:
         """Apply a provider outcome monotonically; return a word for what happened. ``task`` is
         the record as just read, if the caller has it."""
 
@@ -95,7 +95,7 @@ class WebhookReceiver:
                 provider_name, delivery.delivery_id, task_id, self.now()
             )
             return Receipt(202, {"status": "polling"})
-        result = await self.sink.apply_outcome(task_id, delivery.outcome, task)
+        result = await self.sink.apply(task_id, delivery.outcome, task)
         await self.store.record_delivery(provider_name, delivery.delivery_id, task_id, self.now())
         log.info(
             "webhook_applied", provider=provider_name, status=delivery.outcome.status, result=result
@@ -113,5 +113,5 @@ class WebhookReceiver:
                 await asyncio.sleep(0.5 * 2**attempt)
                 continue
             if outcome.final:
-                await self.sink.apply_outcome(task_id, outcome)
+                await self.sink.apply(task_id, outcome)
             return

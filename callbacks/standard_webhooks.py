@@ -5,8 +5,25 @@ HMAC-SHA256 keyed with the base64-decoded part of a ``whsec_…`` secret. The si
 space-separated ``<version>,<base64 signature>`` entries so a sender can rotate secrets: any ``v1``
 entry that matches accepts, other versions (``v1a`` is ed25519) are skipped.
 
-Unlike the reference library and Replicate's helper, nothing here reads a clock: ``verify`` takes
-``now`` so the caller's one clock (and the tests' fake one) decides.
+Why the reference library (``standardwebhooks``, which the tests cross-check against) does not do
+the verifying: its ``Webhook.verify`` lacks three things a receiver needs. It reads its own wall
+clock with a fixed ±5-minute window, so neither the caller's one clock (``now`` here, a fake one in
+tests) nor a per-provider tolerance can reach it. It decodes the body as UTF-8 before checking
+anything, so a non-UTF-8 body raises ``UnicodeDecodeError`` instead of being verified over its
+bytes. And it unpacks each signature entry unguarded, so an entry without a comma (or with two),
+an empty one left by a double space, or bad base64, placed before the matching entry, raises
+``ValueError`` or ``binascii.Error`` where the spec says to skip it. (Replicate's helper,
+``replicate.webhooks.validate``, does not check the timestamp at all.)
+
+``sign`` does not call ``Webhook.sign`` either, though both make the same ``v1,`` entry byte for
+byte (a test holds them equal, so the outbound signer may use either): here signing and verifying
+share ``_signature``, one HMAC over the exact bytes. ``Webhook.sign`` takes the body as ``str``
+(given bytes it signs their ``repr``, ``b'…'``, without complaint) and the time as a ``datetime``
+whose zone it relabels as UTC instead of converting; calling it would decode bytes only for it to
+encode them again, and could not sign a non-UTF-8 body at all.
+
+tests/unit/test_standard_webhooks.py proves each claim about ``standardwebhooks`` against the
+installed version, so a release that changes one fails a test and this text gets rewritten.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ GC_GEN0_THRESHOLD = 20_000
 
 
 def _with_store(settings: Settings, action: Callable[[TaskStore], Awaitable[T]]) -> T:
-    from service.http.app import build_store
+    from service.runtime import build_store
 
     async def run() -> T:
         store, _feed = build_store(settings)
@@ -156,9 +156,10 @@ def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_simulator(settings: Settings, args: argparse.Namespace) -> int:
-    from callbacks.simulator import SimConfig, run_simulator
+    from callbacks.simulator import run_simulator
+    from service.providers import sim_config
 
-    run_simulator(SimConfig.from_settings(settings), args.host, args.port)
+    run_simulator(sim_config(settings), args.host, args.port)
     return 0
 
 

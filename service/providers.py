@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import httpx
 
 from callbacks.bfl import BflProvider
 from callbacks.fal import FalProvider
 from callbacks.provider import Provider
 from callbacks.replicate import ReplicateProvider
+from callbacks.simulator.config import DEFAULT_API_TOKEN, DEFAULT_REORDER_WITH_DELAY, SimConfig
 from service.settings import Settings
 
-# The built-in simulator speaks Replicate's contract under ``/sim/v1`` and accepts this token
-# (callbacks/simulator SimConfig.api_token defaults to the same value).
-SIM_API_TOKEN = "sim-token"
+# The built-in simulator speaks Replicate's contract under ``/sim/v1`` and accepts the token
+# SimConfig accepts by default.
+SIM_API_TOKEN = DEFAULT_API_TOKEN
 SIM_PATH = "/sim/v1"
 
 # Hosts each provider serves outputs from (used when HOOKLINE_OUTPUT_HOSTS is unset).
@@ -32,6 +35,29 @@ _OUTPUT_HOSTS: dict[str, tuple[str, ...]] = {
         "bfldeliverysc.blob.core.windows.net",
     ),
 }
+
+
+def sim_config(settings: Settings, **overrides: object) -> SimConfig:
+    """The simulator's behaviour from the ``sim_*`` settings; ``overrides`` set any other
+    SimConfig field (``TypeError`` for a name SimConfig does not have). A configured webhook
+    delay also makes a share of the predictions send a stale webhook after the terminal one."""
+    values: dict[str, object] = {
+        "latency": settings.sim_latency,
+        "time_scale": settings.sim_time_scale,
+        "failure_rate": settings.sim_failure_rate,
+        "webhook_loss": settings.sim_webhook_loss,
+        "webhook_duplicate": settings.sim_webhook_duplicate,
+        "webhook_delay_s": settings.sim_webhook_delay_s,
+        "webhook_reorder": DEFAULT_REORDER_WITH_DELAY if settings.sim_webhook_delay_s else 0.0,
+        "webhook_bad_signature": settings.sim_webhook_bad_signature,
+        "output_5xx": settings.sim_output_5xx,
+        "seed": settings.sim_seed,
+    }
+    unknown = set(overrides) - {f.name for f in fields(SimConfig)}
+    if unknown:
+        raise TypeError(f"unknown SimConfig fields: {sorted(unknown)}")
+    values.update(overrides)
+    return SimConfig(**values)  # type: ignore[arg-type]
 
 
 def sim_base_url_for(settings: Settings) -> str:

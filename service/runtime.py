@@ -1,30 +1,73 @@
-"""The resources one process holds, created in the app's lifespan and reached by handlers through
-``request.state.services``."""
+"""The runtime of one hookline process: every resource it holds and every loop it runs, built in
+one place apart from HTTP, so the app, the CLI, benches and tests build the same thing.
+
+    build_runtime(settings)   the objects, typed (no I/O yet)
+    await runtime.start()     open the store (retrying in the background while it is down) and
+                              start the loops the process's roles ask for
+    await runtime.close()     stop the loops, let running steps finish, close what was opened
+
+Roles (``HOOKLINE_ROLES``): ``dispatcher`` runs the change-feed watcher that starts steps,
+``reaper`` the deadline-index backstop; either builds the step runner. Without both a process runs
+no step at all (``--roles api``). Every process runs the live watchers (SSE fan-out, metrics).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import os
+import random
+import socket
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import httpx
+import structlog
 
 from callbacks.provider import Provider
-from service.http.ratelimit import RateLimiter
+from callbacks.receiver import WebhookReceiver
+from callbacks.simulator import Simulator
+from service.background import Background
+from service.blobs.base import BlobStore
+from service.blobs.local import LocalBlobStore, load_or_create_secret
+from service.blobs.s3 import S3BlobStore, split_endpoint
+from service.media.fetch import SafeFetcher
+from service.media.watermark import WatermarkConfig
+from service.ops.live import live_watchers
+from service.ops.metrics import Metrics
+from service.providers import build_providers, default_output_hosts, sim_base_url_for
 from service.settings import Settings
+from service.steps.dispatcher import Backstop, Dispatcher
+from service.steps.outcomes import OutcomeApplier
+from service.steps.processing import ProcessingStep
+from service.steps.runner import StepRunner
+from service.steps.watermarking import WatermarkingStep
 from service.styles import Catalogue
+from service.timings import Timings
 from statemachine import clock
-from statemachine.decide import Deadlines
-from statemachine.errors import BadRequest
+from statemachine.errors import StoreError, Unavailable
+from statemachine.feed import Broadcaster, Watcher
+from statemachine.mongo_feed import MongoChangeFeed
+from statemachine.mongo_store import MongoStore
+from statemachine.reaper import Reaper
+from statemachine.sqlite_feed import SqliteFeed
+from statemachine.sqlite_store import SqliteStore
+from statemachine.states import State
 from statemachine.store import ChangeFeed, TaskStore
-from statemachine.task import Task
 
-if TYPE_CHECKING:
-    from service.blobs.base import BlobStore
+log = structlog.get_logger()
+
+OUTPUT_MAX_BYTES = 50_000_000
+OUTPUT_FETCH_TIMEOUT_S = 60.0
+INPUT_FETCH_TIMEOUT_S = 30.0
+PROVIDER_TIMEOUT_S = 30.0
 
 
 @dataclass
-class Services:
+class Runtime:
+    """Everything one process holds. ``runner`` is None in a process that runs no steps."""
+
     settings: Settings
     store: TaskStore
     feed: ChangeFeed
@@ -32,26 +75,343 @@ class Services:
     http: httpx.AsyncClient
     providers: dict[str, Provider]
     catalogue: Catalogue
-    limiter: RateLimiter
-    deadlines: Deadlines
+    timings: Timings
+    background: Background
+    outcomes: OutcomeApplier
+    receiver: WebhookReceiver
+    broadcaster: Broadcaster
+    metrics: Metrics
+    input_fetcher: SafeFetcher
+    output_fetchers: dict[str, SafeFetcher]
+    runner: StepRunner | None
+    simulator: Simulator | None = None
     now: Callable[[], float] = clock.now
-    extras: dict[str, Any] = field(default_factory=dict)
-    _timings: dict[tuple[str, str], Deadlines] = field(default_factory=dict, repr=False)
+    _loops: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
-    def deadlines_for(self, task: Task) -> Deadlines:
-        """The timings that apply to ``task``'s current provider and model."""
-        key = (task.provider, task.model)
-        found = self._timings.get(key)
-        if found is None:
-            found = self._timings[key] = self.settings.deadlines_for(*key, base=self.deadlines)
-        return found
+    async def start(self) -> None:
+        """Open the store (a store that is down does not stop the process: readiness is false
+        and requests answer 503 until a background retry opens it), then start the loops."""
+        settings = self.settings
+        opener = asyncio.create_task(open_store(self.store), name="open-store")
+        if not await _opened_soon(opener, settings.store_timeout_s + 1):
+            log.error("store_unavailable_at_startup", store=settings.store_url.split("?")[0])
+        roles = settings.role_set()
+        loops: list[tuple[str, Coroutine[Any, Any, None]]] = []
+        if self.runner is not None and "dispatcher" in roles:
+            dispatcher = Dispatcher(self.store, self.runner)
+            # Starting fresh at the head: older events are the reaper's to recover, not a
+            # history to replay.
+            watcher = Watcher(
+                "dispatcher", self.feed, self.store, dispatcher.handle, start_at_head=True
+            )
+            loops.append(("dispatcher", _after(opener, watcher.run())))
+        if self.runner is not None and "reaper" in roles:
+            backstop = Backstop(self.runner, self.outcomes)
+            reaper = Reaper(
+                self.store, backstop, interval_s=settings.reaper_interval_s, now=self.now
+            )
+            loops.append(("reaper", reaper.run()))
+        for name, watch in live_watchers(self.feed, self.store, self.broadcaster, self.metrics):
+            loops.append((name, watch))
+        self._loops = [asyncio.create_task(coro, name=name) for name, coro in loops]
+        self._loops.append(opener)
+        log.info(
+            "hookline_started",
+            roles=sorted(roles),
+            store=settings.store_url.split("?")[0],
+            provider=settings.provider,
+        )
 
-    def provider(self, name: str) -> Provider:
+    async def close(self) -> None:
+        """Stop the loops, give running steps their grace period, close every resource."""
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self.runner is not None:
+            await self.runner.close()
+        await self.background.close(grace_s=5.0)
+        if self.simulator is not None:
+            await self.simulator.close()
+        await self.http.aclose()
+        await self.blobs.close()
+        await self.store.close()
+
+    async def drain(self) -> None:
+        """Wait until no step and no background work is running (tests)."""
+        while (self.runner is not None and self.runner.busy) or self.background.busy:
+            if self.runner is not None:
+                await self.runner.drain()
+            await self.background.drain()
+
+
+def build_runtime(
+    settings: Settings,
+    *,
+    simulator: Simulator | None = None,
+    store: TaskStore | None = None,
+    feed: ChangeFeed | None = None,
+    blobs: BlobStore | None = None,
+    http: httpx.AsyncClient | None = None,
+    providers: dict[str, Provider] | None = None,
+    input_fetcher: SafeFetcher | None = None,
+    output_fetchers: dict[str, SafeFetcher] | None = None,
+    now: Callable[[], float] = clock.now,
+    rng: random.Random | None = None,
+    owner: str | None = None,
+) -> Runtime:
+    """The runtime ``settings`` describe; any part may be given instead (tests and benches
+    replace the store, the providers, the fetchers or the clock)."""
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    rng = rng or random.Random()
+    if store is None:
+        store, feed = build_store(settings)
+    elif feed is None:
+        raise ValueError("a store given without its feed")
+    assert feed is not None
+    blobs = blobs if blobs is not None else build_blob_store(settings)
+    http = http or httpx.AsyncClient(
+        timeout=httpx.Timeout(PROVIDER_TIMEOUT_S), follow_redirects=False
+    )
+    if providers is None:
+        sim_base = sim_base_url_for(settings) if simulator is not None else None
+        sim_secret = simulator.config.webhook_secret if simulator is not None else None
+        providers = build_providers(settings, http, sim_base_url=sim_base, sim_secret=sim_secret)
+    catalogue = Catalogue.load(settings.styles_path)
+    timings = Timings(settings)
+    background = Background("background")
+    outcomes = OutcomeApplier(
+        store,
+        providers,
+        catalogue,
+        timings,
+        blobs,
+        background,
+        default_model=settings.default_model,
+        now=now,
+        rng=rng,
+    )
+    broadcaster = Broadcaster()
+    receiver = WebhookReceiver(store, providers, outcomes, now=now, spawn=background.spawn)
+    metrics = Metrics(
+        store,
+        providers,
+        reconciliations=lambda: outcomes.reconciliations,
+        sse_clients=lambda: broadcaster.count,
+    )
+    receiver.on_rejected = metrics.on_webhook_rejected
+    if input_fetcher is None:
+        input_fetcher = SafeFetcher(
+            http,
+            allow_hosts=settings.input_host_set(),
+            max_bytes=settings.max_upload_bytes,
+            timeout_s=INPUT_FETCH_TIMEOUT_S,
+        )
+    if output_fetchers is None:
+        output_fetchers = build_output_fetchers(settings, http, list(providers))
+    runner = None
+    if settings.role_set() & {"dispatcher", "reaper"}:
+        runner = _build_runner(
+            settings,
+            store=store,
+            blobs=blobs,
+            providers=providers,
+            catalogue=catalogue,
+            timings=timings,
+            outcomes=outcomes,
+            input_fetcher=input_fetcher,
+            output_fetchers=output_fetchers,
+            now=now,
+            rng=rng,
+            owner=owner or f"{socket.gethostname()}:{os.getpid()}",
+        )
+    return Runtime(
+        settings=settings,
+        store=store,
+        feed=feed,
+        blobs=blobs,
+        http=http,
+        providers=providers,
+        catalogue=catalogue,
+        timings=timings,
+        background=background,
+        outcomes=outcomes,
+        receiver=receiver,
+        broadcaster=broadcaster,
+        metrics=metrics,
+        input_fetcher=input_fetcher,
+        output_fetchers=output_fetchers,
+        runner=runner,
+        simulator=simulator,
+        now=now,
+    )
+
+
+def _build_runner(
+    settings: Settings,
+    *,
+    store: TaskStore,
+    blobs: BlobStore,
+    providers: dict[str, Provider],
+    catalogue: Catalogue,
+    timings: Timings,
+    outcomes: OutcomeApplier,
+    input_fetcher: SafeFetcher,
+    output_fetchers: dict[str, SafeFetcher],
+    now: Callable[[], float],
+    rng: random.Random,
+    owner: str,
+) -> StepRunner:
+    processing = ProcessingStep(
+        store,
+        blobs,
+        providers,
+        catalogue,
+        timings,
+        outcomes,
+        input_fetcher,
+        public_url=settings.public_url,
+        provider_concurrency=settings.provider_concurrency,
+        rng=rng,
+    )
+    watermarking = WatermarkingStep(
+        store,
+        blobs,
+        providers,
+        timings,
+        output_fetchers,
+        WatermarkConfig.from_settings(settings),
+        public_fetcher=input_fetcher,
+        rng=rng,
+    )
+    return StepRunner(
+        store,
+        outcomes,
+        {
+            State.PENDING: processing,
+            State.PROCESSING: processing,
+            State.WATERMARKING: watermarking,
+        },
+        owner=owner,
+        lease_s=timings.base.lease_s,
+        retry_backoff_s=timings.base.retry_backoff_s,
+        now=now,
+        rng=rng,
+    )
+
+
+# --- parts ----------------------------------------------------------------------------------------
+
+
+def build_store(settings: Settings) -> tuple[TaskStore, ChangeFeed]:
+    """The store and change feed named by ``HOOKLINE_STORE_URL``."""
+    url = settings.store_url
+    if url.startswith("sqlite:"):
+        sqlite = SqliteStore.from_url(url)
+        return sqlite, SqliteFeed(sqlite)
+    if url.startswith(("mongodb:", "mongodb+srv:")):
+        # Change streams are MongoDB's feed; the extra event collection would cost a round trip
+        # per transition (bench/mongo_ops.py: 13 → 8 per successful task).
+        mongo = MongoStore.from_url(url, event_log=False, timeout_s=settings.store_timeout_s)
+        return mongo, MongoChangeFeed(mongo.db)
+    raise ValueError(f"HOOKLINE_STORE_URL must be sqlite:/// or mongodb://, got {url!r}")
+
+
+def build_blob_store(settings: Settings) -> BlobStore:
+    """The adapter named by ``settings.blob_url``.
+
+    ``file://var/blobs`` (relative to the working directory), ``file:///abs/path``, or
+    ``s3://bucket[/prefix]`` with ``s3_endpoint`` (``host:port`` or ``http(s)://host:port``; an
+    explicit scheme decides ``secure``), ``s3_access_key``, ``s3_secret_key``, ``s3_region``,
+    ``s3_public_endpoint``. Local file URLs are signed with ``secret_key``, or with a key created
+    once under ``var_dir``.
+    """
+    url = settings.blob_url.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"HOOKLINE_BLOB_URL must be file://… or s3://…, got {url!r}")
+    if scheme == "file":
+        if not rest:
+            raise ValueError("HOOKLINE_BLOB_URL file:// needs a path")
+        secret = (
+            settings.secret_key.get_secret_value().encode()
+            if settings.secret_key is not None
+            else load_or_create_secret(settings.var_dir)
+        )
+        return LocalBlobStore(Path(rest), settings.public_url, secret)
+    if scheme == "s3":
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError("HOOKLINE_BLOB_URL s3:// needs a bucket")
+        if not settings.s3_endpoint:
+            raise ValueError("HOOKLINE_S3_ENDPOINT is required with an s3:// blob URL")
+        endpoint, secure = split_endpoint(settings.s3_endpoint, default_secure=settings.s3_secure)
+        return S3BlobStore(
+            endpoint,
+            settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
+            settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+            bucket,
+            secure=secure,
+            region=settings.s3_region,
+            prefix=prefix.strip("/"),
+            public_endpoint=settings.s3_public_endpoint,
+        )
+    raise ValueError(f"unknown blob store scheme {scheme!r} in HOOKLINE_BLOB_URL")
+
+
+def build_output_fetchers(
+    settings: Settings, http: httpx.AsyncClient, names: list[str]
+) -> dict[str, SafeFetcher]:
+    """One SSRF-safe fetcher per provider, allowed the provider's output hosts."""
+    fetchers: dict[str, SafeFetcher] = {}
+    configured = settings.output_host_set()
+    for name in names:
+        hosts = set(configured if configured is not None else default_output_hosts(name))
+        if name == "sim":
+            hosts.add(_host_port(settings.public_url))
+        fetchers[name] = SafeFetcher(
+            http, allow_hosts=hosts, max_bytes=OUTPUT_MAX_BYTES, timeout_s=OUTPUT_FETCH_TIMEOUT_S
+        )
+    return fetchers
+
+
+def _host_port(url: str) -> str:
+    parsed = httpx.URL(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return f"{parsed.host}:{port}"
+
+
+async def open_store(
+    store: TaskStore, *, first_wait_s: float = 0.5, max_wait_s: float = 30
+) -> None:
+    """Open the store, retrying with backoff while it is unreachable. Until it opens, requests
+    that need it answer 503 and /readyz says not ready; the watchers retry on their own."""
+    wait = first_wait_s
+    while True:
         try:
-            return self.providers[name]
-        except KeyError:
-            raise BadRequest(
-                f"unknown provider {name!r}",
-                code="unknown_provider",
-                details=sorted(self.providers),
-            ) from None
+            await store.open()
+        except (Unavailable, StoreError) as exc:
+            log.warning("store_open_failed", error=exc.message, retry_in_s=wait)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, max_wait_s)
+        else:
+            log.info("store_opened")
+            return
+
+
+async def _opened_soon(opener: asyncio.Task[None], wait_s: float) -> bool:
+    """Wait for the first attempt(s) to open the store."""
+    done, _ = await asyncio.wait({opener}, timeout=wait_s)
+    if opener in done:
+        opener.result()  # a bug (not unavailability) surfaces here
+        return True
+    return False
+
+
+async def _after(opener: asyncio.Task[None], work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` once the store is open."""
+    try:
+        await asyncio.shield(opener)
+    except BaseException:
+        work.close()
+        raise
+    await work

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from callbacks import bfl, fal, replicate
 from statemachine.decide import Deadlines
 
 ProviderName = Literal["sim", "replicate", "fal", "bfl"]
+
+# The model the "sim" provider is asked for when nothing names one (the simulator runs any).
+SIM_MODEL: Final = "hookline/sim"
+
+# The lifecycle timing settings default to the machine's own defaults.
+_DEADLINES: Final = Deadlines()
+
+
+def split_csv(value: str) -> tuple[str, ...]:
+    """The items of a comma-separated setting, stripped, empty ones dropped, in order."""
+    return tuple(item for item in (part.strip() for part in value.split(",")) if item)
 
 
 class ProviderTiming(BaseModel):
@@ -40,7 +52,7 @@ class Settings(BaseSettings):
     port: int = 8000
     secret_key: SecretStr | None = None  # signs file URLs; generated under var/ when unset
     var_dir: Path = Path("var")
-    roles: str = "api,dispatcher,reaper"
+    roles: str = "api,dispatcher,reaper"  # comma-separated
     store_timeout_s: float = 5.0  # MongoDB server selection: how long a request waits for it
 
     # S3 / MinIO
@@ -54,18 +66,18 @@ class Settings(BaseSettings):
     # providers
     provider: ProviderName = "sim"
     replicate_api_token: SecretStr | None = None
-    replicate_base_url: str = "https://api.replicate.com/v1"
+    replicate_base_url: str = replicate.DEFAULT_BASE_URL
     replicate_model: str = "black-forest-labs/flux-schnell"
     replicate_webhook_secret: SecretStr | None = None
     fal_key: SecretStr | None = None
-    fal_base_url: str = "https://queue.fal.run"
+    fal_base_url: str = fal.DEFAULT_BASE_URL
     fal_model: str = "fal-ai/flux/dev"
-    fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+    fal_jwks_url: str = fal.DEFAULT_JWKS_URL
     bfl_api_key: SecretStr | None = None
-    bfl_base_url: str = "https://api.bfl.ai/v1"
+    bfl_base_url: str = bfl.DEFAULT_BASE_URL
     bfl_model: str = "flux-pro-1.1"
     output_hosts: str | None = None  # comma-separated; None = the provider's own defaults
-    input_hosts: str = ""
+    input_hosts: str = ""  # comma-separated hosts input image URLs may name
     provider_concurrency: int = 64  # jobs in flight per provider; beyond it tasks stay pending
     styles_path: Path | None = None
 
@@ -81,13 +93,13 @@ class Settings(BaseSettings):
     sim_seed: int | None = None
 
     # lifecycle timing
-    ai_deadline_s: float = 600.0
-    ai_hard_cap_s: float = 1800.0
-    lease_s: float = 60.0
-    handoff_s: float = 10.0
+    ai_deadline_s: float = _DEADLINES.ai_deadline_s
+    ai_hard_cap_s: float = _DEADLINES.ai_hard_cap_s
+    lease_s: float = _DEADLINES.lease_s
+    handoff_s: float = _DEADLINES.handoff_s
     reaper_interval_s: float = 5.0
-    max_attempts: int = 3
-    retry_backoff_s: float = 2.0
+    max_attempts: int = _DEADLINES.max_attempts
+    retry_backoff_s: float = _DEADLINES.retry_backoff_s
     # Per provider or provider:model, as JSON, e.g.
     # {"replicate": {"ai_deadline_s": 300}, "fal:fal-ai/flux/dev": {"expected_latency_s": 20}}
     provider_timings: dict[str, ProviderTiming] = Field(default_factory=dict)
@@ -101,7 +113,7 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = 50.0
     rate_limit_burst: int = 200
     metrics_token: SecretStr | None = None
-    cors_origins: str = ""
+    cors_origins: str = ""  # comma-separated; empty = CORS off
     file_url_ttl_s: int = 3600
 
     # watermark
@@ -146,9 +158,26 @@ class Settings(BaseSettings):
         return deadlines
 
     def default_model(self, provider: str) -> str:
-        """The model for ``provider`` when neither the request nor its style names one."""
+        """The model for ``provider`` when neither the request nor its style names one: its
+        ``*_model`` setting; ``SIM_MODEL`` for "sim" (and any name without such a setting)."""
         models = {"replicate": self.replicate_model, "fal": self.fal_model, "bfl": self.bfl_model}
-        return models.get(provider, "hookline/sim")
+        return models.get(provider, SIM_MODEL)
 
     def role_set(self) -> frozenset[str]:
-        return frozenset(r.strip() for r in self.roles.split(",") if r.strip())
+        """The background loops this process runs (``roles``)."""
+        return frozenset(split_csv(self.roles))
+
+    def input_host_set(self) -> frozenset[str]:
+        """Hosts input image URLs may be fetched from (``input_hosts``); empty: none."""
+        return frozenset(split_csv(self.input_hosts))
+
+    def output_host_set(self) -> frozenset[str] | None:
+        """Hosts provider outputs may be fetched from (``output_hosts``), or ``None`` when it is
+        unset: then each provider's own defaults apply (service/providers.py)."""
+        if self.output_hosts is None:
+            return None
+        return frozenset(split_csv(self.output_hosts))
+
+    def cors_origin_list(self) -> list[str]:
+        """Origins allowed by CORS (``cors_origins``), in order; empty: CORS is off."""
+        return list(split_csv(self.cors_origins))

@@ -25,6 +25,9 @@ events, appended with one ``$push`` each. Appending to the one open bucket is a 
 operation that both numbers the event and stores it, so positions follow commit order (a counter
 document plus a separate insert would not: a reader could pass a number whose insert is late).
 A position is the zero-padded event number, ``bucket * FEED_BUCKET_SIZE + index + 1``.
+
+The module is long because it is one thing: the adapter of one port (``store.TaskStore``) over one
+driver, whose write orders and ``reconcile`` repairs only make sense read side by side.
 """
 
 from __future__ import annotations

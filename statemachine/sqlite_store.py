@@ -1,12 +1,9 @@
 """The SQLite adapter of TaskStore: the embedded default (one file, WAL, several processes).
 
-No statement runs on the event loop. Every operation is queued to one database thread with its
-own connection, which drains the queue in batches: the batch's reads first (one read snapshot),
-then its writes, group-committed: each write inside its own SAVEPOINT (a failing write undoes only
-itself) of one ``BEGIN IMMEDIATE`` transaction, the callers' futures resolved only after
-``COMMIT``, so an acknowledged write survives a process crash (WAL with ``synchronous=NORMAL``).
-One thread rather than a reader and a writer: with the GIL, a second thread measured slower
-(bench/bench_store.py); the price is that reads wait while this process waits for the write lock.
+This module is the schema, the SQL of every TaskStore operation, and the mapping between rows and
+records; its statements run through ``sqlite_exec.BatchExecutor`` (one database thread, reads in
+one snapshot, writes group-committed). It is long because it is one thing: the adapter of one
+port (``store.TaskStore``) over one driver, every method a transaction of the same few tables.
 
 The change feed is the append-only ``feed_events`` table; a position is ``str(seq)``. After a
 commit that appended events, in-process listeners (see ``listen``) are woken at once; other
@@ -20,16 +17,13 @@ import base64
 import binascii
 import contextlib
 import json
-import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
 import orjson
-import structlog
 
 from statemachine.errors import (
     BadRequest,
@@ -37,19 +31,14 @@ from statemachine.errors import (
     HooklineError,
     InsufficientCredits,
     NotFound,
-    StoreError,
     Unavailable,
 )
+from statemachine.sqlite_exec import BatchExecutor, Tx, connect
 from statemachine.states import REFUNDED_STATES, TERMINAL, State
 from statemachine.store import FeedEvent, LedgerEntry, LedgerKind, Page, User
 from statemachine.task import Task, TaskDoc, from_doc, to_doc
 
 T = TypeVar("T")
-
-log = structlog.get_logger(__name__)
-
-BUSY_TIMEOUT_S: Final = 10.0
-MAX_BATCH: Final = 512
 
 # The partial index and the query must spell this predicate identically for SQLite to use it.
 _NON_TERMINAL_SQL: Final = "state NOT IN ({})".format(
@@ -135,180 +124,6 @@ _LEDGER_INSERT: Final = (
 _FEED_COLUMNS: Final = "seq, task_id, owner, source, dest, event, at, version"
 
 
-@dataclass(slots=True)
-class _Tx:
-    """What a write op sees: the writer's connection, and a flag to say it appended feed events."""
-
-    conn: sqlite3.Connection
-    emitted: bool = False
-
-
-@dataclass(slots=True)
-class _Op:
-    """A queued read (``fn(conn)``) or write (``fn(tx)``) and the future its caller awaits."""
-
-    fn: Callable[[Any], Any]
-    write: bool
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-
-
-@dataclass(slots=True)
-class _Outcome:
-    op: _Op
-    result: Any = None
-    error: BaseException | None = None
-
-
-_STOP: Final = object()
-
-
-def _resolve(outcomes: list[_Outcome]) -> None:
-    """Runs on the caller's loop: settle the futures of one batch."""
-    for o in outcomes:
-        if o.op.future.cancelled():
-            continue
-        if o.error is not None:
-            o.op.future.set_exception(o.error)
-        else:
-            o.op.future.set_result(o.result)
-
-
-def _call(fn: Callable[[Any], T], arg: Any) -> T:
-    """Run one op, translating driver errors at the boundary."""
-    try:
-        return fn(arg)
-    except sqlite3.Error as exc:
-        raise StoreError(f"sqlite: {exc}") from exc
-
-
-@dataclass(slots=True)
-class _Worker:
-    """One thread owning one connection, running queued ops in batches."""
-
-    name: str
-    connect: Callable[[], sqlite3.Connection]
-    run_batch: Callable[[sqlite3.Connection, list[_Op]], list[_Outcome]]
-    inbox: queue.SimpleQueue[object] = field(default_factory=queue.SimpleQueue)
-    thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        conn = self.connect()
-        self.thread = threading.Thread(target=self._loop, args=(conn,), name=self.name, daemon=True)
-        self.thread.start()
-
-    def submit(self, op: _Op) -> None:
-        self.inbox.put(op)
-
-    def stop(self) -> None:
-        """Finish what is queued, then end the thread (blocking: call through a thread)."""
-        self.inbox.put(_STOP)
-        if self.thread is not None:
-            self.thread.join()
-
-    def _loop(self, conn: sqlite3.Connection) -> None:
-        stopping = False
-        while not stopping:
-            first = self.inbox.get()
-            if first is _STOP:
-                break
-            batch = [cast(_Op, first)]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(cast(_Op, item))
-            try:
-                outcomes = self.run_batch(conn, batch)
-            except Exception as exc:  # a bug here must not leave callers waiting forever
-                log.exception("sqlite.worker_failed", ops=len(batch))
-                outcomes = [_Outcome(op, error=exc) for op in batch]
-            by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
-            for outcome in outcomes:
-                by_loop.setdefault(outcome.op.loop, []).append(outcome)
-            for loop, items in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody waits
-                    loop.call_soon_threadsafe(_resolve, items)
-        conn.close()
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-    )
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA cache_size=-65536")
-    return conn
-
-
-def _write_batch(conn: sqlite3.Connection, batch: list[_Op]) -> tuple[list[_Outcome], bool]:
-    """One transaction for the batch, one savepoint per op. Returns outcomes and "emitted"."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error as exc:
-        err = _store_error("cannot start a write transaction", exc)
-        return [_Outcome(op, error=err) for op in batch], False
-    tx = _Tx(conn)
-    outcomes: list[_Outcome] = []
-    emitted = False
-    try:
-        for op in batch:
-            tx.emitted = False
-            conn.execute("SAVEPOINT op")
-            try:
-                result = _call(op.fn, tx)
-            except Exception as exc:
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                outcomes.append(_Outcome(op, error=exc))
-            else:
-                conn.execute("RELEASE op")
-                outcomes.append(_Outcome(op, result=result))
-                emitted = emitted or tx.emitted
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        # The transaction itself failed (savepoint or commit): nothing of the batch is written.
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        log.error("sqlite.batch_failed", ops=len(batch), error=str(exc))
-        err = _store_error("write transaction failed", exc)
-        return [_Outcome(op, error=err) for op in batch], False
-    return outcomes, emitted
-
-
-def _read_batch(conn: sqlite3.Connection, batch: list[_Op]) -> list[_Outcome]:
-    """The reads of one batch, in one read transaction (one snapshot, one lock round-trip)."""
-    outcomes: list[_Outcome] = []
-    try:
-        conn.execute("BEGIN")
-    except sqlite3.Error as exc:
-        err = _store_error("cannot start a read transaction", exc)
-        return [_Outcome(op, error=err) for op in batch]
-    for op in batch:
-        try:
-            outcomes.append(_Outcome(op, result=_call(op.fn, conn)))
-        except Exception as exc:
-            outcomes.append(_Outcome(op, error=exc))
-    try:
-        conn.execute("COMMIT")
-    except sqlite3.Error:
-        # Never leave a read snapshot open: the next write's BEGIN IMMEDIATE would fail.
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-    return outcomes
-
-
-def _store_error(message: str, exc: sqlite3.Error) -> StoreError:
-    try:
-        raise StoreError(f"sqlite: {message}: {exc}") from exc
-    except StoreError as err:
-        return err
-
-
 def _task_row(task: Task) -> tuple[Any, ...]:
     doc = orjson.dumps(to_doc(task)).decode()
     return (
@@ -368,7 +183,7 @@ class SqliteStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._worker: _Worker | None = None
+        self._exec: BatchExecutor | None = None
         self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
         self._listeners_lock = threading.Lock()
 
@@ -383,18 +198,18 @@ class SqliteStore:
     # lifecycle
 
     async def open(self) -> None:
-        """Create the file, the schema and the indexes if missing, and start the threads."""
-        if self._worker is not None:
+        """Create the file, the schema and the indexes if missing, and start the database thread."""
+        if self._exec is not None:
             return
         await asyncio.to_thread(self._create_schema)
-        worker = _Worker("hookline-sqlite", lambda: _connect(self.path), self._run_batch)
-        await asyncio.to_thread(worker.start)
-        self._worker = worker
+        executor = BatchExecutor("hookline-sqlite", lambda: connect(self.path), self._notify)
+        await asyncio.to_thread(executor.start)
+        self._exec = executor
 
     def _create_schema(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            conn = _connect(self.path)
+            conn = connect(self.path)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("BEGIN IMMEDIATE")
@@ -408,9 +223,9 @@ class SqliteStore:
             raise Unavailable(f"cannot open {self.path}: {exc}") from exc
 
     async def close(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            await asyncio.to_thread(worker.stop)
+        executor, self._exec = self._exec, None
+        if executor is not None:
+            await asyncio.to_thread(executor.stop)
 
     async def ping(self) -> None:
         try:
@@ -420,31 +235,17 @@ class SqliteStore:
 
     # plumbing
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> list[_Outcome]:
-        reads = [op for op in batch if not op.write]
-        writes = [op for op in batch if op.write]
-        outcomes = _read_batch(conn, reads) if reads else []
-        if writes:
-            written, emitted = _write_batch(conn, writes)
-            outcomes.extend(written)
-            if emitted:
-                self._notify()
-        return outcomes
-
-    async def _submit(self, fn: Callable[[Any], T], *, write: bool) -> T:
-        worker = self._worker
-        if worker is None:
+    def _executor(self) -> BatchExecutor:
+        executor = self._exec
+        if executor is None:
             raise Unavailable("the store is not open")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        worker.submit(_Op(fn, write, loop, future))
-        return cast(T, await future)
+        return executor
 
-    async def _write(self, fn: Callable[[_Tx], T]) -> T:
-        return await self._submit(fn, write=True)
+    async def _write(self, fn: Callable[[Tx], T]) -> T:
+        return await self._executor().write(fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._submit(fn, write=False)
+        return await self._executor().read(fn)
 
     @contextlib.contextmanager
     def listen(self) -> Iterator[asyncio.Event]:
@@ -477,7 +278,7 @@ class SqliteStore:
     async def create_user(
         self, name: str, credits: int, *, is_admin: bool, key_hash: str, now: float
     ) -> User:
-        def op(tx: _Tx) -> User:
+        def op(tx: Tx) -> User:
             c = tx.conn
             if c.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise Conflict(f"user {name!r} exists", code="user_exists")
@@ -492,7 +293,7 @@ class SqliteStore:
         return await self._write(op)
 
     async def add_api_key(self, name: str, key_hash: str, now: float) -> None:
-        def op(tx: _Tx) -> None:
+        def op(tx: Tx) -> None:
             c = tx.conn
             if not c.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise NotFound(f"no user {name!r}", code="user_not_found")
@@ -523,7 +324,7 @@ class SqliteStore:
         return await self._read(op)
 
     async def grant(self, name: str, amount: int, now: float) -> int:
-        def op(tx: _Tx) -> int:
+        def op(tx: Tx) -> int:
             c = tx.conn
             row = c.execute(
                 "UPDATE users SET balance = balance + ? WHERE name = ? RETURNING balance",
@@ -553,7 +354,7 @@ class SqliteStore:
             raise ValueError("a new task is pending at version 1")
         row = _task_row(task)
 
-        def op(tx: _Tx) -> tuple[Task, bool]:
+        def op(tx: Tx) -> tuple[Task, bool]:
             c = tx.conn
             if task.idempotency_key is not None:
                 found = c.execute(
@@ -642,7 +443,7 @@ class SqliteStore:
         entry = task.history[-1] if emit else None
         refund = task.refunded and task.state in REFUNDED_STATES
 
-        def op(tx: _Tx) -> bool:
+        def op(tx: Tx) -> bool:
             c = tx.conn
             cur = c.execute(
                 "UPDATE tasks SET state = ?, version = ?, deadline = ?, doc = ?"
@@ -749,7 +550,7 @@ class SqliteStore:
                     json.dumps(d, separators=(",", ":")),
                 )
 
-        def op(tx: _Tx) -> None:
+        def op(tx: Tx) -> None:
             tx.conn.executemany(_TASK_INSERT, rows())
 
         await self._write(op)
@@ -787,7 +588,7 @@ class SqliteStore:
             " ON CONFLICT (watcher) DO UPDATE SET position = excluded.position"
         )
 
-        def op(tx: _Tx) -> None:
+        def op(tx: Tx) -> None:
             tx.conn.execute(sql, (watcher, position))
 
         await self._write(op)

@@ -1,14 +1,10 @@
 """A fake AI provider speaking Replicate's predictions contract, with configurable latency and
-faults. ``create_simulator_app`` builds the ASGI app, ``run_simulator`` serves it standalone."""
+faults. ``Simulator`` (engine.py) runs the predictions; ``create_simulator_app`` (app.py) builds
+the ASGI app around one, ``run_simulator`` serves it standalone."""
 
-from callbacks.simulator.app import (
-    Prediction,
-    SimStats,
-    Simulator,
-    create_simulator_app,
-    run_simulator,
-)
+from callbacks.simulator.app import create_simulator_app, run_simulator
 from callbacks.simulator.config import SimConfig, parse_latency
+from callbacks.simulator.engine import Prediction, SimStats, Simulator
 
 __all__ = [
     "Prediction",

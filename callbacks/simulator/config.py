@@ -10,15 +10,22 @@ from __future__ import annotations
 import base64
 import math
 import secrets
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from callbacks.simulator.latency import LatencyModel, parse_latency
 
-if TYPE_CHECKING:
-    from service.settings import Settings
+__all__ = [
+    "DEFAULT_API_TOKEN",
+    "DEFAULT_REORDER_WITH_DELAY",
+    "LatencyModel",
+    "SimConfig",
+    "generate_webhook_secret",
+    "parse_latency",
+]
 
-__all__ = ["LatencyModel", "SimConfig", "generate_webhook_secret", "parse_latency"]
+# The one Bearer token a simulator accepts unless configured otherwise; hookline's "sim"
+# provider sends it (service/providers.py).
+DEFAULT_API_TOKEN = "sim-token"
 
 # When only a webhook delay is configured (HOOKLINE_SIM_WEBHOOK_DELAY_S), this share of the
 # predictions also gets a stale "processing" webhook after its terminal one.
@@ -54,7 +61,7 @@ class SimConfig:
     output_5xx: float = 0.0  # a file fetch answers 503 ...
     output_5xx_max_consecutive: int = 3  # ... but never more often than this in a row per file
     seed: int | None = None  # fixes latencies and faults per prediction (by creation order)
-    api_token: str = "sim-token"  # the one Bearer token accepted
+    api_token: str = DEFAULT_API_TOKEN  # the one Bearer token accepted
     webhook_secret: str = field(default_factory=generate_webhook_secret)
     output_url_ttl_s: float = 3600.0  # file URLs expire this long after completion
     data_retention_s: float = 3600.0  # then ``data_removed: true``, ``output: null``
@@ -97,24 +104,3 @@ class SimConfig:
     def webhook_key(self) -> bytes:
         """The HMAC key behind ``webhook_secret``."""
         return base64.b64decode(self.webhook_secret.removeprefix("whsec_"))
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: object) -> SimConfig:
-        """Build from the ``sim_*`` settings; ``overrides`` set any other field."""
-        values: dict[str, object] = {
-            "latency": settings.sim_latency,
-            "time_scale": settings.sim_time_scale,
-            "failure_rate": settings.sim_failure_rate,
-            "webhook_loss": settings.sim_webhook_loss,
-            "webhook_duplicate": settings.sim_webhook_duplicate,
-            "webhook_delay_s": settings.sim_webhook_delay_s,
-            "webhook_reorder": DEFAULT_REORDER_WITH_DELAY if settings.sim_webhook_delay_s else 0.0,
-            "webhook_bad_signature": settings.sim_webhook_bad_signature,
-            "output_5xx": settings.sim_output_5xx,
-            "seed": settings.sim_seed,
-        }
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown SimConfig fields: {sorted(unknown)}")
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]

@@ -1,21 +1,18 @@
-"""The BlobStore port, deterministic key helpers, and the factory that picks an adapter.
+"""The BlobStore port and its deterministic key helpers.
 
-Adapters live beside this module: ``local_blobs.LocalBlobStore`` (files under ``var/``, served by
-hookline through signed expiring URLs) and ``s3_blobs.S3BlobStore`` (S3 / MinIO via the ``minio``
-SDK). Keys are deterministic (``uploads/<owner>/<digest>.<ext>``, ``outputs/<task>/<n>.<ext>``) so a
-retried step overwrites what an earlier attempt wrote instead of leaving a second copy.
+Adapters live beside this module: ``local.LocalBlobStore`` (files under ``var/``, served by
+hookline through signed expiring URLs) and ``s3.S3BlobStore`` (S3 / MinIO via the ``minio``
+SDK); service/runtime.py picks one from ``HOOKLINE_BLOB_URL``. Keys are deterministic
+(``uploads/<owner>/<digest>.<ext>``, ``outputs/<task>/<n>.<ext>``) so a retried step overwrites
+what an earlier attempt wrote instead of leaving a second copy.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from statemachine.errors import BadRequest
-
-if TYPE_CHECKING:
-    from service.settings import Settings
 
 MAX_KEY_CHARS = 512
 
@@ -149,49 +146,3 @@ def extension_for(content_type: str) -> str:
         return _EXTENSIONS[base]
     except KeyError:
         raise InvalidBlobKey(f"no blob extension for content type {base!r}") from None
-
-
-def build_blob_store(settings: Settings) -> BlobStore:
-    """The adapter named by ``settings.blob_url``.
-
-    ``file://var/blobs`` (relative to the working directory), ``file:///abs/path``, or
-    ``s3://bucket[/prefix]`` with ``s3_endpoint`` (``host:port`` or ``http(s)://host:port``; an
-    explicit scheme decides ``secure``), ``s3_access_key``, ``s3_secret_key``, ``s3_region``,
-    ``s3_public_endpoint``. Local file URLs are signed with ``secret_key``, or with a key created
-    once under ``var_dir``.
-    """
-    url = settings.blob_url.strip()
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"HOOKLINE_BLOB_URL must be file://… or s3://…, got {url!r}")
-    if scheme == "file":
-        from service.blobs.local import LocalBlobStore, load_or_create_secret
-
-        if not rest:
-            raise ValueError("HOOKLINE_BLOB_URL file:// needs a path")
-        secret = (
-            settings.secret_key.get_secret_value().encode()
-            if settings.secret_key is not None
-            else load_or_create_secret(settings.var_dir)
-        )
-        return LocalBlobStore(Path(rest), settings.public_url, secret)
-    if scheme == "s3":
-        from service.blobs.s3 import S3BlobStore, split_endpoint
-
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise ValueError("HOOKLINE_BLOB_URL s3:// needs a bucket")
-        if not settings.s3_endpoint:
-            raise ValueError("HOOKLINE_S3_ENDPOINT is required with an s3:// blob URL")
-        endpoint, secure = split_endpoint(settings.s3_endpoint, default_secure=settings.s3_secure)
-        return S3BlobStore(
-            endpoint,
-            settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
-            settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
-            bucket,
-            secure=secure,
-            region=settings.s3_region,
-            prefix=prefix.strip("/"),
-            public_endpoint=settings.s3_public_endpoint,
-        )
-    raise ValueError(f"unknown blob store scheme {scheme!r} in HOOKLINE_BLOB_URL")

@@ -27,7 +27,7 @@ V = TypeVar("V")
 
 class TtlCache(Generic[V]):
     """A small bounded map whose entries expire ``ttl_s`` after they were put (least recently
-    put evicted first). Per process, owned by the app's Services (``extras``)."""
+    put evicted first). Per process, kept on the HTTP layer's state (service/http/state.py)."""
 
     def __init__(self, ttl_s: float, max_items: int) -> None:
         self.ttl_s = ttl_s
@@ -64,11 +64,6 @@ def bearer_key(request: Request) -> str:
     if scheme.lower() != "bearer" or not key.strip():
         raise AuthError("missing API key: send 'Authorization: Bearer <key>'", code="missing_key")
     return key.strip()
-
-
-async def authenticate(store: TaskStore, request: Request) -> User:
-    """The user whose key is in the Authorization header; ``AuthError`` otherwise."""
-    return await authenticate_hash(store, hash_key(bearer_key(request)))
 
 
 async def authenticate_hash(

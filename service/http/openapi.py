@@ -1,18 +1,20 @@
 """The API's OpenAPI 3.1 document (``GET /openapi.json``) and its 3.0 rendition for Swagger UI 4
-(``GET /openapi-3.0.json``).
+(``GET /openapi-3.0.json``, converted by service/http/openapi30.py).
 
 Nothing here is a second copy of a shape: the request schemas come from the pydantic models that
-validate requests (service/tasks.py), the response schemas from the TypedDicts the handlers build
-their bodies as (service/views.py), limits from the constants the handlers check. What this
-module adds is the operation table: per route, its parameters, its success response and the error
-statuses it can answer. The document lists the app's routes as they are (``request.app.routes``),
-so an app without local blobs has no ``/files``; a route the table does not describe is left out
-and logged, and tests/integration/test_openapi.py fails on it.
+validate requests (service/http/tasks.py), the response schemas from the TypedDicts the handlers
+build their bodies as (service/http/views.py), limits from the constants the handlers check. What
+this module adds is the operation table: per route, its parameters, its success response and the
+error statuses it can answer. The document lists the app's routes as they are
+(``request.app.routes``), so an app without local blobs has no ``/files``; a route the table does
+not describe is left out and logged, and tests/integration/test_openapi.py fails on it.
+
+The table is most of the module and stays in it: it is data (one literal, no logic), and a row is
+read beside ``Op`` and ``_operation``, which say what each field becomes in the document.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -26,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from service.http import sse, tasks, views
+from service.http.openapi30 import to_openapi_30
 from service.ops import stats
 
 log = structlog.get_logger()
@@ -446,126 +449,6 @@ def build_document(routes: Sequence[BaseRoute]) -> JsonObject:
             },
         },
     }
-
-
-# --- the 3.0 rendition ---------------------------------------------------------------------------
-
-# JSON Schema keywords OpenAPI 3.0's schema object does not have.
-DROPPED_IN_30: Final = frozenset(
-    {
-        "$schema",
-        "$id",
-        "$anchor",
-        "$comment",
-        "$defs",
-        "const",  # rewritten to enum first
-        "contentEncoding",
-        "contentMediaType",
-        "contentSchema",
-        "dependentRequired",
-        "dependentSchemas",
-        "else",
-        "if",
-        "then",
-        "prefixItems",
-        "propertyNames",
-        "unevaluatedItems",
-        "unevaluatedProperties",
-        "examples",  # rewritten to example first
-        "patternProperties",  # rewritten to additionalProperties first
-    }
-)
-
-
-def schema_to_30(schema: Any) -> Any:
-    """One JSON Schema (2020-12, as OpenAPI 3.1 uses) as an OpenAPI 3.0 schema object:
-    ``type: [T, "null"]`` and ``anyOf`` with ``{"type": "null"}`` become ``nullable: true``,
-    ``const`` a one-value ``enum``, ``examples`` one ``example``, numeric ``exclusiveMinimum``/
-    ``exclusiveMaximum`` the boolean form, ``patternProperties`` an ``additionalProperties`` (3.0
-    cannot say which names), and keywords 3.0 lacks are dropped."""
-    if isinstance(schema, list):
-        return [schema_to_30(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out: JsonObject = {}
-    for key, value in schema.items():
-        if key in ("properties", "patternProperties"):
-            out[key] = {name: schema_to_30(s) for name, s in value.items()}
-        elif key in ("items", "additionalProperties", "not", "allOf", "oneOf", "anyOf"):
-            out[key] = schema_to_30(value)
-        else:
-            out[key] = copy.deepcopy(value)
-    if "const" in out:
-        out["enum"] = [out["const"]]
-    if "examples" in out and isinstance(out["examples"], list) and out["examples"]:
-        out["example"] = out["examples"][0]
-    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        if isinstance(out.get(bound), int | float) and not isinstance(out[bound], bool):
-            out[plain] = out.pop(bound)
-            out[bound] = True
-    patterns = out.get("patternProperties")
-    if patterns and "additionalProperties" not in out:
-        values = list(patterns.values())
-        out["additionalProperties"] = values[0] if len(values) == 1 else {"anyOf": values}
-    kind = out.get("type")
-    if isinstance(kind, list):
-        kinds = [k for k in kind if k != "null"]
-        if len(kinds) < len(kind):
-            out["nullable"] = True
-        if len(kinds) == 1:
-            out["type"] = kinds[0]
-        elif not kinds:
-            del out["type"]
-        else:
-            del out["type"]
-            out["anyOf"] = [{"type": k} for k in kinds]
-    elif kind == "null":
-        del out["type"]
-        out["nullable"] = True
-        out["enum"] = [None]
-    for combiner in ("anyOf", "oneOf"):
-        options = out.get(combiner)
-        if isinstance(options, list) and any(
-            o == {"nullable": True, "enum": [None]} for o in options
-        ):
-            rest = [o for o in options if o != {"nullable": True, "enum": [None]}]
-            out["nullable"] = True
-            if len(rest) == 1 and "$ref" not in rest[0]:
-                del out[combiner]
-                out.update({k: v for k, v in rest[0].items() if k not in out})
-            elif len(rest) == 1:
-                del out[combiner]
-                out["allOf"] = rest  # a $ref's siblings are ignored in 3.0: wrap it
-            else:
-                out[combiner] = rest
-    return {k: v for k, v in out.items() if k not in DROPPED_IN_30}
-
-
-def to_openapi_30(document: JsonObject) -> JsonObject:
-    """The 3.0.3 rendition of a 3.1 document made by ``build_document``: every schema converted
-    by ``schema_to_30``; the rest of the document means the same in both versions."""
-    doc = copy.deepcopy(document)
-    doc["openapi"] = "3.0.3"
-    doc.pop("jsonSchemaDialect", None)
-    doc.pop("webhooks", None)
-    components = doc.get("components", {})
-    components["schemas"] = {n: schema_to_30(s) for n, s in components.get("schemas", {}).items()}
-    _convert_schemas_in(doc["paths"])
-    _convert_schemas_in(components.get("responses", {}))
-    return doc
-
-
-def _convert_schemas_in(node: Any) -> None:
-    """Convert, in place, every ``schema`` of parameters, bodies, responses and headers."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "schema":
-                node[key] = schema_to_30(value)
-            else:
-                _convert_schemas_in(value)
-    elif isinstance(node, list):
-        for item in node:
-            _convert_schemas_in(item)
 
 
 # --- the routes ----------------------------------------------------------------------------------

@@ -1,62 +1,84 @@
-"""Operations: live progress (SSE), metrics, KPIs, dashboard. Wired by service/app.py through
-``routes()`` and ``start()``.
-
-``start`` runs two live-only feed watchers in the process::
-
-    feed ──▶ Watcher("sse") ──▶ Broadcaster ──▶ GET /v1/tasks/{id}/events (one subscription each)
-    feed ──▶ Watcher("metrics") ──▶ Metrics.observe ──▶ GET /metrics
-
-They are separate so a slow store read for the metrics never delays a live event.
+"""The operations routes: live progress (SSE), the seed's KPIs, Prometheus metrics, health and
+readiness, the dashboard. What they serve is computed elsewhere: the SSE stream in
+service/http/sse.py, the KPIs and metrics in service/ops/.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 
-import structlog
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from service.http import dashboard, sse
-from service.ops import metrics, stats
-from service.runtime import Services
+from service.http.requests import caller
+from service.http.state import runtime
+from service.http.views import Status, iso
+from service.ops.stats import DEFAULT_WINDOW_S, MAX_WINDOW_S, compute_kpis
 from service.settings import Settings
-from statemachine.feed import Broadcaster, Handler, Watcher
+from statemachine.errors import AuthError, MalformedRequest
 
-log = structlog.get_logger()
+
+def parse_window(raw: str | None) -> int:
+    """``window_s`` from the query: whole seconds, 1 to 90 days; 400 otherwise."""
+    if raw is None or raw == "":
+        return DEFAULT_WINDOW_S
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WINDOW_S:
+        raise MalformedRequest(
+            f"window_s must be whole seconds from 1 to {MAX_WINDOW_S}", code="bad_window"
+        )
+    return int(raw)
+
+
+async def stats(request: Request) -> Response:
+    """``GET /v1/stats?window_s=``: the KPIs of the caller's tasks (an admin's: everyone's)."""
+    rt = runtime(request)
+    user = await caller(request)
+    window_s = parse_window(request.query_params.get("window_s"))
+    since = rt.now() - window_s
+    owner = None if user.is_admin else user.name
+    tasks = await rt.store.tasks_since(since, owner)
+    body = await asyncio.to_thread(compute_kpis, tasks, window_s)  # CPU work off the event loop
+    body["since"] = iso(since)
+    body["scope"] = "all" if owner is None else "own"
+    return JSONResponse(body)
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: open, or behind ``Authorization: Bearer <HOOKLINE_METRICS_TOKEN>``."""
+    rt = runtime(request)
+    token = rt.settings.metrics_token
+    if token is not None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise AuthError("a valid metrics token is required", code="bad_metrics_token")
+    return Response(await rt.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def healthz(request: Request) -> Response:
+    body: Status = {"status": "ok"}
+    return JSONResponse(body)
+
+
+async def readyz(request: Request) -> Response:
+    rt = runtime(request)
+    await rt.store.ping()
+    await rt.blobs.ping()
+    body: Status = {"status": "ready"}
+    return JSONResponse(body)
 
 
 def routes(settings: Settings) -> list[BaseRoute]:
-    """The operations routes."""
     return [
         Route("/v1/tasks/{task_id}/events", sse.task_events, methods=["GET"]),
-        Route("/v1/stats", stats.stats, methods=["GET"]),
-        Route("/metrics", metrics.metrics, methods=["GET"]),
+        Route("/v1/stats", stats, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         *dashboard.routes(settings),
     ]
-
-
-async def start(svc: Services) -> list[asyncio.Task[None]]:
-    """Background loops of the operations side (feed watchers); cancelled at shutdown."""
-    broadcaster = Broadcaster()
-    registry = metrics.Metrics(svc)
-    svc.extras.update(broadcaster=broadcaster, metrics=registry)
-    receiver = svc.extras.get("receiver")
-    if receiver is not None and receiver.on_rejected is None:
-        receiver.on_rejected = registry.on_webhook_rejected
-    return [
-        asyncio.create_task(_watch(svc, "sse", broadcaster.publish, broadcaster), name="ops-sse"),
-        asyncio.create_task(_watch(svc, "metrics", registry.observe), name="ops-metrics"),
-    ]
-
-
-async def _watch(
-    svc: Services, name: str, handler: Handler, broadcaster: Broadcaster | None = None
-) -> None:
-    # Live only: starts at the feed's head and saves nothing (SSE clients resume by their own
-    # Last-Event-ID; Prometheus counters start at zero with the process).
-    watcher = Watcher(name, svc.feed, svc.store, handler, start_at_head=True, persist=False)
-    try:
-        await watcher.run()
-    finally:
-        if broadcaster is not None:
-            broadcaster.close()  # open streams end; their clients resume by Last-Event-ID

@@ -26,16 +26,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service.http.tasks import caller, services, visible_task
+from service.http.requests import caller, visible_task
+from service.http.state import web
 from service.http.views import iso
-from service.runtime import Services
+from service.runtime import Runtime
 from statemachine.errors import BadRequest, MalformedRequest, StoreError, Unavailable
 from statemachine.feed import Broadcaster, Subscription
 from statemachine.states import TERMINAL, State
 from statemachine.store import FeedEvent
 from statemachine.task import Task
 
-PING_S: Final = 15.0
 RETRY_MS: Final = 2000
 GAP_BATCH: Final = 500
 MAX_EVENT_ID: Final = 256
@@ -91,31 +91,31 @@ def _bad_event_id(raw: str) -> MalformedRequest:
     )
 
 
-async def _opening_fresh(svc: Services, task_id: str) -> tuple[list[Frame], int]:
+async def _opening_fresh(rt: Runtime, task_id: str) -> tuple[list[Frame], int]:
     """The current state, stamped with a feed position that no later event precedes.
 
     The head is read before the task, so an event between the two reads is at most repeated on a
     reconnect, never skipped; an unchanged head around the read makes the snapshot exact."""
-    before = await _head(svc)
-    task = await _read(svc, task_id)
+    before = await _head(rt)
+    task = await _read(rt, task_id)
     for _ in range(SNAPSHOT_TRIES):
-        head = await _head(svc)
+        head = await _head(rt)
         if head == before:
             break
-        before, task = head, await _read(svc, task_id)
+        before, task = head, await _read(rt, task_id)
     return [snapshot(task, before)], task.version
 
 
-async def _read(svc: Services, task_id: str) -> Task:
-    task = await svc.store.get_task(task_id)
+async def _read(rt: Runtime, task_id: str) -> Task:
+    task = await rt.store.get_task(task_id)
     if task is None:
         raise Unavailable("task vanished", code="task_gone")
     return task
 
 
-async def _head(svc: Services) -> str | None:
+async def _head(rt: Runtime) -> str | None:
     try:
-        return await svc.store.feed_head()
+        return await rt.store.feed_head()
     except StoreError:
         return None  # a store without an event log: ids are the live feed's only
 
@@ -133,27 +133,27 @@ class Opening:
     more: str | None
 
 
-async def _opening_resumed(svc: Services, task_id: str, after: str) -> Opening:
+async def _opening_resumed(rt: Runtime, task_id: str, after: str) -> Opening:
     # The task is read before the gap: every event of a version above it is then in the gap or
     # still to come live, and one at or below it the client has or gets from the gap.
-    task = await _read(svc, task_id)
+    task = await _read(rt, task_id)
     try:
-        page = await svc.store.feed_after(after, GAP_BATCH)
+        page = await rt.store.feed_after(after, GAP_BATCH)
     except BadRequest as exc:
         raise _bad_event_id(after) from exc
     except StoreError:
         # A store whose feed cannot be replayed by position (MongoDB without the event log: its
         # ids are change-stream tokens): resume from the current state instead of failing.
-        frames, seen = await _opening_fresh(svc, task_id)
+        frames, seen = await _opening_fresh(rt, task_id)
         return Opening(frames, seen, ended=False, more=None)
     frames = [Frame.of(e) for e in page if e.task_id == task_id]
     more = page[-1].position if len(page) == GAP_BATCH else None
     return Opening(frames, task.version, task.terminal, more)
 
 
-async def _rest_of_gap(svc: Services, task_id: str, after: str | None) -> AsyncIterator[Frame]:
+async def _rest_of_gap(rt: Runtime, task_id: str, after: str | None) -> AsyncIterator[Frame]:
     while after is not None:
-        page = await svc.store.feed_after(after, GAP_BATCH)
+        page = await rt.store.feed_after(after, GAP_BATCH)
         for event in page:
             if event.task_id == task_id:
                 yield Frame.of(event)
@@ -162,29 +162,27 @@ async def _rest_of_gap(svc: Services, task_id: str, after: str | None) -> AsyncI
 
 async def task_events(request: Request) -> Response:
     """``GET /v1/tasks/{id}/events``: Server-Sent Events of one task (see the module docstring)."""
-    svc = services(request)
+    state = web(request)
+    rt = state.runtime
     task = await visible_task(request, await caller(request))
     after = last_event_id(request)
-    broadcaster: Broadcaster | None = svc.extras.get("broadcaster")
-    if broadcaster is None:
-        raise Unavailable("live events are not running in this process", code="no_live_events")
+    broadcaster = rt.broadcaster
     sub = broadcaster.subscribe(task.id)  # before any read: nothing can slip between
     try:
         if after is None:
-            frames, seen = await _opening_fresh(svc, task.id)
+            frames, seen = await _opening_fresh(rt, task.id)
             opening = Opening(frames, seen, ended=False, more=None)
         else:
-            opening = await _opening_resumed(svc, task.id, after)
+            opening = await _opening_resumed(rt, task.id, after)
     except BaseException:
         broadcaster.unsubscribe(sub)
         raise
-    ping_s: float = svc.extras.get("sse_ping_s", PING_S)
-    stream = _frames(svc, sub, task.id, opening, ping_s)
+    stream = _frames(rt, sub, task.id, opening, state.sse_ping_s)
     return EventStream(stream, on_close=lambda: _unsubscribe(broadcaster, sub))
 
 
 async def _frames(
-    svc: Services,
+    rt: Runtime,
     sub: Subscription,
     task_id: str,
     opening: Opening,
@@ -198,7 +196,7 @@ async def _frames(
         latest = max(latest, frame.version)
         if frame.state in TERMINAL:
             return
-    async for frame in _rest_of_gap(svc, task_id, opening.more):
+    async for frame in _rest_of_gap(rt, task_id, opening.more):
         yield frame.encode()
         latest = max(latest, frame.version)
         if frame.state in TERMINAL:

@@ -1,4 +1,4 @@
-"""Prometheus metrics on a per-app registry, computed from the change feed, and ``GET /metrics``.
+"""Prometheus metrics on a per-process registry, computed from the change feed.
 
 A Watcher hands every feed event to ``Metrics.observe``, which reads the task once and counts:
 transitions, time spent in the state just left, provider latency (ai_processing → watermarking),
@@ -10,24 +10,17 @@ tasks: across replicas, aggregate them with ``max``, not ``sum``.
 
 from __future__ import annotations
 
-import hmac
 from collections import OrderedDict
-from collections.abc import Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterator, Mapping
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
-from starlette.requests import Request
-from starlette.responses import Response
 
-from service.http.tasks import services
 from service.ops.stats import TIMEOUT_OUTCOMES, state_intervals
-from service.runtime import Services
-from statemachine.errors import AuthError, Unavailable
 from statemachine.states import REFUNDED_STATES, TERMINAL, Event, State
-from statemachine.store import FeedEvent
+from statemachine.store import FeedEvent, TaskStore
 
 STATE_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600, 1800)
 PROVIDER_BUCKETS_S: Final = (0.5, 1, 2, 5, 10, 20, 30, 40, 60, 90, 120, 180, 300, 600)
@@ -41,8 +34,16 @@ OTHER: Final = "other"
 class Metrics:
     """Every hookline metric on one ``CollectorRegistry`` owned by this app."""
 
-    def __init__(self, svc: Services) -> None:
-        self._svc = svc
+    def __init__(
+        self,
+        store: TaskStore,
+        providers: Mapping[str, object],
+        *,
+        reconciliations: Callable[[], int],
+        sse_clients: Callable[[], int],
+    ) -> None:
+        self._store = store
+        self._providers = providers  # names only: which providers may become labels
         self._models: set[tuple[str, str]] = set()
         self._entered: OrderedDict[str, float] = OrderedDict()  # task id → entered its state
         self.registry = CollectorRegistry()
@@ -84,7 +85,7 @@ class Metrics:
         self.credits_refunded = Counter(
             "hookline_credits_refunded", "Credits given back on failed/cancelled.", registry=r
         )
-        r.register(_LiveCollector(svc))
+        r.register(_LiveCollector(reconciliations, sse_clients))
 
     # --- fed by the change feed -----------------------------------------------------------------
 
@@ -101,7 +102,7 @@ class Metrics:
         settles = event.dest in REFUNDED_STATES or event.event == Event.RETRY.value
         if event.source is not None and not ai_done and not settles:
             return
-        task = await self._svc.store.get_task(event.task_id)
+        task = await self._store.get_task(event.task_id)
         if task is None:
             return
         if event.source is None:
@@ -137,7 +138,7 @@ class Metrics:
 
     def _provider(self, name: str) -> str:
         # The provider comes from the callback URL too: only configured names become labels.
-        return name if name in self._svc.providers else OTHER
+        return name if name in self._providers else OTHER
 
     def _model(self, provider: str, model: str) -> tuple[str, str]:
         pair = (self._provider(provider), model[:200])
@@ -152,7 +153,7 @@ class Metrics:
 
     async def render(self) -> bytes:
         """The exposition text; counts tasks by state in the store first."""
-        counts = await self._svc.store.count_by_state(None)
+        counts = await self._store.count_by_state(None)
         for state, n in counts.items():
             self.tasks.labels(state=state.value).set(n)
         return generate_latest(self.registry)
@@ -161,34 +162,17 @@ class Metrics:
 class _LiveCollector(Collector):
     """Values read from the running process at scrape time."""
 
-    def __init__(self, svc: Services) -> None:
-        self._svc = svc
+    def __init__(self, reconciliations: Callable[[], int], sse_clients: Callable[[], int]) -> None:
+        self._reconciliations = reconciliations
+        self._sse_clients = sse_clients
 
     def collect(self) -> Iterator[Metric]:
-        counters: dict[str, Any] = self._svc.extras.get("counters", {})
         reconciled = CounterMetricFamily(
             "hookline_reconciliations",
             "Overdue ai_processing tasks settled by polling the provider (lost webhooks).",
         )
-        reconciled.add_metric([], float(counters.get("reconciliations", 0)))
+        reconciled.add_metric([], float(self._reconciliations()))
         yield reconciled
-        broadcaster = self._svc.extras.get("broadcaster")
         clients = GaugeMetricFamily("hookline_sse_clients", "Open live-progress streams.")
-        clients.add_metric([], float(broadcaster.count if broadcaster is not None else 0))
+        clients.add_metric([], float(self._sse_clients()))
         yield clients
-
-
-async def metrics(request: Request) -> Response:
-    """``GET /metrics``: open, or behind ``Authorization: Bearer <HOOKLINE_METRICS_TOKEN>``."""
-    svc = services(request)
-    token = svc.settings.metrics_token
-    if token is not None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        expected = token.get_secret_value().encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise AuthError("a valid metrics token is required", code="bad_metrics_token")
-    registry: Metrics | None = svc.extras.get("metrics")
-    if registry is None:
-        raise Unavailable("metrics are not running in this process", code="no_metrics")
-    return Response(await registry.render(), media_type=CONTENT_TYPE_LATEST)

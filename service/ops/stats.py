@@ -1,5 +1,5 @@
 """The seed's KPIs (first-try and final success rate, timeout rate, retries, latency) over a window
-of tasks, and ``GET /v1/stats``.
+of tasks (served by ``GET /v1/stats``, service/http/ops.py).
 
 ``compute_kpis`` is pure: it reads only Task records (their history and attempt log), so it is
 tested with hand-made tasks and reused by nothing that does I/O.
@@ -7,18 +7,11 @@ tested with hand-made tasks and reused by nothing that does I/O.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-
-from service.http.tasks import caller, services
-from service.http.views import iso
-from statemachine.errors import MalformedRequest
 from statemachine.states import Event, State
 from statemachine.task import Task
 
@@ -206,28 +199,3 @@ def _bands(values: Sequence[float]) -> dict[str, float | None]:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
-
-
-def parse_window(raw: str | None) -> int:
-    """``window_s`` from the query: whole seconds, 1 to 90 days; 400 otherwise."""
-    if raw is None or raw == "":
-        return DEFAULT_WINDOW_S
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WINDOW_S:
-        raise MalformedRequest(
-            f"window_s must be whole seconds from 1 to {MAX_WINDOW_S}", code="bad_window"
-        )
-    return int(raw)
-
-
-async def stats(request: Request) -> Response:
-    """``GET /v1/stats?window_s=``: the KPIs of the caller's tasks (an admin's: everyone's)."""
-    svc = services(request)
-    user = await caller(request)
-    window_s = parse_window(request.query_params.get("window_s"))
-    since = svc.now() - window_s
-    owner = None if user.is_admin else user.name
-    tasks = await svc.store.tasks_since(since, owner)
-    body = await asyncio.to_thread(compute_kpis, tasks, window_s)  # CPU work off the event loop
-    body["since"] = iso(since)
-    body["scope"] = "all" if owner is None else "own"
-    return JSONResponse(body)

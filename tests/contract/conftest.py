@@ -20,11 +20,10 @@ import pytest
 from statemachine.decide import Deadlines, Transition, apply, decide
 from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_store import SqliteStore
-from statemachine.states import Event, State
+from statemachine.states import Event
 from statemachine.store import ChangeFeed, TaskStore
 from statemachine.task import Task
-
-T0 = 1_700_000_000.0
+from tests.support.factories import T0, make_task
 
 
 @dataclass(frozen=True)
@@ -155,22 +154,14 @@ def new_task(
     task_id: str | None = None,
 ) -> Task:
     """A fresh pending task (version 1) as the REST API would build it."""
-    return Task(
-        id=task_id or uuid.uuid4().hex,
+    task = make_task(
         owner=owner,
-        state=State.PENDING,
-        version=1,
-        provider="sim",
-        model="sim-1",
-        prompt="a portrait in the rain",
         cost=cost,
-        created_at=created_at,
-        updated_at=created_at,
-        callback_token=secrets.token_urlsafe(24),
-        deadline=created_at + 10.0,
+        now=created_at,
         idempotency_key=key,
         request_hash=request_hash if request_hash is not None else ("h1" if key else None),
     )
+    return task if task_id is None else task.with_changes(id=task_id)
 
 
 def step(

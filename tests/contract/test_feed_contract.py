@@ -7,7 +7,6 @@ import multiprocessing
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from structlog.testing import capture_logs
 
 from statemachine.errors import StoreError
 from statemachine.feed import Broadcaster, Watcher
@@ -16,6 +15,7 @@ from statemachine.sqlite_store import SqliteStore
 from statemachine.states import Event, State
 from statemachine.store import ChangeFeed, FeedEvent, TaskStore
 from tests.contract.conftest import new_task, step, user_with
+from tests.support.logs import captured_logs
 
 GUARD_S = 30.0  # only against hangs: nothing here waits on time for its result
 
@@ -179,7 +179,7 @@ async def test_watcher_survives_a_failing_handler(store: TaskStore, feed: Change
     ids = await create_tasks(store, owner, 4)
     handler = Collector(fail_on=lambda e: e.task_id == ids[1])
     watcher = Watcher("failing", feed, store, handler)
-    with capture_logs() as logs:
+    with captured_logs() as logs:
         run = asyncio.create_task(watcher.run())
         await handler.wait_for((await all_positions(store))[-1])
         watcher.stop()
@@ -219,7 +219,7 @@ async def test_watcher_resubscribes_after_a_feed_error_from_its_last_position(
     flaky = FlakyFeed(feed, good=2)
     handler = Collector()
     watcher = Watcher("flaky", flaky, store, handler, retry_base_s=0.0)
-    with capture_logs() as logs:
+    with captured_logs() as logs:
         run = asyncio.create_task(watcher.run())
         await handler.wait_for(positions[-1])
         watcher.stop()

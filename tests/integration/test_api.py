@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import structlog
 
 from statemachine.states import State
 from statemachine.store import LedgerKind
 from tests.support.hookline import Hookline, running_hookline
+from tests.support.logs import captured_logs
 
 COST = 5  # a task without a style (service/styles.py DEFAULT_COST)
 MAX_INPUTS = 2
@@ -382,23 +381,18 @@ async def test_client_disconnecting_mid_body_is_not_a_server_error(
         f"POST /v1/tasks HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {alice.key}\r\n"
         "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
     ).encode()
-    saved = structlog.get_config()
     # the server logs at warning in tests; see its info lines too while this test runs
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with structlog.testing.capture_logs() as logs:
-            parts = urlsplit(hl.base_url)
-            assert parts.hostname and parts.port
-            _, writer = await asyncio.open_connection(parts.hostname, parts.port)
-            writer.write(head + b'{"prompt": ')
-            await writer.drain()
-            writer.close()
-            await writer.wait_closed()
-            async with asyncio.timeout(10):
-                while not any(e["event"] == "client_disconnected" for e in logs):
-                    await asyncio.sleep(0.01)
-    finally:
-        structlog.configure(**saved)
+    with captured_logs() as logs:
+        parts = urlsplit(hl.base_url)
+        assert parts.hostname and parts.port
+        _, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(head + b'{"prompt": ')
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(10):
+            while not any(e["event"] == "client_disconnected" for e in logs):
+                await asyncio.sleep(0.01)
     assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
     assert await account(hl, alice) == before
     assert (await hl.client.get("/healthz")).status_code == 200

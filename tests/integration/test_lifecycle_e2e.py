@@ -242,7 +242,7 @@ async def test_an_output_that_cannot_be_fetched_fails_the_task_with_a_refund(
         assert done["error"]["code"] == "output_unavailable"
         assert task.provider_job_id in manual.polls  # asked once for a fresh URL first
         assert (await hl.client.get("/v1/me", headers=hl.auth(key))).json()["balance"] == 10
-        assert await hl.services.blobs.list_keys(f"outputs/{task_id}/") == []
+        assert await hl.runtime.blobs.list_keys(f"outputs/{task_id}/") == []
 
 
 async def test_outputs_are_stored_in_s3_and_served_by_presigned_urls(tmp_path: Path) -> None:

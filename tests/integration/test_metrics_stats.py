@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.ops.stats import compute_kpis, histogram, percentile, state_intervals, verdict
 from statemachine.states import State
 from statemachine.task import Attempt, HistoryEntry, Task
+from tests.support.factories import make_task
 from tests.support.hookline import Hookline, running_hookline
 
 TIMEOUT_S = 30
@@ -30,18 +31,12 @@ def task(
     outcomes: tuple[str | None, ...] = ("succeeded",),
 ) -> Task:
     """A task created at t=0 whose history is ``steps`` (from, to, event, at)."""
-    return Task(
+    return make_task(
         id=f"t{n}",
-        owner="alice",
+        now=0.0,
         state=state,
         version=len(steps) + 1,
-        provider="sim",
-        model="m",
-        prompt="p",
-        cost=5,
-        created_at=0.0,
         updated_at=steps[-1][3] if steps else 0.0,
-        callback_token="tok",
         attempts=attempts,
         history=tuple(HistoryEntry(a, b, e, at) for a, b, e, at in steps),
         attempt_log=tuple(
@@ -196,7 +191,7 @@ async def test_metrics_count_a_tasks_life_from_the_feed(tmp_path: Path) -> None:
             assert m[("hookline_state_duration_seconds_count", (("state", state),))] == 1
         assert m[("hookline_reconciliations_total", ())] == 0
 
-        hl.services.extras.setdefault("counters", {})["reconciliations"] = 3
+        hl.runtime.outcomes.reconciliations = 3
         m = await scrape(hl)
         assert m[("hookline_reconciliations_total", ())] == 3
 

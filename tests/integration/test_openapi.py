@@ -19,7 +19,7 @@ import jsonschema_rs
 import pytest
 from PIL import Image
 
-from service.http import openapi
+from service.http import openapi, openapi30
 from service.http.app import create_app
 from service.settings import Settings
 from tests.browser.test_dashboard import ARTIFACTS, CHROMIUM, chromium
@@ -228,7 +228,7 @@ async def test_real_responses_conform_to_the_document(hl: Hookline) -> None:
 
 def test_the_30_rendition_is_mechanical() -> None:
     """Each 3.1-only construct becomes its 3.0 equivalent."""
-    to_30 = openapi.schema_to_30
+    to_30 = openapi30.schema_to_30
     assert to_30({"type": ["string", "null"]}) == {"type": "string", "nullable": True}
     assert to_30({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]}) == {
         "nullable": True,
@@ -252,6 +252,14 @@ def test_the_30_rendition_is_mechanical() -> None:
     assert to_30({"properties": {"a": {"type": ["integer", "null"]}}}) == {
         "properties": {"a": {"type": "integer", "nullable": True}}
     }
+    # pure: the 3.1 original is left as it was
+    original = {"properties": {"a": {"type": ["integer", "null"], "const": 1}}}
+    assert to_30(original) and original == {
+        "properties": {"a": {"type": ["integer", "null"], "const": 1}}
+    }
+    doc = {"openapi": "3.1.0", "paths": {}, "components": {"schemas": {"A": original}}}
+    assert openapi30.to_openapi_30(doc)["openapi"] == "3.0.3" and doc["openapi"] == "3.1.0"
+    assert doc["components"]["schemas"]["A"] is original
 
 
 async def test_the_30_rendition_has_no_31_constructs_left(hl: Hookline) -> None:
@@ -265,7 +273,7 @@ async def test_the_30_rendition_has_no_31_constructs_left(hl: Hookline) -> None:
             if in_schema:
                 assert not isinstance(node.get("type"), list), node
                 assert node.get("type") != "null", node
-                assert not set(node) & openapi.DROPPED_IN_30, node
+                assert not set(node) & openapi30.DROPPED_IN_30, node
             for key, value in node.items():
                 walk(value, in_schema or key in ("schema", "schemas"))
         elif isinstance(node, list):

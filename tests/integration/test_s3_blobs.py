@@ -14,8 +14,8 @@ from minio import Minio
 from minio.error import S3Error
 from moto.server import ThreadedMotoServer
 
-from service.blobs.base import build_blob_store
 from service.blobs.s3 import S3BlobStore, split_endpoint
+from service.runtime import build_blob_store
 from service.settings import Settings
 from statemachine.errors import BadRequest, NotFound, Unavailable
 

@@ -55,13 +55,13 @@ def _equality_on_secrets(path: Path) -> list[str]:
 def test_secrets_are_compared_as_digests_or_in_constant_time() -> None:
     """API keys are looked up by their SHA-256 (auth.py never compares a raw key); callback
     tokens, metrics tokens and file-URL signatures go through ``hmac.compare_digest``."""
-    auth = ROOT / "service" / "auth.py"
+    auth = ROOT / "service" / "http" / "auth.py"
     source = auth.read_text()
     assert "hashlib.sha256(key.encode())" in source
     assert re.search(r"user_by_key_hash\(key_hash\)", source)
     assert _equality_on_secrets(auth) == []
     assert hash_key("hk_a") != hash_key("hk_b") and len(hash_key("hk_a")) == 64
-    for path in ("callbacks/receiver.py", "service/metrics.py", "service/local_blobs.py"):
+    for path in ("callbacks/receiver.py", "service/http/ops.py", "service/blobs/local.py"):
         file = ROOT / path
         assert "hmac.compare_digest(" in file.read_text(), path
         assert _equality_on_secrets(file) == [], path
@@ -147,9 +147,9 @@ async def test_pages_send_strict_security_headers(tmp_path: Path, path: str) -> 
 
 
 def test_the_dashboard_keeps_the_key_to_the_session_unless_remembered() -> None:
-    """service/static/app.js: the key goes to sessionStorage; to localStorage only under the
+    """service/http/static/app.js: the key goes to sessionStorage; to localStorage only under the
     "remember" flag; never to a cookie or a URL."""
-    source = (ROOT / "service" / "static" / "app.js").read_text()
+    source = (ROOT / "service" / "http" / "static" / "app.js").read_text()
     local_writes = [line.strip() for line in source.splitlines() if "localStorage.setItem" in line]
     assert local_writes == ["if (remember) localStorage.setItem(KEY_NAME, key);"]
     assert "sessionStorage.setItem(KEY_NAME, key);" in source

@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from callbacks.simulator import SimConfig, Simulator, create_simulator_app
+from callbacks.simulator.engine import PredictionRequest, SimError
 from tests.support.server import serve_app
 
 TOKEN = "test-token"
@@ -454,6 +455,14 @@ async def test_beyond_max_in_flight_answers_429_with_retry_after(start: Start) -
     assert int(response.headers["retry-after"]) >= 1
 
 
+async def test_a_full_simulator_answers_429_before_judging_the_body(start: Start) -> None:
+    h = await start(latency="fixed:100000", max_in_flight=1)
+    await h.create()
+    response = await h.client.post(f"{h.api}/models/acme/painter/predictions", json={})
+    assert response.status_code == 429
+    assert h.sim.stats.predictions_rejected == 1
+
+
 PROTECTED = [
     ("POST", "/predictions"),
     ("POST", "/models/acme/painter/predictions"),
@@ -520,6 +529,29 @@ async def test_unknown_prediction_is_404(start: Start) -> None:
     response = await h.client.get(f"{h.api}/predictions/doesnotexist")
     assert response.status_code == 404
     assert response.json()["detail"]
+
+
+# -- the engine without its routes -----------------------------------------------------------
+
+
+async def test_the_engine_runs_predictions_without_its_http_face() -> None:
+    """Simulator is driven directly: a validated request in, SimError (not a response) out."""
+    sim = Simulator(SimConfig(**{**FAST, "latency": "fixed:100000", "max_in_flight": 1}))
+    try:
+        request = PredictionRequest(model="acme/painter", version="v1", input={"prompt": "x"})
+        prediction = sim.create(request, base_url="http://sim.test")
+        assert sim.get(prediction.id) is prediction
+        assert prediction.to_json()["urls"]["get"].startswith("http://sim.test/v1/predictions/")
+        with pytest.raises(SimError) as full:
+            sim.create(request, base_url="http://sim.test")
+        assert (full.value.status, full.value.headers["Retry-After"]) == (429, "1")
+        assert sim.cancel(prediction.id).status == "canceled"
+        with pytest.raises(SimError) as missing:
+            sim.get("doesnotexist")
+        assert missing.value.status == 404
+    finally:
+        await sim.close()
+    assert sim.pending_tasks == 0
 
 
 # -- mounted in a host app -------------------------------------------------------------------

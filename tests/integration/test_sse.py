@@ -83,7 +83,7 @@ async def next_state(reader: AsyncIterator[Frame]) -> Frame:
 
 
 def broadcaster(hl: Hookline) -> Broadcaster:
-    b: Broadcaster = hl.services.extras["broadcaster"]
+    b: Broadcaster = hl.runtime.broadcaster
     return b
 
 
@@ -141,7 +141,7 @@ async def test_live_events_reach_a_waiting_client_and_leavers_are_unsubscribed(
 ) -> None:
     # Only the API runs: the task stays pending until the test cancels it.
     async with running_hookline(tmp_path, roles="api") as hl:
-        hl.services.extras["sse_ping_s"] = 0.05
+        hl.web.sse_ping_s = 0.05
         key = await hl.create_user("alice")
         task = await hl.create_task(key)
         url = f"/v1/tasks/{task['id']}/events"

@@ -89,7 +89,7 @@ async def held(hl: Hookline) -> Held:
     task = await wait_for(hl, created["id"], State.AI_PROCESSING)
     # The "generated image": the task's own upload, through a signed URL of this server (its
     # host is the simulator's, so the output fetcher allows it).
-    output_url = await hl.services.blobs.url(task.inputs[0]["upload"], 3600)
+    output_url = await hl.runtime.blobs.url(task.inputs[0]["upload"], 3600)
     return Held(key, task, await sim_secret(hl), output_url)
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from mongomock_motor import AsyncMongoMockClient
 from pymongo.errors import AutoReconnect, OperationFailure
-from structlog.testing import capture_logs
 
 from statemachine.mongo_feed import (
     MongoChangeFeed,
@@ -27,6 +26,7 @@ from statemachine.states import Event, State
 from statemachine.store import FeedEvent
 from tests.contract.conftest import T0, new_task, step, user_with
 from tests.mongo.conftest import real_server
+from tests.support.logs import captured_logs
 
 GUARD_S = 30.0  # only against hangs
 
@@ -201,7 +201,7 @@ async def test_a_lost_resume_token_falls_back_to_a_scan_then_a_fresh_stream() ->
     feed = MongoChangeFeed({"tasks": tasks})  # type: ignore[arg-type]
 
     events = feed.subscribe(token_to_position(TOKEN))
-    with capture_logs() as logs:
+    with captured_logs() as logs:
         got = [await asyncio.wait_for(anext(events), GUARD_S) for _ in range(2)]
     await events.aclose()  # type: ignore[attr-defined]
 

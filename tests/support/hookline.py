@@ -23,6 +23,8 @@ from PIL import Image
 
 from service.http.app import create_app
 from service.http.auth import hash_key, new_api_key
+from service.http.state import Web
+from service.runtime import Runtime
 from service.settings import Settings
 from statemachine import clock
 from statemachine.states import TERMINAL
@@ -38,14 +40,21 @@ class Hookline:
     app: Any
 
     @property
-    def services(self) -> Any:
-        """The running app's Services (store, worker, …), for white-box assertions."""
-        return self.app.state.services_ref
+    def runtime(self) -> Runtime:
+        """The running app's runtime (store, blobs, providers, runner, …), for white-box
+        assertions."""
+        runtime: Runtime = self.app.state.runtime
+        return runtime
+
+    @property
+    def web(self) -> Web:
+        """The HTTP layer's state (rate limiter, caches, SSE ping interval)."""
+        web: Web = self.app.state.web
+        return web
 
     @property
     def store(self) -> TaskStore:
-        store: TaskStore = self.services.store
-        return store
+        return self.runtime.store
 
     async def create_user(self, name: str, credits: int = 100, *, admin: bool = False) -> str:
         key = new_api_key()
@@ -126,15 +135,15 @@ async def install_manual_provider(hl: Hookline) -> Any:
     from service.media.fetch import SafeFetcher
     from tests.support.manual_provider import ManualProvider
 
-    svc = hl.services
+    rt = hl.runtime
     buf = io.BytesIO()
     Image.new("RGB", (96, 64), "orange").save(buf, "PNG")
-    await svc.blobs.put("fixtures/output.png", buf.getvalue(), "image/png")
-    url = await svc.blobs.url("fixtures/output.png", 3600)
-    provider = ManualProvider(http=svc.http, output_url=url)
-    svc.providers["manual"] = provider
+    await rt.blobs.put("fixtures/output.png", buf.getvalue(), "image/png")
+    url = await rt.blobs.url("fixtures/output.png", 3600)
+    provider = ManualProvider(http=rt.http, output_url=url)
+    rt.providers["manual"] = provider
     host = httpx.URL(hl.base_url)
-    svc.extras["worker"].output_fetchers["manual"] = SafeFetcher(
-        svc.http, allow_hosts={f"{host.host}:{host.port}"}, max_bytes=10_000_000, timeout_s=10
+    rt.output_fetchers["manual"] = SafeFetcher(
+        rt.http, allow_hosts={f"{host.host}:{host.port}"}, max_bytes=10_000_000, timeout_s=10
     )
     return provider

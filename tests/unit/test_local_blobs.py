@@ -18,7 +18,6 @@ from starlette.responses import JSONResponse, Response
 
 from service.blobs.base import (
     InvalidBlobKey,
-    build_blob_store,
     content_type_for_key,
     extension_for,
     output_key,
@@ -29,9 +28,10 @@ from service.blobs.local import (
     BadSignature,
     LocalBlobStore,
     UrlExpired,
-    file_route,
     load_or_create_secret,
 )
+from service.http.files import file_route
+from service.runtime import build_blob_store
 from service.settings import Settings
 from statemachine import clock
 from statemachine.errors import HooklineError, NotFound

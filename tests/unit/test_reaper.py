@@ -4,7 +4,7 @@ drives by hand."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,13 +18,13 @@ from PIL import Image
 from callbacks.errors import PermanentProviderError, RetryableProviderError
 from callbacks.provider import Outcome
 from service.blobs.local import LocalBlobStore
-from service.http.ratelimit import RateLimiter
 from service.media.fetch import FetchError, FetchResult
-from service.media.watermark import WatermarkConfig
-from service.runtime import Services
+from service.runtime import Runtime, build_runtime
 from service.settings import Settings
-from service.steps.worker import Worker
-from service.styles import Catalogue, Style
+from service.steps.dispatcher import Backstop, Dispatcher
+from service.steps.outcomes import OutcomeApplier
+from service.steps.processing import ProcessingStep
+from service.steps.runner import StepRunner
 from statemachine import lifecycle
 from statemachine.decide import Deadlines
 from statemachine.errors import Unavailable
@@ -33,6 +33,7 @@ from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import Event, State, is_valid_path
 from statemachine.task import Task
+from tests.support.factories import make_task
 from tests.support.manual_provider import ManualProvider
 
 DEADLINES = Deadlines(
@@ -74,36 +75,52 @@ class World:
     store: SqliteStore
     clock: FakeClock
     provider: ManualProvider
-    worker: Worker
+    runtime: Runtime
     reaper: Reaper
     later: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def runner(self) -> StepRunner:
+        assert self.runtime.runner is not None
+        return self.runtime.runner
+
+    @property
+    def outcomes(self) -> OutcomeApplier:
+        return self.runtime.outcomes
+
+    @property
+    def processing(self) -> ProcessingStep:
+        step = self.runner.steps[State.PROCESSING]
+        assert isinstance(step, ProcessingStep)
+        return step
 
     async def task(self, **changes: Any) -> Task:
         """A stored task with the given fields (default: pending, due in handoff_s)."""
         now = self.clock()
-        task = Task(
+        task = make_task(
             id=f"tsk_{len(self.later)}_{now}",
-            owner="alice",
-            state=State.PENDING,
-            version=1,
+            now=now,
             provider="manual",
-            model="m",
             prompt="a cat",
-            cost=5,
-            created_at=now,
-            updated_at=now,
             callback_token="tok",
-            inputs=(),
             deadline=now + DEADLINES.handoff_s,
-        ).with_changes(**changes)
+            **changes,
+        )
         task, _ = await self.store.create_task(task)
         return task
 
     async def reap(self) -> int:
         """One reaper pass, then wait for the steps it started in the background."""
         handled = await self.reaper.run_pass()
-        await self.worker.drain()
+        await self.runtime.drain()
         return handled
+
+    async def dispatch_since(self, position: str | None) -> None:
+        """Hand the feed events after ``position`` to a dispatcher, as the feed watcher does."""
+        dispatcher = Dispatcher(self.store, self.runner)
+        for event in await self.store.feed_after(position, 1000):
+            await dispatcher.handle(event)
+        await self.runtime.drain()
 
     async def get(self, task_id: str) -> Task:
         task = await self.store.get_task(task_id)
@@ -113,48 +130,64 @@ class World:
     async def submitted(self) -> Task:
         """A task that went pending → processing → ai_processing with a job at the provider."""
         task = await self.task()
-        await self.worker.process(task.id)
+        await self.runner.run(task.id)
         task = await self.get(task.id)
         assert task.state is State.AI_PROCESSING
         return task
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+def world_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        var_dir=tmp_path / "var",
+        handoff_s=DEADLINES.handoff_s,
+        lease_s=DEADLINES.lease_s,
+        ai_deadline_s=DEADLINES.ai_deadline_s,
+        ai_hard_cap_s=DEADLINES.ai_hard_cap_s,
+        retry_backoff_s=DEADLINES.retry_backoff_s,
+        max_attempts=DEADLINES.max_attempts,
+        **overrides,
+    )
+
+
+@contextlib.asynccontextmanager
+async def make_world(tmp_path: Path, **overrides: Any) -> AsyncIterator[World]:
+    """A runtime on a real SQLite store and a fake clock, its only provider driven by hand; no
+    background loops run (the test runs reaper passes and steps itself)."""
     store = SqliteStore(tmp_path / "t.db")
     await store.open()
     await store.create_user("alice", 100, is_admin=False, key_hash="h", now=0)
     clock = FakeClock()
-    async with httpx.AsyncClient() as http:
-        provider = ManualProvider(http=http, output_url="https://outputs.example/1.png")
-        settings = Settings(_env_file=None, var_dir=tmp_path / "var")  # type: ignore[call-arg]
-        svc = Services(
-            settings=settings,
-            store=store,
-            feed=SqliteFeed(store),
-            blobs=LocalBlobStore(tmp_path / "blobs", "http://127.0.0.1:1", b"k" * 32),
-            http=http,
-            providers={"manual": provider},
-            catalogue=Catalogue.load(),
-            limiter=RateLimiter(0, 1),
-            deadlines=DEADLINES,
-            now=clock,
-        )
-        fetcher: Any = StaticFetcher()
-        worker = Worker(
-            svc,
-            "w1",
-            input_fetcher=fetcher,
-            output_fetchers={"manual": fetcher},
-            watermark=WatermarkConfig.from_settings(settings),
-        )
-        world = World(
-            store, clock, provider, worker, Reaper(store, worker, interval_s=1, now=clock)
-        )
-        # Steps the worker would start later on its own are recorded instead (no real time).
-        worker.spawn_at = lambda when, task_id: world.later.append((when, task_id))  # type: ignore[method-assign]
+    http = httpx.AsyncClient()
+    provider = ManualProvider(http=http, output_url="https://outputs.example/1.png")
+    fetcher: Any = StaticFetcher()
+    runtime = build_runtime(
+        world_settings(tmp_path, **overrides),
+        store=store,
+        feed=SqliteFeed(store),
+        blobs=LocalBlobStore(tmp_path / "blobs", "http://127.0.0.1:1", b"k" * 32),
+        http=http,
+        providers={"manual": provider},
+        input_fetcher=fetcher,
+        output_fetchers={"manual": fetcher},
+        now=clock,
+        owner="w1",
+    )
+    assert runtime.runner is not None
+    backstop = Backstop(runtime.runner, runtime.outcomes)
+    world = World(store, clock, provider, runtime, Reaper(store, backstop, interval_s=1, now=clock))
+    # Steps the dispatcher would start later on its own are recorded instead (no real time).
+    runtime.runner.start_at = lambda when, task_id: world.later.append((when, task_id))  # type: ignore[method-assign]
+    try:
         yield world
-        await store.close()
+    finally:
+        await runtime.close()
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with make_world(tmp_path) as world:
+        yield world
 
 
 def history(task: Task) -> list[str]:
@@ -209,9 +242,7 @@ async def test_watermarking_with_an_expired_lease_is_finished_by_another_worker(
 ) -> None:
     task = await world.submitted()
     world.provider.finish("job1")
-    assert await world.worker.apply_outcome(task.id, world.provider.jobs["job1"].outcome) == (
-        "succeeded"
-    )
+    assert await world.outcomes.apply(task.id, world.provider.jobs["job1"].outcome) == ("succeeded")
     task = await world.get(task.id)
     dead = await lifecycle.take_lease(world.store, task, "dead-worker", world.clock(), 60)
     assert dead is not None
@@ -233,7 +264,7 @@ async def test_an_overdue_job_that_succeeded_is_adopted_not_paid_twice(world: Wo
     task = await world.get(task.id)
     assert task.state is State.WATERMARKING and task.attempts == 1
     assert world.provider.polls == ["job1"] and len(world.provider.jobs) == 1
-    assert world.worker.svc.extras["counters"]["reconciliations"] == 1
+    assert world.outcomes.reconciliations == 1
 
 
 async def test_a_job_still_running_within_the_hard_cap_gets_more_time(world: World) -> None:
@@ -260,7 +291,9 @@ async def test_a_job_past_the_hard_cap_is_cancelled_and_retried_with_backoff(
 ) -> None:
     task = await world.submitted()
     world.clock.advance(DEADLINES.ai_hard_cap_s)
+    head = await world.store.feed_head()
     await world.reap()
+    await world.dispatch_since(head)  # the dispatcher sees the retry and schedules its step
     task = await world.get(task.id)
     assert task.state is State.PROCESSING and task.attempts == 2
     assert world.provider.cancels == ["job1"]
@@ -271,7 +304,7 @@ async def test_a_job_past_the_hard_cap_is_cancelled_and_retried_with_backoff(
     assert world.later == [(task.deadline, task.id)]
     # Not before the backoff is over...
     assert await world.reap() == 0
-    await world.worker.process(task.id)
+    await world.runner.run(task.id)
     assert (await world.get(task.id)).state is State.PROCESSING
     # ...then the next attempt is submitted.
     world.clock.advance(delay)
@@ -344,10 +377,12 @@ async def test_two_reapers_never_act_on_one_task(world: World) -> None:
     task = await world.submitted()
     world.provider.finish("job1")
     world.clock.advance(DEADLINES.ai_deadline_s)
-    other = Reaper(world.store, world.worker, interval_s=1, now=world.clock)
+    other = Reaper(
+        world.store, Backstop(world.runner, world.outcomes), interval_s=1, now=world.clock
+    )
 
     handled = await asyncio.gather(world.reaper.run_pass(), other.run_pass())
-    await world.worker.drain()
+    await world.runtime.drain()
     assert sum(handled) == 2  # both saw it overdue...
     assert world.provider.polls == ["job1"]  # ...one claimed it and polled
     task = await world.get(task.id)
@@ -359,10 +394,8 @@ async def test_a_webhook_and_the_reaper_racing_end_in_one_state(world: World) ->
     outcome = world.provider.finish("job1")
     world.clock.advance(DEADLINES.ai_deadline_s)
 
-    results = await asyncio.gather(
-        world.worker.apply_outcome(task.id, outcome), world.reaper.run_pass()
-    )
-    await world.worker.drain()
+    results = await asyncio.gather(world.outcomes.apply(task.id, outcome), world.reaper.run_pass())
+    await world.runtime.drain()
     task = await world.get(task.id)
     assert task.state is State.WATERMARKING and history(task).count("ai_succeeded") == 1
     assert results[0] in ("succeeded", "already_applied", "ignored")
@@ -377,7 +410,7 @@ async def test_a_failure_webhook_for_an_earlier_attempt_changes_nothing(world: W
     task = await world.get(task.id)
     assert task.provider_job_id == "job2"
     stale = Outcome("failed", "job1", reason="late failure")
-    assert await world.worker.apply_outcome(task.id, stale) == "stale"
+    assert await world.outcomes.apply(task.id, stale) == "stale"
     assert (await world.get(task.id)).version == task.version
 
 
@@ -388,7 +421,7 @@ async def test_a_webhook_for_a_cancelled_task_changes_nothing(world: World) -> N
     )
     assert isinstance(cancelled, Task)
     outcome = world.provider.finish("job1")
-    assert await world.worker.apply_outcome(task.id, outcome) == "after_terminal"
+    assert await world.outcomes.apply(task.id, outcome) == "after_terminal"
     assert (await world.get(task.id)).version == cancelled.version
 
 
@@ -398,10 +431,10 @@ async def test_a_retryable_submit_failure_is_retried_inside_the_step(
     async def no_sleep(_: float) -> None:
         return None
 
-    monkeypatch.setattr("service.steps.worker.asyncio.sleep", no_sleep)
+    monkeypatch.setattr("service.steps.processing.asyncio.sleep", no_sleep)
     world.provider.submit_errors = [RetryableProviderError("503"), RetryableProviderError("503")]
     task = await world.task()
-    await world.worker.process(task.id)
+    await world.runner.run(task.id)
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and task.attempts == 1
 
@@ -410,11 +443,11 @@ async def test_a_step_already_running_in_this_process_is_not_run_twice(world: Wo
     """The dispatcher has the task (a live lease of this worker); the reaper's dispatch of the
     same task must not submit it a second time."""
     task = await world.task()
-    mine = await lifecycle.take_lease(world.store, task, world.worker.owner, world.clock(), 60)
+    mine = await lifecycle.take_lease(world.store, task, world.runner.owner, world.clock(), 60)
     assert mine is not None
     world.clock.advance(DEADLINES.handoff_s)
-    await world.worker.process(task.id)
-    await world.worker.dispatch(await world.get(task.id))
+    await world.runner.run(task.id)
+    world.runner.offer(await world.get(task.id))
     assert world.provider.jobs == {}
     assert (await world.get(task.id)).version == mine.version
 
@@ -429,7 +462,7 @@ async def test_a_success_that_lands_during_the_timeout_poll_wins(world: World) -
     success = Outcome("succeeded", "job1", (world.provider.output_url,))
 
     async def webhook_meanwhile(job_id: str) -> None:
-        assert await world.worker.apply_outcome(task.id, success) == "succeeded"
+        assert await world.outcomes.apply(task.id, success) == "succeeded"
 
     world.provider.on_poll = webhook_meanwhile
     world.clock.advance(DEADLINES.ai_hard_cap_s)
@@ -461,8 +494,8 @@ async def test_a_worker_that_lost_its_lease_cannot_fail_the_task(world: World) -
         raise PermanentProviderError("422 from the provider")
 
     world.provider.on_submit = taken_over_meanwhile
-    await world.worker.process(task.id)
-    await world.worker.drain()
+    await world.runner.run(task.id)
+    await world.runtime.drain()
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and task.provider_job_id == "jobX"
     assert not task.refunded and world.provider.cancels == []
@@ -472,8 +505,8 @@ async def test_a_blob_store_blip_hands_the_step_back_instead_of_failing(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task = await world.submitted()
-    await world.worker.apply_outcome(task.id, world.provider.finish("job1"))
-    blobs = world.worker.svc.blobs
+    await world.outcomes.apply(task.id, world.provider.finish("job1"))
+    blobs = world.runtime.blobs
     real_put = blobs.put
     failures = [Unavailable("blob store down", code="blob_store_down")]
 
@@ -483,7 +516,7 @@ async def test_a_blob_store_blip_hands_the_step_back_instead_of_failing(
         await real_put(key, data, content_type)
 
     monkeypatch.setattr(blobs, "put", flaky_put)
-    await world.worker.watermark(task.id)
+    await world.runner.run(task.id)
     task = await world.get(task.id)
     assert task.state is State.WATERMARKING and task.step_retries == 1
     assert task.lease_owner is None and task.deadline is not None
@@ -497,7 +530,7 @@ async def test_an_input_url_that_is_down_for_now_gets_another_attempt(world: Wor
         async def fetch(self, url: str, **_: Any) -> FetchResult:
             raise FetchError("503 from the host", code="http_status", retryable=True)
 
-    world.worker.input_fetcher = DownFetcher()  # type: ignore[assignment]
+    world.processing.input_fetcher = DownFetcher()  # type: ignore[assignment]
     task = await world.task()
     await world.store.transition(
         task.with_changes(version=2, inputs=({"url": "https://img.example/a.png"},)),
@@ -505,7 +538,7 @@ async def test_an_input_url_that_is_down_for_now_gets_another_attempt(world: Wor
         1,
         emit=False,
     )
-    await world.worker.process(task.id)
+    await world.runner.run(task.id)
     task = await world.get(task.id)
     assert task.state is State.PROCESSING and task.attempts == 2
     assert task.error is not None and task.error.code == "input_unavailable"
@@ -522,7 +555,7 @@ async def test_a_failing_webhook_makes_no_outbound_call_before_its_answer(world:
     assert task.attempts == 3 and task.provider_job_id == "job3"
     cancels_before = list(world.provider.cancels)
     failed = world.provider.finish("job3", "failed", reason="boom")
-    assert await world.worker.apply_outcome(task.id, failed) == "failed"
+    assert await world.outcomes.apply(task.id, failed) == "failed"
     assert world.provider.cancels == cancels_before  # the job failed: nothing to cancel
     task = await world.get(task.id)
     assert task.state is State.FAILED and task.refunded
@@ -535,7 +568,7 @@ async def test_a_stale_outcome_of_a_finished_attempt_is_not_deferred(world: Worl
     task = await world.get(task.id)
     assert task.state is State.PROCESSING
     late_cancel = Outcome("cancelled", "job1")
-    assert await world.worker.apply_outcome(task.id, late_cancel) == "stale"
+    assert await world.outcomes.apply(task.id, late_cancel) == "stale"
     assert (await world.get(task.id)).early_outcome is None
 
 
@@ -554,7 +587,7 @@ async def test_the_reaper_does_not_wait_for_the_steps_it_starts(world: World) ->
     assert (await world.get(task.id)).state is State.PROCESSING
     assert await world.reaper.run_pass() == 0  # its lease is live: not dispatched twice
     release.set()
-    await world.worker.drain()
+    await world.runtime.drain()
     assert (await world.get(task.id)).state is State.AI_PROCESSING
     assert len(world.provider.jobs) == 1
 
@@ -563,18 +596,23 @@ async def test_the_reaper_does_not_wait_for_the_steps_it_starts(world: World) ->
 
 
 async def test_a_provider_failure_moves_the_next_attempt_to_the_styles_fallback(
-    world: World,
+    tmp_path: Path,
 ) -> None:
-    svc = world.worker.svc
-    second = ManualProvider(http=world.provider.http, output_url="https://o/2.png", name="backup")
-    svc.providers["backup"] = second
-    svc.catalogue = Catalogue(
-        {"fb": Style(name="fb", prompt_template="{prompt}", cost=5, fallbacks=("backup",))}
+    styles = tmp_path / "styles.toml"
+    styles.write_text(
+        '[styles.fb]\nprompt_template = "{prompt}"\ncost = 5\nfallbacks = ["backup"]\n'
     )
+    async with make_world(tmp_path, styles_path=styles) as world:
+        await _falls_back(world)
+
+
+async def _falls_back(world: World) -> None:
+    second = ManualProvider(http=world.provider.http, output_url="https://o/2.png", name="backup")
+    world.runtime.providers["backup"] = second
     task = await world.task(style="fb")
-    await world.worker.process(task.id)
+    await world.runner.run(task.id)
     failed = world.provider.finish("job1", "failed", reason="CUDA out of memory")
-    assert await world.worker.apply_outcome(task.id, failed) == "retry"
+    assert await world.outcomes.apply(task.id, failed) == "retry"
     task = await world.get(task.id)
     assert task.provider == "backup" and task.attempts == 2
     world.clock.advance(10)
@@ -584,16 +622,13 @@ async def test_a_provider_failure_moves_the_next_attempt_to_the_styles_fallback(
     assert [a.provider for a in task.attempt_log] == ["manual", "backup"]
 
 
-async def test_max_attempts_can_be_set_per_provider(world: World, tmp_path: Path) -> None:
-    svc = world.worker.svc
-    svc.settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, var_dir=tmp_path / "v", provider_timings={"manual": {"max_attempts": 1}}
-    )
-    svc._timings.clear()
-    task = await world.submitted()
-    failed = world.provider.finish("job1", "failed", reason="interrupted")
-    assert await world.worker.apply_outcome(task.id, failed) == "failed"
-    assert (await world.get(task.id)).refunded
+async def test_max_attempts_can_be_set_per_provider(tmp_path: Path) -> None:
+    timings = {"manual": {"max_attempts": 1}}
+    async with make_world(tmp_path, provider_timings=timings) as world:
+        task = await world.submitted()
+        failed = world.provider.finish("job1", "failed", reason="interrupted")
+        assert await world.outcomes.apply(task.id, failed) == "failed"
+        assert (await world.get(task.id)).refunded
 
 
 # --- regressions from the final review ------------------------------------------------------------
@@ -602,20 +637,19 @@ async def test_max_attempts_can_be_set_per_provider(world: World, tmp_path: Path
 async def test_the_hand_back_budget_is_per_step(world: World) -> None:
     """Hand-backs spent while submitting must not use up the watermarking step's budget."""
     task = await world.task(step_retries=5)
-    await world.worker.process(task.id)
+    await world.runner.run(task.id)
     task = await world.get(task.id)
     assert task.state is State.AI_PROCESSING and task.step_retries == 0
-    await world.worker.apply_outcome(task.id, world.provider.finish("job1"))
+    await world.outcomes.apply(task.id, world.provider.finish("job1"))
     assert (await world.get(task.id)).step_retries == 0
 
 
 async def test_a_store_blip_does_not_stop_the_lease_heartbeat(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    svc = world.worker.svc
-    svc.deadlines = dataclasses.replace(DEADLINES, lease_s=0.03)  # beats every 10 ms
+    world.runner.lease_s = 0.03  # beats every 10 ms
     task = await world.task()
-    held = await lifecycle.take_lease(world.store, task, world.worker.owner, world.clock(), 60)
+    held = await lifecycle.take_lease(world.store, task, world.runner.owner, world.clock(), 60)
     assert held is not None
     real_get = world.store.get_task
     blips = [Unavailable("store blip")]
@@ -626,7 +660,7 @@ async def test_a_store_blip_does_not_stop_the_lease_heartbeat(
         return await real_get(task_id)
 
     monkeypatch.setattr(world.store, "get_task", flaky_get)
-    beat = asyncio.create_task(world.worker._heartbeat(task.id))
+    beat = asyncio.create_task(world.runner.beat(task.id))
     try:
         async with asyncio.timeout(10):
             while (await real_get(task.id)).version == held.version:  # type: ignore[union-attr]

@@ -1,16 +1,18 @@
-"""Per-provider and per-model timings refine the documented defaults."""
+"""Settings: per-provider and per-model timings refine the documented defaults; defaults come
+from the parts they configure; comma-separated settings read as typed sets and lists."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from callbacks import bfl, fal, replicate
+from service.settings import SIM_MODEL, Settings, split_csv
 from statemachine.decide import Deadlines
 
 
 def settings(**values: object) -> Settings:
-    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type, call-arg]
 
 
 def test_provider_then_model_timings_refine_the_defaults() -> None:
@@ -46,3 +48,67 @@ def test_unknown_timing_fields_are_refused_at_start_up() -> None:
 def test_timings_come_from_the_environment_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOOKLINE_PROVIDER_TIMINGS", '{"sim": {"ai_hard_cap_s": 99}}')
     assert Settings(_env_file=None).deadlines_for("sim", "m").ai_hard_cap_s == 99  # type: ignore[call-arg]
+
+
+def test_timing_defaults_are_the_machines_deadlines() -> None:
+    assert settings().deadlines() == Deadlines()
+
+
+def test_provider_url_defaults_are_the_adapters() -> None:
+    s = settings()
+    assert (s.replicate_base_url, s.bfl_base_url) == (
+        replicate.DEFAULT_BASE_URL,
+        bfl.DEFAULT_BASE_URL,
+    )
+    assert (s.fal_base_url, s.fal_jwks_url) == (fal.DEFAULT_BASE_URL, fal.DEFAULT_JWKS_URL)
+
+
+def test_default_model_is_the_providers_model_setting_else_the_simulators() -> None:
+    s = settings(replicate_model="a/b", fal_model="fal-ai/c", bfl_model="d")
+    assert [s.default_model(p) for p in ("replicate", "fal", "bfl")] == ["a/b", "fal-ai/c", "d"]
+    assert s.default_model("sim") == SIM_MODEL
+
+
+@pytest.mark.parametrize(
+    ("value", "items"),
+    [
+        ("", ()),
+        (" , ,", ()),
+        ("a", ("a",)),
+        (" a , b,,c ", ("a", "b", "c")),
+        ("b,a,b", ("b", "a", "b")),  # order kept, nothing dropped but blanks
+    ],
+)
+def test_split_csv_strips_items_and_drops_blanks(value: str, items: tuple[str, ...]) -> None:
+    assert split_csv(value) == items
+
+
+def test_comma_separated_settings_read_as_typed_values() -> None:
+    s = settings(
+        roles=" api, reaper ,",
+        input_hosts="img.example.com, cdn.example.com:8443",
+        output_hosts="out.example.com,",
+        cors_origins="https://b.example, https://a.example",
+    )
+    assert s.role_set() == {"api", "reaper"}
+    assert s.input_host_set() == {"img.example.com", "cdn.example.com:8443"}
+    assert s.output_host_set() == frozenset({"out.example.com"})
+    assert s.cors_origin_list() == ["https://b.example", "https://a.example"]
+
+
+def test_unset_output_hosts_means_provider_defaults_but_empty_means_none() -> None:
+    assert settings().output_host_set() is None
+    assert settings(output_hosts="").output_host_set() == frozenset()
+    assert settings().input_host_set() == frozenset()
+    assert settings().cors_origin_list() == []
+    assert settings().role_set() == {"api", "dispatcher", "reaper"}
+
+
+def test_comma_separated_settings_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOOKLINE_OUTPUT_HOSTS", "a.example, b.example")
+    monkeypatch.setenv("HOOKLINE_ROLES", "dispatcher")
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.output_host_set() == frozenset({"a.example", "b.example"})
+    assert s.role_set() == {"dispatcher"}

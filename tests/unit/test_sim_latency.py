@@ -118,6 +118,7 @@ def test_sim_config_generates_a_standard_webhooks_secret() -> None:
 
 
 def test_sim_config_from_settings_maps_every_sim_setting() -> None:
+    from service.providers import sim_config
     from service.settings import Settings
 
     settings = Settings(
@@ -131,13 +132,13 @@ def test_sim_config_from_settings_maps_every_sim_setting() -> None:
         sim_output_5xx=0.25,
         sim_seed=11,
     )
-    config = SimConfig.from_settings(settings, api_token="t0ken")
+    config = sim_config(settings, api_token="t0ken")
 
     assert (config.latency, config.time_scale, config.failure_rate) == ("seed", 0.5, 0.1)
     assert (config.webhook_loss, config.webhook_duplicate) == (0.2, 0.3)
     assert (config.webhook_delay_s, config.webhook_bad_signature) == (4.0, 0.05)
     assert (config.output_5xx, config.seed, config.api_token) == (0.25, 11, "t0ken")
     assert config.webhook_reorder > 0  # a webhook delay turns reordering on
-    assert SimConfig.from_settings(Settings()).webhook_reorder == 0.0
+    assert sim_config(Settings()).webhook_reorder == 0.0
     with pytest.raises(TypeError, match="unknown SimConfig fields"):
-        SimConfig.from_settings(settings, latency_ms=3)
+        sim_config(settings, latency_ms=3)

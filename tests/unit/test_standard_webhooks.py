@@ -1,14 +1,19 @@
-"""Our Standard Webhooks v1 signer and verifier, cross-checked against the reference package."""
+"""Our Standard Webhooks v1 signer and verifier, cross-checked against the reference package, and
+the reference package's limits that callbacks/standard_webhooks.py's docstring gives as the reason
+it does not call it (each test there fails if a release of the library lifts that limit)."""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import inspect
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from callbacks import standard_webhooks as sw
 from callbacks.errors import WebhookRejected
@@ -144,3 +149,93 @@ def test_generated_secrets_are_whsec_and_usable_by_the_reference() -> None:
     assert len(sw.decode_secret(secret)) == 32
     ts = int(time.time())
     Webhook(secret).verify(BODY, sw.sign_headers(secret, MSG_ID, ts, BODY))
+
+
+# --- what the reference library cannot do for us (callbacks/standard_webhooks.py's docstring) ---
+
+
+def reference_headers(ts: int, body: str = BODY.decode(), *, before: str = "") -> dict[str, str]:
+    """Headers signed by the reference library; ``before`` goes ahead of its signature entry."""
+    signature = Webhook(SECRET).sign(MSG_ID, datetime.fromtimestamp(ts, tz=UTC), body)
+    return headers(before + signature, ts=ts)
+
+
+def test_reference_verify_takes_no_clock_and_no_tolerance() -> None:
+    assert list(inspect.signature(Webhook.verify).parameters) == [
+        "self",
+        "data",
+        "headers",
+        "json_parse",
+    ]
+
+
+def test_reference_verify_reads_the_wall_clock() -> None:
+    """A message stamped at TS is good for our verifier told it is TS; the library, which asks
+    the real clock, calls it too old."""
+    hdrs = reference_headers(TS)
+    sw.verify(SECRET, hdrs, BODY, now=TS)
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(SECRET).verify(BODY, hdrs)
+
+
+@pytest.mark.parametrize(
+    ("offset_s", "accepted"), [(-360, False), (-240, True), (240, True), (360, False)]
+)
+def test_reference_tolerance_is_five_minutes_either_way(offset_s: int, accepted: bool) -> None:
+    # a minute from the edge both ways, so the real clock moving during the test changes nothing
+    hdrs = reference_headers(int(time.time()) + offset_s)
+    if accepted:
+        assert Webhook(SECRET).verify(BODY, hdrs) == json.loads(BODY)
+    else:
+        with pytest.raises(
+            WebhookVerificationError, match="too old" if offset_s < 0 else "too new"
+        ):
+            Webhook(SECRET).verify(BODY, hdrs)
+
+
+def test_reference_verify_cannot_take_a_non_utf8_body() -> None:
+    """Our verifier authenticates the bytes; the library fails decoding them, and not with its
+    verification error."""
+    body = b"\xff\xfe not utf-8"
+    ts = int(time.time())
+    hdrs = sw.sign_headers(SECRET, MSG_ID, ts, body)
+    sw.verify(SECRET, hdrs, body, now=ts)
+    for json_parse in (True, False):
+        with pytest.raises(UnicodeDecodeError):
+            Webhook(SECRET).verify(body, hdrs, json_parse=json_parse)
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        ("nocomma", ValueError),
+        ("v1,two,commas", ValueError),
+        ("v1a,eHg= ", ValueError),  # a double space between two entries
+        ("v1,!!!notbase64", binascii.Error),
+        ("v1,abc", binascii.Error),  # bad padding
+    ],
+)
+def test_reference_verify_crashes_on_a_malformed_entry_before_the_match(
+    entry: str, error: type[Exception]
+) -> None:
+    """The spec says skip what is not a valid entry; ours does, the library raises."""
+    ts = int(time.time())
+    hdrs = reference_headers(ts, before=entry + " ")
+    sw.verify(SECRET, hdrs, BODY, now=ts)
+    with pytest.raises(error) as info:
+        Webhook(SECRET).verify(BODY, hdrs)
+    assert info.type is error
+
+
+def test_reference_sign_signs_the_repr_of_a_bytes_body() -> None:
+    wrong = Webhook(SECRET).sign(MSG_ID, datetime.fromtimestamp(TS, tz=UTC), BODY)  # type: ignore[arg-type]
+    assert wrong != sw.sign(SECRET, MSG_ID, TS, BODY)
+    assert wrong == sw.sign(SECRET, MSG_ID, TS, repr(BODY).encode())
+
+
+def test_reference_sign_relabels_a_datetime_zone_as_utc() -> None:
+    """An aware time in UTC+8 is signed as if its wall time were UTC: 8 hours off."""
+    at = datetime.fromtimestamp(TS, tz=timezone(timedelta(hours=8)))
+    signed = Webhook(SECRET).sign(MSG_ID, at, BODY.decode())
+    assert signed != sw.sign(SECRET, MSG_ID, TS, BODY)
+    assert signed == sw.sign(SECRET, MSG_ID, TS + 8 * 3600, BODY)

@@ -20,6 +20,7 @@ from statemachine.decide import (
 )
 from statemachine.states import Event, State, is_valid_path, next_state
 from statemachine.task import HistoryEntry, Task
+from tests.support.factories import make_task
 
 P, PR, AI, WM = State.PENDING, State.PROCESSING, State.AI_PROCESSING, State.WATERMARKING
 DONE, FAILED, CANCELLED = State.COMPLETED, State.FAILED, State.CANCELLED
@@ -47,22 +48,9 @@ NOW = 1_000.0
 D = Deadlines(handoff_s=10, lease_s=60, ai_deadline_s=600, retry_backoff_s=2, max_attempts=3)
 
 
-def make_task(state: State = P, **changes: object) -> Task:
-    task = Task(
-        id="t1",
-        owner="alice",
-        state=state,
-        version=3,
-        provider="sim",
-        model="sim-1",
-        prompt="p",
-        cost=7,
-        created_at=0.0,
-        updated_at=0.0,
-        callback_token="tok",
-        deadline=NOW + 5,
-    )
-    return task.with_changes(**changes)
+def task_in(state: State = P, **changes: object) -> Task:
+    """A task in ``state``, at version 3 (so a version bump is seen to give 4)."""
+    return make_task(now=0.0, state=state, version=3, **changes)
 
 
 @pytest.mark.parametrize(("state", "event"), ALL_PAIRS, ids=[f"{s}-{e}" for s, e in ALL_PAIRS])
@@ -74,7 +62,7 @@ def test_machine_allows_exactly_the_expected_pairs(state: State, event: Event) -
 @pytest.mark.parametrize(("state", "event"), ALL_PAIRS, ids=[f"{s}-{e}" for s, e in ALL_PAIRS])
 def test_decide_agrees_with_the_table(state: State, event: Event) -> None:
     """decide() allows what the table allows (attempts left) and explains what it refuses."""
-    result = decide(make_task(state), event, NOW, D)
+    result = decide(task_in(state), event, NOW, D)
     expected = EXPECTED.get((state, event))
     if expected is None:
         assert isinstance(result, NotAllowed)
@@ -92,7 +80,7 @@ def test_decide_agrees_with_the_table(state: State, event: Event) -> None:
 
 def test_terminal_states_accept_nothing() -> None:
     for state, event in itertools.product((DONE, FAILED, CANCELLED), Event):
-        result = decide(make_task(state), event, NOW, D)
+        result = decide(task_in(state), event, NOW, D)
         assert isinstance(result, NotAllowed)
         assert "terminal" in result.reason
 
@@ -112,7 +100,7 @@ def test_terminal_states_accept_nothing() -> None:
 def test_decide_sets_the_deadline_of_the_new_state(
     state: State, event: Event, deadline: float | None
 ) -> None:
-    result = decide(make_task(state), event, NOW, D)
+    result = decide(task_in(state), event, NOW, D)
     assert isinstance(result, Transition)
     assert result.deadline == deadline
 
@@ -127,7 +115,7 @@ def test_default_deadline_per_state() -> None:
 
 
 def test_delay_overrides_the_default_deadline() -> None:
-    result = decide(make_task(AI, attempts=1), Event.RETRY, NOW, D, delay_s=4.5, detail="timeout")
+    result = decide(task_in(AI, attempts=1), Event.RETRY, NOW, D, delay_s=4.5, detail="timeout")
     assert isinstance(result, Transition)
     assert result.deadline == NOW + 4.5
     assert result.entry.detail == "timeout"
@@ -135,16 +123,16 @@ def test_delay_overrides_the_default_deadline() -> None:
 
 @pytest.mark.parametrize("state", [PR, AI])
 def test_retry_is_refused_once_attempts_are_used_up(state: State) -> None:
-    assert isinstance(decide(make_task(state, attempts=2), Event.RETRY, NOW, D), Transition)
-    refused = decide(make_task(state, attempts=3), Event.RETRY, NOW, D)
+    assert isinstance(decide(task_in(state, attempts=2), Event.RETRY, NOW, D), Transition)
+    refused = decide(task_in(state, attempts=3), Event.RETRY, NOW, D)
     assert isinstance(refused, NotAllowed)
     assert "no attempts left" in refused.reason
     # Failing stays possible when retrying is not.
-    assert isinstance(decide(make_task(state, attempts=3), Event.FAIL, NOW, D), Transition)
+    assert isinstance(decide(task_in(state, attempts=3), Event.FAIL, NOW, D), Transition)
 
 
 def test_apply_bumps_version_appends_history_and_drops_the_lease() -> None:
-    task = make_task(PR, lease_owner="w1", lease_expires=NOW + 30, history=())
+    task = task_in(PR, lease_owner="w1", lease_expires=NOW + 30, history=())
     transition = decide(task, Event.SUBMITTED, NOW, D)
     assert isinstance(transition, Transition)
     after = apply(task, transition, provider_job_id="job-1")
@@ -160,7 +148,7 @@ def test_apply_bumps_version_appends_history_and_drops_the_lease() -> None:
 
 
 def test_apply_keeps_a_lease_the_changes_set() -> None:
-    task = make_task(P)
+    task = task_in(P)
     transition = decide(task, Event.START, NOW, D)
     assert isinstance(transition, Transition)
     after = apply(task, transition, lease_owner="w1", lease_expires=NOW + 60)
@@ -169,7 +157,7 @@ def test_apply_keeps_a_lease_the_changes_set() -> None:
 
 @pytest.mark.parametrize(("event", "dest"), [(Event.FAIL, FAILED), (Event.CANCEL, CANCELLED)])
 def test_apply_marks_failed_and_cancelled_refunded(event: Event, dest: State) -> None:
-    task = make_task(AI)
+    task = task_in(AI)
     transition = decide(task, event, NOW, D)
     assert isinstance(transition, Transition)
     after = apply(task, transition)
@@ -179,14 +167,14 @@ def test_apply_marks_failed_and_cancelled_refunded(event: Event, dest: State) ->
 
 
 def test_apply_does_not_refund_a_completed_task() -> None:
-    task = make_task(WM)
+    task = task_in(WM)
     transition = decide(task, Event.FINISHED, NOW, D)
     assert isinstance(transition, Transition)
     assert not apply(task, transition).refunded
 
 
 def test_claim_takes_a_free_task_with_a_lease() -> None:
-    claimed = claim(make_task(PR), "w1", NOW, 60)
+    claimed = claim(task_in(PR), "w1", NOW, 60)
     assert claimed is not None
     assert (claimed.lease_owner, claimed.lease_expires, claimed.deadline) == (
         "w1",
@@ -197,18 +185,18 @@ def test_claim_takes_a_free_task_with_a_lease() -> None:
 
 
 def test_claim_refuses_a_live_lease_of_another_owner() -> None:
-    task = make_task(PR, lease_owner="w1", lease_expires=NOW + 1)
+    task = task_in(PR, lease_owner="w1", lease_expires=NOW + 1)
     assert claim(task, "w2", NOW, 60) is None
 
 
 def test_claim_refuses_a_live_lease_even_to_its_own_owner() -> None:
     """Two coroutines of one process (dispatcher and reaper) must not both run a step."""
-    task = make_task(WM, lease_owner="w1", lease_expires=NOW + 1)
+    task = task_in(WM, lease_owner="w1", lease_expires=NOW + 1)
     assert claim(task, "w1", NOW, 60) is None
 
 
 def test_renew_extends_only_the_owners_live_lease() -> None:
-    task = make_task(WM, lease_owner="w1", lease_expires=NOW + 1)
+    task = task_in(WM, lease_owner="w1", lease_expires=NOW + 1)
     renewed = renew(task, "w1", NOW, 60)
     assert renewed is not None and renewed.lease_expires == NOW + 60
     assert renewed.version == task.version + 1
@@ -217,18 +205,18 @@ def test_renew_extends_only_the_owners_live_lease() -> None:
 
 
 def test_claim_takes_over_an_expired_lease() -> None:
-    task = make_task(PR, lease_owner="w1", lease_expires=NOW - 0.001)
+    task = task_in(PR, lease_owner="w1", lease_expires=NOW - 0.001)
     taken = claim(task, "w2", NOW, 60)
     assert taken is not None and taken.lease_owner == "w2"
 
 
 @pytest.mark.parametrize("state", [AI, DONE, FAILED, CANCELLED])
 def test_claim_refuses_states_without_work(state: State) -> None:
-    assert claim(make_task(state), "w1", NOW, 60) is None
+    assert claim(task_in(state), "w1", NOW, 60) is None
 
 
 def test_release_drops_the_lease_and_sets_the_deadline() -> None:
-    task = make_task(PR, lease_owner="w1", lease_expires=NOW + 30)
+    task = task_in(PR, lease_owner="w1", lease_expires=NOW + 30)
     released = release(task, NOW, NOW + 10)
     assert (released.lease_owner, released.lease_expires, released.deadline) == (
         None,

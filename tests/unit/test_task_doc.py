@@ -17,21 +17,20 @@ from statemachine.task import (
     from_doc,
     to_doc,
 )
+from tests.support.factories import make_task
 
 
 def full_task() -> Task:
-    return Task(
+    """A task with every optional field set, so that a field the encoder forgets shows."""
+    return make_task(
         id="tsk_1",
-        owner="alice",
+        now=1.5,
         state=State.COMPLETED,
         version=7,
         provider="replicate",
         model="o/m",
         prompt="a cat",
-        cost=5,
-        created_at=1.5,
         updated_at=2.5,
-        callback_token="tok",
         style="anime",
         params={"width": 512, "seed": 3},
         inputs=({"upload": "uploads/alice/x.jpg"}, {"url": "https://h/x.png"}),

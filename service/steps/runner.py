@@ -1,0 +1,225 @@
+"""The step runner: runs the leased steps of one process (processing, watermarking).
+
+A step runs only under a lease claimed by compare-and-set, so any number of runners (processes)
+may be offered the same task and exactly one works on it. While it works, the lease is renewed
+(a heartbeat every third of it), so a slow but healthy step is not taken over. A step that meets a
+transient failure (a blob store or file host blip) hands the task back with a backoff, a bounded
+number of times; the reaper finds it again by its deadline. At shutdown running steps get a grace
+period (a submit cut short would be paid for twice), then are cancelled.
+
+Who offers work: the dispatcher (the change feed) and the reaper (the backstop), nobody else; see
+service/steps/dispatcher.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import structlog
+
+from service.background import Background
+from service.steps.outcomes import OutcomeApplier
+from statemachine import lifecycle
+from statemachine.decide import backoff_s, release
+from statemachine.errors import Conflict, HooklineError, NotFound
+from statemachine.states import State
+from statemachine.store import TaskStore
+from statemachine.task import Task
+
+log = structlog.get_logger()
+
+MAX_HAND_BACKS: Final = 5  # hand-backs of one step after transient failures before the task fails
+HAND_BACK_TRIES: Final = 5  # compare-and-set tries of one hand-back (the heartbeat bumps versions)
+CLOSE_GRACE_S: Final = 10.0
+
+
+class Step(Protocol):
+    """One leased step: ``ready`` looks at the task before a lease is claimed (it may decline, or
+    postpone the task in the store), ``run`` does the work on the claimed record."""
+
+    async def ready(self, task: Task, now: float) -> bool: ...
+
+    async def run(self, lease: Lease) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A step's hold on its task: the record as claimed and the runner that holds it."""
+
+    task: Task
+    runner: StepRunner
+
+    @property
+    def owner(self) -> str:
+        return self.runner.owner
+
+    async def failed(self, code: str, message: str, *, retryable: bool) -> str:
+        """The step cannot finish: retry or fail the task, if this lease still holds it."""
+        return await self.runner.outcomes.step_failed(
+            self.task, code, message, retryable=retryable, owner=self.owner
+        )
+
+    async def transient(self, exc: HooklineError, code: str | None = None) -> None:
+        """A failure that may pass: hand the step back (bounded), then fail the task."""
+        await self.runner.transient(self, exc, code)
+
+    def holds(self, task: Task) -> bool:
+        """A guard for the step's own writes: the lease is still this runner's."""
+        return task.lease_owner == self.owner
+
+
+class StepRunner:
+    """Runs steps for the states in ``steps`` under leases named ``owner``."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        outcomes: OutcomeApplier,
+        steps: Mapping[State, Step],
+        *,
+        owner: str,
+        lease_s: float,
+        retry_backoff_s: float,
+        now: Callable[[], float],
+        concurrency: int = 32,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.outcomes = outcomes
+        self.steps = steps
+        self.owner = owner
+        self.lease_s = lease_s
+        self.retry_backoff_s = retry_backoff_s
+        self.now = now
+        self.rng = rng or random.Random()
+        self.work = Background("step", concurrency)
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._stepping: set[str] = set()  # tasks with a step running in this process
+
+    @property
+    def busy(self) -> int:
+        return self.work.busy
+
+    # --- being offered work ----------------------------------------------------------------------
+
+    def start(self, task_id: str) -> None:
+        """Run the step the stored task needs, in the background, now."""
+        self.work.spawn(self.run(task_id))
+
+    def start_at(self, when: float, task_id: str) -> None:
+        """Run the step the task needs at ``when`` (after a retry's backoff). Timers are not
+        kept over a restart: the reaper finds the task by its stored deadline then."""
+        if self.work.closing:
+            return
+        delay = max(0.0, when - self.now())
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.start(task_id)
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
+
+    def offer(self, task: Task) -> None:
+        """The reaper's way in: start the task's step in the background (unless this process is
+        already running one for it) and return at once, so a slow step never holds up a pass."""
+        if task.id not in self._stepping:
+            self.work.spawn(self.run(task.id, known=task))
+
+    # --- running -------------------------------------------------------------------------------
+
+    async def run(self, task_id: str, *, known: Task | None = None) -> None:
+        """Claim the task's lease and run its step; nothing happens if there is no step for its
+        state, the step declines, or someone else holds the lease."""
+        task = known if known is not None else await self.store.get_task(task_id)
+        if task is None:
+            return
+        step = self.steps.get(task.state)
+        if step is None:
+            return
+        now = self.now()
+        if not await step.ready(task, now):
+            return
+        claimed = await lifecycle.take_lease(self.store, task, self.owner, now, self.lease_s)
+        if claimed is None:
+            return
+        with structlog.contextvars.bound_contextvars(task_id=task.id):
+            async with self._heartbeat(claimed):
+                await step.run(Lease(claimed, self))
+
+    @contextlib.asynccontextmanager
+    async def _heartbeat(self, task: Task) -> AsyncIterator[None]:
+        """While a step works: mark it running here and renew its lease every third of it."""
+        self._stepping.add(task.id)
+        beat = asyncio.create_task(self.beat(task.id), name=f"lease-{task.id}")
+        try:
+            yield
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            self._stepping.discard(task.id)
+
+    async def beat(self, task_id: str) -> None:
+        """Renew this runner's lease on ``task_id`` until it is gone or the beat is cancelled."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                held = await lifecycle.renew_lease(
+                    self.store, task_id, self.owner, self.now(), self.lease_s
+                )
+            except Exception as exc:  # a store blip: keep beating, the lease has time left
+                log.warning("lease_renewal_failed", task_id=task_id, error=repr(exc))
+                continue
+            if held is None:
+                return  # the lease is gone; the step's own guarded writes will be refused
+
+    # --- handing back ----------------------------------------------------------------------------
+
+    async def transient(self, lease: Lease, exc: HooklineError, code: str | None = None) -> None:
+        """Hand the step back after a failure that may pass, a bounded number of times; then
+        fail the task (with its refund)."""
+        if lease.task.step_retries < MAX_HAND_BACKS:
+            await self.hand_back(lease, exc.message)
+        else:
+            await lease.failed(code or exc.code, exc.message, retryable=False)
+
+    async def hand_back(self, lease: Lease, reason: str) -> None:
+        """Give up the lease with a backoff as the task's deadline; the reaper runs the step again
+        then (the result may be paid for already: a flaky file host must not throw it away)."""
+        now = self.now()
+        delay = backoff_s(lease.task.step_retries + 1, self.retry_backoff_s, self.rng.random())
+
+        def released(task: Task) -> Task | lifecycle.Refused:
+            if not lease.holds(task) or task.state is not lease.task.state:
+                return lifecycle.Refused(task, "the lease is no longer held")
+            handed = release(task, now, now + delay)
+            return handed.with_changes(step_retries=task.step_retries + 1)
+
+        try:
+            result = await lifecycle.race(
+                self.store, lease.task.id, released, tries=HAND_BACK_TRIES
+            )
+        except (Conflict, NotFound):
+            return  # the record keeps moving under us: the lease is not ours to give
+        if not isinstance(result, lifecycle.Refused):
+            log.warning("step_handed_back", reason=reason, retry_in_s=round(delay, 2))
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Wait until no step is running (tests)."""
+        await self.work.drain()
+
+    async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Drop pending timers (the reaper finds those tasks), give running steps ``grace_s``,
+        then cancel them."""
+        self.work.closing = True
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        await self.work.close(grace_s)
