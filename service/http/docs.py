@@ -2,7 +2,7 @@
 
 Nothing is loaded from elsewhere and nothing is inline (the start-up code is ``/docs/init.js``),
 so the page has the dashboard's headers, ``default-src 'self'`` included. Swagger UI 4 reads
-OpenAPI 3.0 only: it is given ``/openapi-3.0.json``, the rendition service/openapi.py derives
+OpenAPI 3.0 only: it is given ``/openapi-3.0.json``, the rendition service/http/openapi30.py derives
 from the 3.1 document, and its validator badge (a call to validator.swagger.io) is off.
 """
 

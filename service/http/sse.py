@@ -12,6 +12,12 @@ grow by one per stored change, so they order a task's events whatever the feed's
 
 A ``Last-Event-ID`` that is not a feed position is a 400 (``bad_last_event_id``): silently starting
 over would hide a client bug. One from another task is harmless: only this task's events follow.
+
+The response is written by hand, not with sse-starlette's ``EventSourceResponse``: that adds
+nothing to the resume and ordering guarantees (they are all in ``_frames``) and costs four tasks
+and a task group per stream (49 KB per client against 27 KB in bench_sse at 1,000 clients), a
+ping task on its own timer, and, on import, a patch of uvicorn's ``Server.handle_exit`` with a
+process-wide exit flag nothing resets. Shutdown already ends every stream (``Broadcaster.close``).
 """
 
 from __future__ import annotations
@@ -245,6 +251,9 @@ class EventStream(Response):
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "HEAD":
+            await self._head(send)
+            return
         pump = asyncio.ensure_future(self._pump(send))
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
@@ -253,12 +262,25 @@ class EventStream(Response):
             pump.cancel()
             gone.cancel()
             await asyncio.gather(pump, gone, return_exceptions=True)
-            await self._on_close()
-            aclose = getattr(self._frames, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await self._close_frames()
         if not pump.cancelled() and (error := pump.exception()) is not None:
             raise error
+
+    async def _head(self, send: Send) -> None:
+        """Headers and an empty body: Starlette answers HEAD on every GET route, and a stream
+        that never ends would hold the connection (and its subscription) until the task does."""
+        try:
+            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            await send(start)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self._close_frames()
+
+    async def _close_frames(self) -> None:
+        await self._on_close()
+        aclose = getattr(self._frames, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})

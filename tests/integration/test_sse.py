@@ -182,6 +182,22 @@ async def test_garbage_last_event_id_is_a_400_and_subscribes_nobody(tmp_path: Pa
         assert broadcaster(hl).count == 0
 
 
+async def test_a_head_request_answers_at_once_and_holds_no_stream(tmp_path: Path) -> None:
+    """Starlette answers HEAD on every GET route: for the stream that must be the headers and an
+    empty body, not an endless response holding the connection and a subscription."""
+    async with running_hookline(tmp_path, roles="api") as hl:
+        key = await hl.create_user("alice")
+        task = await hl.create_task(key)
+        async with asyncio.timeout(TIMEOUT_S):
+            r = await hl.client.head(f"/v1/tasks/{task['id']}/events", headers=hl.auth(key))
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.content == b""
+            # the same connection serves the next request
+            assert (await hl.client.get("/healthz")).status_code == 200
+        assert broadcaster(hl).count == 0
+
+
 async def test_another_tasks_last_event_id_yields_only_this_tasks_events(tmp_path: Path) -> None:
     async with running_hookline(tmp_path) as hl:
         key = await hl.create_user("alice")
