@@ -46,10 +46,12 @@ from bench.loadgen import SEPARATOR, percentile
 from callbacks.standard_webhooks import sign_headers
 from service.http.auth import hash_key, new_api_key
 from service.providers import SIM_API_TOKEN
+from service.settings import SIM_MODEL
 from statemachine import clock
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import State
 from statemachine.task import Attempt, Task, to_doc
+from tests.support.factories import make_task
 
 CONCURRENCY = 64
 USER = "bench"
@@ -221,25 +223,20 @@ def waiting_tasks(n: int) -> Iterator[Task]:
     now = clock.now()
     for i in range(n):
         job = f"job{i:07d}"
-        yield Task(
+        yield make_task(
             id=f"tsk_wait{i:07d}",
+            now=now,
             owner=USER,
             state=State.AI_PROCESSING,
             version=3,
-            provider="sim",
-            model="hookline/sim",
+            model=SIM_MODEL,
             prompt="waiting",
             cost=1,
-            created_at=now,
-            updated_at=now,
-            callback_token=secrets.token_urlsafe(24),
             attempts=1,
             deadline=now + 3600,
             provider_job_id=job,
             attempt_log=(
-                Attempt(
-                    number=1, provider="sim", model="hookline/sim", job_id=job, submitted_at=now
-                ),
+                Attempt(number=1, provider="sim", model=SIM_MODEL, job_id=job, submitted_at=now),
             ),
         )
 

@@ -40,7 +40,8 @@ from service.settings import Settings
 from statemachine import clock
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import State
-from statemachine.task import Task, TaskDoc, to_doc
+from statemachine.task import TaskDoc, to_doc
+from tests.support.factories import make_task
 
 HOOKLINE = str(Path(sys.executable).parent / "hookline")
 OWNER = "waiting"
@@ -54,18 +55,15 @@ WAIT_LIMIT_S = 120.0
 def waiting_docs(n: int, now: float) -> Iterator[TaskDoc]:
     """``n`` tasks submitted to a provider and waiting for its webhook, due in a day."""
     base = to_doc(
-        Task(
+        make_task(
             id="template",
+            now=now,
             owner=OWNER,
             state=State.AI_PROCESSING,
             version=3,
             provider="replicate",
             model="black-forest-labs/flux-schnell",
             prompt="a lighthouse at dusk",
-            cost=5,
-            created_at=now,
-            updated_at=now,
-            callback_token="",
             attempts=1,
         )
     )

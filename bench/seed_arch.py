@@ -36,8 +36,10 @@ from typing import Any
 
 import httpx
 
+from callbacks.simulator.config import DEFAULT_API_TOKEN
+
 MODEL = "black-forest-labs/flux-schnell"  # hookline's default Replicate model: the same route
-SIM_TOKEN = "sim-token"
+SIM_TOKEN = DEFAULT_API_TOKEN  # the simulator's own default
 MIN_POLL_REAL_S = 0.01  # never poll the simulator faster than this, whatever the time scale
 DEADLINE_SLACK_REAL_S = 0.25  # real seconds a poll may lag behind the function's deadline
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})

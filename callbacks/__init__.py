@@ -1,2 +1,7 @@
-"""Everything about AI providers: the Provider port, adapters, signatures, the webhook receiver,
-and the provider simulator."""
+"""Everything about AI providers: the Provider port (``provider``), the adapters (``replicate``,
+``fal``, ``bfl``), signature schemes (``standard_webhooks``), shared HTTP plumbing (``http``), the
+inbound webhook receiver (``receiver``), and the provider simulator (``simulator/``).
+
+May import statemachine; never service/ (the registry that builds providers from settings is
+service/providers.py).
+"""

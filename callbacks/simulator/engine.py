@@ -9,6 +9,11 @@ prediction as Replicate would store it, ``SimStats`` the counters.
 No HTTP server here: the engine refuses with ``SimError`` (a status and Replicate's problem
 fields), which the routes in ``callbacks/simulator/app.py`` render. Its HTTP client only sends
 webhooks and fetches input images.
+
+It is one module of ~500 lines because it is one thing: the life of a simulated prediction, from
+creation through latency, faults, outputs and webhook retries to data removal, all of it reading
+and writing the same ``Prediction`` records on one clock and one seeded random stream per
+prediction; cut apart, each piece would reach back into the others' state.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Every response body is declared here as a ``TypedDict`` and built as a plain dict literal of that
 type: mypy checks each builder against its type (a missing or extra key is an error), building
-costs nothing more than the dict, and service/http/openapi.py generates the document's schemas from the
-same types through pydantic. ``extra="forbid"`` makes the schemas strict, so a test that validates
-real responses against the document (tests/integration/test_openapi.py, and the fuzzer) catches a
-body that grew a key its type does not declare.
+costs nothing more than the dict, and service/http/openapi.py generates the document's schemas
+from the same types through pydantic. ``extra="forbid"`` makes the schemas strict, so a test that
+validates real responses against the document (tests/integration/test_openapi.py, and the
+fuzzer) catches a body that grew a key its type does not declare.
 """
 
 from __future__ import annotations

@@ -30,10 +30,12 @@ from typing import IO, Any
 
 import httpx
 
+from callbacks.simulator.config import DEFAULT_API_TOKEN
+
 VENV_BIN = Path(sys.executable).parent
 HOOKLINE = str(VENV_BIN / "hookline")
 HOST = "127.0.0.1"
-SIM_TOKEN = "sim-token"
+SIM_TOKEN = DEFAULT_API_TOKEN
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

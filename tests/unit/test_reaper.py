@@ -202,7 +202,7 @@ def valid(task: Task) -> bool:
 
 
 def test_plan_skips_tasks_not_due_terminal_or_under_a_live_lease() -> None:
-    base = Task("t", "o", State.PENDING, 1, "p", "m", "x", 1, 0, 0, "tok", deadline=10)
+    base = make_task(now=0, deadline=10)
     assert plan(base, now=5) == "skip"
     assert plan(base, now=10) == "dispatch"
     leased = base.with_changes(state=State.PROCESSING, lease_owner="w", lease_expires=20)
