@@ -181,7 +181,32 @@ class ProcessingStep:
         raise AssertionError("unreachable")
 
     async def _submitted(self, lease: Lease, provider: Provider, job_id: str) -> None:
-        """Record the job id (processing → ai_processing); apply an outcome that raced ahead."""
+        """Record the job id; apply an outcome that raced ahead of the record."""
+        task = lease.task
+        early = await self._record_job(lease, job_id, f"{task.provider} job {job_id}", new_job=True)
+        if early is None:
+            log.info("submit_orphaned", job_id=job_id)
+            await self.outcomes.cancel_quietly(task.provider, job_id, task.model)
+        elif early:
+            await self.outcomes.apply(task.id, Outcome.from_record(early))
+
+    async def _adopt_early(self, lease: Lease) -> None:
+        """A success arrived while the task was in processing: adopt it instead of submitting."""
+        task = lease.task
+        early = Outcome.from_record(task.early_outcome or {})
+        detail = f"adopted {task.provider} job {early.job_id} that had already succeeded"
+        if await self._record_job(lease, early.job_id, detail, new_job=False) is not None:
+            await self.outcomes.apply(task.id, Outcome("succeeded", early.job_id, early.outputs))
+
+    async def _record_job(
+        self, lease: Lease, job_id: str, detail: str, *, new_job: bool
+    ) -> dict[str, Any] | None:
+        """processing → ai_processing with ``job_id`` as the task's job, guarded by this lease and
+        this attempt. A ``new_job`` opens the current attempt (job ids are unique per provider
+        only, so an earlier attempt elsewhere may carry the same id); an adopted earlier job keeps
+        the attempt it already has. Returns the outcome that was deferred
+        on the task meanwhile (``{}``: none), or None if the write was refused (the lease is lost:
+        the job is an orphan)."""
         task = lease.task
         now = self.outcomes.now()
         early: dict[str, Any] = {}
@@ -189,9 +214,10 @@ class ProcessingStep:
         def changes(t: Task) -> dict[str, Any]:
             early.clear()
             early.update(t.early_outcome or {})
+            opened = not new_job and attempt_of(t, job_id) is not None
             return {
                 "provider_job_id": job_id,
-                "attempt_log": open_attempt(t, job_id, now),
+                "attempt_log": t.attempt_log if opened else open_attempt(t, job_id, now),
                 "early_outcome": None,
                 "step_retries": 0,  # the hand-back budget is per step
             }
@@ -202,38 +228,8 @@ class ProcessingStep:
             Event.SUBMITTED,
             now,
             self.timings.for_task(task),
-            detail=f"{task.provider} job {job_id}",
+            detail=detail,
             changes=changes,
             guard=lambda t: lease.holds(t) and t.attempts == task.attempts,
         )
-        if isinstance(result, lifecycle.Refused):
-            log.info("submit_orphaned", job_id=job_id, state=result.task.state.value)
-            await self.outcomes.cancel_quietly(task.provider, job_id, task.model)
-            return
-        if early:
-            await self.outcomes.apply(task.id, Outcome.from_record(early))
-
-    async def _adopt_early(self, lease: Lease) -> None:
-        """A success arrived while the task was in processing: adopt it instead of submitting."""
-        task = lease.task
-        early = Outcome.from_record(task.early_outcome or {})
-        now = self.outcomes.now()
-        result = await lifecycle.advance(
-            self.store,
-            task.id,
-            Event.SUBMITTED,
-            now,
-            self.timings.for_task(task),
-            detail=f"adopted {task.provider} job {early.job_id} that had already succeeded",
-            changes=lambda t: {
-                "provider_job_id": early.job_id,
-                "attempt_log": open_attempt(t, early.job_id, now)
-                if attempt_of(t, early.job_id) is None
-                else t.attempt_log,
-                "early_outcome": None,
-                "step_retries": 0,
-            },
-            guard=lease.holds,
-        )
-        if not isinstance(result, lifecycle.Refused):
-            await self.outcomes.apply(task.id, Outcome("succeeded", early.job_id, early.outputs))
+        return None if isinstance(result, lifecycle.Refused) else early
