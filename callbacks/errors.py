@@ -2,10 +2,16 @@
 
 HooklineError (statemachine/errors.py)
 └── ProviderError                  a provider call failed; ``retryable``: may a retry help
-    ├── RetryableProviderError     5xx, timeouts, connection errors
-    │   └── ProviderRateLimited    429; ``retry_after_s`` from Retry-After
-    ├── PermanentProviderError     4xx validation, auth, moderation: retrying will not help
-    └── WebhookRejected            a delivery that fails authentication or parsing (4xx)
+    ├── RetryableProviderError     the provider's 5xx, timeouts, connection errors
+    │   └── ProviderRateLimited    the provider's 429; ``retry_after_s`` from its Retry-After
+    ├── PermanentProviderError     the provider's 4xx (validation, auth, moderation): a retry
+    │                              will not help
+    └── WebhookRejected            a delivery that fails authentication or parsing; ``code``
+                                   names the reason
+
+The statuses above are the provider's answers (callbacks/http.py translates them). What
+hookline's own client sees for each of these errors is decided by the HTTP layer, in one place
+(service/http/errors.py).
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from statemachine.errors import HooklineError
 
 class ProviderError(HooklineError):
     code = "provider_error"
-    status = 502
     retryable = True
 
 
@@ -40,9 +45,8 @@ class PermanentProviderError(ProviderError):
 
 class WebhookRejected(ProviderError):
     """A webhook delivery we refuse. ``code`` names the reason: ``bad_signature``,
-    ``stale_timestamp``, ``bad_token``, ``malformed_body``, ``missing_headers``,
-    ``wrong_provider``."""
+    ``stale_timestamp``, ``bad_token``, ``malformed_body`` (correctly signed, but not JSON or not
+    a delivery), ``missing_headers``, ``wrong_provider``."""
 
     code = "webhook_rejected"
-    status = 401
     retryable = False

@@ -1,21 +1,21 @@
-"""Errors of the whole project, one root per layer.
+"""The domain's errors: what can go wrong in deciding and storing tasks, whoever asked.
 
-    HooklineError                      root; every error carries a code and an HTTP-ish kind
-    ├── BadRequest                     input that fails validation (422) or can't be parsed (400)
-    ├── AuthError                      missing or invalid API key (401)
-    ├── Forbidden                      a valid key that may not do this (403)
-    ├── NotFound                       unknown (or someone else's) resource (404)
-    ├── Conflict                       idempotency key reused with another body, wrong state (409)
-    ├── InsufficientCredits            balance too low (402)
-    ├── PayloadTooLarge                body or image too big, decompression bomb (413)
-    ├── UnsupportedMediaType           not an image / wrong content type (415)
-    ├── RateLimited                    too many requests (429, retry_after_s)
-    ├── Unavailable                    the store or a dependency is down (503)
+    HooklineError                      root; every error carries a ``code``, a ``message`` and
+    │                                  ``details`` (JSON-able, or None)
+    ├── BadRequest                     input that fails validation (a cursor, a feed position,
+    │                                  an unknown style; service/ adds image and URL errors)
+    ├── NotFound                       unknown (or someone else's) resource
+    ├── Conflict                       an existing user or key, an idempotency key reused with
+    │                                  another request, a task past cancelling, contention
+    ├── InsufficientCredits            the balance does not cover the cost
+    ├── Unavailable                    the store or a dependency is down: retry later
     ├── StoreError                     a store adapter failed (translated from the driver)
     └── ProviderError (callbacks)      see callbacks/errors.py
 
-Adapters translate third-party errors at the boundary with ``raise ... from exc``; the HTTP mapping
-lives in one place (service/errors.py).
+Each layer roots its own errors here (callbacks/errors.py, service/media/errors.py, the HTTP
+layer's in service/http/errors.py). Adapters translate third-party errors at the boundary with
+``raise ... from exc``. Nothing here knows how an error is shown to a client: the HTTP layer maps
+every class to a status in one place (service/http/errors.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ class HooklineError(Exception):
     """Root of every hookline error."""
 
     code = "internal_error"
-    status = 500
 
     def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
         super().__init__(message)
@@ -38,64 +37,37 @@ class HooklineError(Exception):
 
 
 class BadRequest(HooklineError):
+    """Input that fails validation; ``code`` names what was wrong."""
+
     code = "invalid_request"
-    status = 422
-
-
-class MalformedRequest(BadRequest):
-    code = "malformed_json"
-    status = 400
-
-
-class AuthError(HooklineError):
-    code = "unauthorized"
-    status = 401
-
-
-class Forbidden(HooklineError):
-    code = "forbidden"
-    status = 403
 
 
 class NotFound(HooklineError):
+    """An unknown resource, or one the caller may not see (ids cannot be probed)."""
+
     code = "not_found"
-    status = 404
 
 
 class Conflict(HooklineError):
+    """The request contradicts what is stored: a name or key that exists, an idempotency key
+    reused with another request, a task in a state that forbids the change."""
+
     code = "conflict"
-    status = 409
 
 
 class InsufficientCredits(HooklineError):
+    """The balance does not cover the task's cost (nothing was debited)."""
+
     code = "insufficient_credits"
-    status = 402
-
-
-class PayloadTooLarge(HooklineError):
-    code = "payload_too_large"
-    status = 413
-
-
-class UnsupportedMediaType(HooklineError):
-    code = "unsupported_media_type"
-    status = 415
-
-
-class RateLimited(HooklineError):
-    code = "rate_limited"
-    status = 429
-
-    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
-        super().__init__(message, code=code, details={"retry_after_s": retry_after_s})
-        self.retry_after_s = retry_after_s
 
 
 class Unavailable(HooklineError):
+    """The store or another dependency cannot be reached: the same call may succeed later."""
+
     code = "unavailable"
-    status = 503
 
 
 class StoreError(HooklineError):
+    """A store adapter failed; the driver's error is chained as ``__cause__``."""
+
     code = "store_error"
-    status = 503

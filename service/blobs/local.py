@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from service.blobs.base import validate_key, validate_prefix
 from statemachine import clock
-from statemachine.errors import BadRequest, Forbidden, NotFound
+from statemachine.errors import BadRequest, HooklineError, NotFound
 
 SECRET_FILE = "secret.key"
 SECRET_BYTES = 32
@@ -30,13 +30,19 @@ SECRET_BYTES = 32
 STALE_TEMP_S = 60.0  # a temp file this old belongs to a writer that died
 
 
-class UrlExpired(Forbidden):
+class UrlRefused(HooklineError):
+    """A file URL that may not be served: one of the two below."""
+
+    code = "url_refused"
+
+
+class UrlExpired(UrlRefused):
     """A correctly signed file URL whose ``exp`` has passed."""
 
     code = "url_expired"
 
 
-class BadSignature(Forbidden):
+class BadSignature(UrlRefused):
     """A file URL that is unsigned, malformed or tampered with."""
 
     code = "bad_signature"
@@ -176,8 +182,8 @@ class LocalBlobStore:
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
 
     def verify_signature(self, key: str, exp: str | int, sig: str, now: float) -> None:
-        """Raise ``BadSignature`` (403) for a missing/tampered signature, ``UrlExpired`` (403,
-        ``url_expired``) for a genuine one past its expiry. The signature is checked first, so
+        """Raise ``BadSignature`` for a missing/tampered signature, ``UrlExpired`` for a genuine
+        one past its expiry (both ``UrlRefused``). The signature is checked first, so
         editing ``exp`` never turns into "expired" instead of "tampered"."""
         try:
             exp_i = int(exp)

@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from starlette.requests import Request
 
-from statemachine.errors import AuthError
+from service.http.errors import AuthError
 from statemachine.store import TaskStore, User
 
 KEY_PREFIX = "hk_"

@@ -14,12 +14,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from service.http import dashboard, sse
+from service.http.errors import AuthError, MalformedRequest
 from service.http.requests import caller
 from service.http.state import runtime
 from service.http.views import Status, iso
 from service.ops.stats import DEFAULT_WINDOW_S, MAX_WINDOW_S, compute_kpis
 from service.settings import Settings
-from statemachine.errors import AuthError, MalformedRequest
 
 
 def parse_window(raw: str | None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from statemachine.errors import RateLimited
+from service.http.errors import RateLimited
 
 MAX_KEYS = 100_000
 

@@ -11,14 +11,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from service.http.auth import authenticate_hash, bearer_key, hash_key
+from service.http.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaType
 from service.http.state import web
-from statemachine.errors import (
-    BadRequest,
-    MalformedRequest,
-    NotFound,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-)
+from statemachine.errors import BadRequest, NotFound
 from statemachine.store import User
 from statemachine.task import Task
 

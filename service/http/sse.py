@@ -32,11 +32,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service.http.errors import MalformedRequest
 from service.http.requests import caller, visible_task
 from service.http.state import web
 from service.http.views import iso
 from service.runtime import Runtime
-from statemachine.errors import BadRequest, MalformedRequest, StoreError, Unavailable
+from statemachine.errors import BadRequest, StoreError, Unavailable
 from statemachine.feed import Broadcaster, Subscription
 from statemachine.states import TERMINAL, State
 from statemachine.store import FeedEvent

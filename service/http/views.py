@@ -140,7 +140,7 @@ class ErrorDetail(TypedDict):
 
 @with_config(STRICT)
 class Error(TypedDict):
-    """Every error: ``{"error": {"code", "message", "details"}}`` (service/errors.py)."""
+    """Every error: ``{"error": {"code", "message", "details"}}`` (service/http/errors.py)."""
 
     error: ErrorDetail
 
@@ -162,7 +162,7 @@ class WebhookReceipt(TypedDict):
     status: str
 
 
-# /v1/stats (service/stats.py builds it; tests validate its responses against this type)
+# /v1/stats (service/ops/stats.py builds it; tests validate its responses against this type)
 
 
 @with_config(STRICT)

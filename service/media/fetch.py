@@ -53,24 +53,16 @@ _GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream
 
 class FetchError(BadRequest):
     """A URL that could not (or may not) be fetched. ``code``: ``url_invalid``, ``url_forbidden``,
-    ``url_unreachable``, ``url_timeout``, ``url_too_large`` (413), ``too_many_redirects``,
+    ``url_unreachable``, ``url_timeout``, ``url_too_large``, ``too_many_redirects``,
     ``http_status``, ``not_an_image``. ``retryable``: may the same fetch succeed later."""
 
     code = "url_unreachable"
 
     def __init__(
-        self,
-        message: str,
-        *,
-        code: str,
-        retryable: bool = False,
-        status: int | None = None,
-        details: Any = None,
+        self, message: str, *, code: str, retryable: bool = False, details: Any = None
     ) -> None:
         super().__init__(message, code=code, details=details)
         self.retryable = retryable
-        if status is not None:
-            self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +307,6 @@ class SafeFetcher:
         too_large = FetchError(
             f"the body is over {self.max_bytes} bytes",
             code="url_too_large",
-            status=413,
             details={"max_bytes": self.max_bytes},
         )
         declared = response.headers.get("content-length", "")

@@ -4,10 +4,10 @@ Pure synchronous functions: callers run them in a thread (``asyncio.to_thread``)
 event loop. Every decode is bounded per call — bytes, then pixels read from the header before any
 pixel is decoded — without touching Pillow's process-wide ``Image.MAX_IMAGE_PIXELS``.
 
-Errors (statemachine/errors.py):
-    BadRequest           422  ``empty_body``, ``invalid_image`` (truncated, corrupt, not an image)
-    PayloadTooLarge      413  ``upload_too_large`` (bytes), ``image_too_large`` (pixels, bombs)
-    UnsupportedMediaType 415  ``unsupported_media_type`` (not image/*), ``unsupported_format``
+Errors (service/media/errors.py; their HTTP statuses are service/http/errors.py's):
+    InvalidImage       ``empty_body``, ``invalid_image`` (truncated, corrupt, not an image)
+    ImageTooLarge      ``upload_too_large`` (bytes), ``image_too_large`` (pixels, bombs)
+    UnsupportedImage   ``unsupported_media_type`` (not image/*), ``unsupported_format``
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Literal, overload
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from statemachine.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from service.media.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_BYTES = 20_000_000
@@ -36,7 +36,7 @@ CONTENT_TYPES: dict[str, str] = {
     "TIFF": "image/tiff",
 }
 
-# Magic numbers of image formats we recognise but refuse (415 rather than 422 "not an image").
+# Magic numbers of image formats we recognise but refuse (UnsupportedImage, not InvalidImage).
 _OTHER_IMAGE_MAGIC: tuple[tuple[int, bytes], ...] = (
     (4, b"ftypheic"),
     (4, b"ftypheix"),
@@ -87,16 +87,16 @@ def decode_upload(
 ) -> DecodedImage:
     """Check and normalise an uploaded image.
 
-    ``content_type`` must be ``image/*`` when given (415 otherwise); the format is sniffed from the
-    bytes and must be one of ACCEPTED_FORMATS. The EXIF orientation is applied, CMYK becomes RGB,
-    16-bit becomes 8-bit, metadata is dropped. Images with transparency keep it and are stored as
-    PNG, the rest as JPEG (quality 92). Animated GIF/WebP: **only the first frame is kept**
-    (``animated_first_frame=True`` says so).
+    ``content_type`` must be ``image/*`` when given (``UnsupportedImage`` otherwise); the format
+    is sniffed from the bytes and must be one of ACCEPTED_FORMATS. The EXIF orientation is
+    applied, CMYK becomes RGB, 16-bit becomes 8-bit, metadata is dropped. Images with transparency
+    keep it and are stored as PNG, the rest as JPEG (quality 92). Animated GIF/WebP: **only the
+    first frame is kept** (``animated_first_frame=True`` says so).
     """
     if content_type is not None:
         base = content_type.split(";", 1)[0].strip().lower()
         if not base.startswith("image/"):
-            raise UnsupportedMediaType(
+            raise UnsupportedImage(
                 f"expected an image/* body, got {base or 'no type'!r}",
                 code="unsupported_media_type",
             )
@@ -117,13 +117,13 @@ def decode_upload(
 def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> OpenedImage:
     """Decode untrusted bytes into an 8-bit L/RGB/RGBA image, within the given limits.
 
-    Never crashes on hostile input: every decoder failure is 422 ``invalid_image``, a size over
-    the limits (or one Pillow calls a decompression bomb) is 413 ``image_too_large``.
+    Never crashes on hostile input: every decoder failure is ``InvalidImage``, a size over the
+    limits (or one Pillow calls a decompression bomb) is ``ImageTooLarge``.
     """
     if not data:
-        raise BadRequest("the body is empty", code="empty_body")
+        raise InvalidImage("the body is empty", code="empty_body")
     if len(data) > max_bytes:
-        raise PayloadTooLarge(
+        raise ImageTooLarge(
             f"image is {len(data)} bytes, the limit is {max_bytes}",
             code="upload_too_large",
             details={"bytes": len(data), "max_bytes": max_bytes},
@@ -132,7 +132,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> OpenedImage:
     source_format = str(img.format)
     width, height = img.size
     if width <= 0 or height <= 0:
-        raise BadRequest("image has no pixels", code=_ERR_INVALID)
+        raise InvalidImage("image has no pixels", code=_ERR_INVALID)
     if width * height > max_pixels:
         raise _too_large(width, height, max_pixels)
     animated = bool(getattr(img, "is_animated", False))
@@ -150,7 +150,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> OpenedImage:
     except Exception as exc:
         # Decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError… on hostile
         # input; all of them mean the same thing to the caller.
-        raise BadRequest(f"the image could not be decoded: {exc}", code=_ERR_INVALID) from exc
+        raise InvalidImage(f"the image could not be decoded: {exc}", code=_ERR_INVALID) from exc
     return OpenedImage(image=img, source_format=source_format, animated=animated)
 
 
@@ -160,20 +160,20 @@ def _open_header(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Only reachable when max_pixels exceeds Pillow's own global limit.
-        raise PayloadTooLarge("image is a decompression bomb", code="image_too_large") from exc
+        raise ImageTooLarge("image is a decompression bomb", code="image_too_large") from exc
     except UnidentifiedImageError as exc:
         if any(data[at : at + len(magic)] == magic for at, magic in _OTHER_IMAGE_MAGIC):
-            raise UnsupportedMediaType(
+            raise UnsupportedImage(
                 f"image format not supported; use one of {', '.join(ACCEPTED_FORMATS)}",
                 code="unsupported_format",
             ) from exc
-        raise BadRequest("the body is not a recognisable image", code=_ERR_INVALID) from exc
+        raise InvalidImage("the body is not a recognisable image", code=_ERR_INVALID) from exc
     except Exception as exc:
-        raise BadRequest(f"the image header is invalid: {exc}", code=_ERR_INVALID) from exc
+        raise InvalidImage(f"the image header is invalid: {exc}", code=_ERR_INVALID) from exc
 
 
-def _too_large(width: int, height: int, max_pixels: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
+def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLarge:
+    return ImageTooLarge(
         f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}",
         code="image_too_large",
         details={"width": width, "height": height, "max_pixels": max_pixels},

@@ -1,8 +1,8 @@
 """Watermarking generated images: text and/or a logo, one corner/centre or tiled, re-encoded.
 
 ``apply_watermark`` is synchronous CPU work (Pillow): call it through ``asyncio.to_thread``. The
-input is decoded with the same limits as uploads (service/images.py), so a hostile provider output
-gets the same 413/422 as a hostile upload.
+input is decoded with the same limits as uploads (service/media/images.py), so a hostile provider
+output gets the same errors (service/media/errors.py) as a hostile upload.
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ import zlib
 import pytest
 from PIL import Image
 
+from service.http.errors import http_status
+from service.media.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from service.media.images import (
     decode_upload,
     encode,
     prepare_input,
     sniff_content_type,
 )
-from statemachine.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -68,28 +69,28 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def test_empty_body_is_422_empty_body() -> None:
-    with pytest.raises(BadRequest) as err:
+    with pytest.raises(InvalidImage) as err:
         decode_upload(b"", "image/png")
-    assert (err.value.status, err.value.code) == (422, "empty_body")
+    assert (http_status(err.value), err.value.code) == (422, "empty_body")
 
 
 def test_body_over_max_bytes_is_413() -> None:
     data = save(Image.new("RGB", (64, 64), RED), "PNG")
-    with pytest.raises(PayloadTooLarge) as err:
+    with pytest.raises(ImageTooLarge) as err:
         decode_upload(data, "image/png", max_bytes=len(data) - 1)
-    assert err.value.status == 413
+    assert http_status(err.value) == 413
 
 
 @pytest.mark.parametrize("content_type", ["text/html", "application/json", "application/pdf"])
 def test_non_image_content_type_is_415(content_type: str) -> None:
     data = save(Image.new("RGB", (8, 8), RED), "PNG")
-    with pytest.raises(UnsupportedMediaType) as err:
+    with pytest.raises(UnsupportedImage) as err:
         decode_upload(data, content_type)
-    assert err.value.status == 415
+    assert http_status(err.value) == 415
 
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
-    with pytest.raises(PayloadTooLarge) as err:
+    with pytest.raises(ImageTooLarge) as err:
         decode_upload(png_header_only(8000, 8000), "image/png", max_pixels=40_000_000)
     assert err.value.code == "image_too_large"
     assert err.value.details["width"] == 8000
@@ -100,40 +101,40 @@ def test_pixel_limit_is_per_call_not_global() -> None:
     global_limit = Image.MAX_IMAGE_PIXELS
     data = save(Image.new("RGB", (100, 100), RED), "PNG")
     assert decode_upload(data, "image/png", max_pixels=10_000).width == 100
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(ImageTooLarge):
         decode_upload(data, "image/png", max_pixels=9_999)
     assert global_limit == Image.MAX_IMAGE_PIXELS
 
 
 def test_decompression_bomb_beyond_pillows_own_limit_is_413() -> None:
     """Even when the per-call limit is huge, Pillow's DecompressionBombError becomes a 413."""
-    with pytest.raises(PayloadTooLarge) as err:
+    with pytest.raises(ImageTooLarge) as err:
         decode_upload(png_header_only(100_000, 100_000), "image/png", max_pixels=10**12)
     assert err.value.code == "image_too_large"
 
 
 def test_truncated_jpeg_is_422_invalid_image() -> None:
     data = save(Image.effect_noise((256, 256), 64).convert("RGB"), "JPEG", quality=90)
-    with pytest.raises(BadRequest) as err:
+    with pytest.raises(InvalidImage) as err:
         decode_upload(data[: len(data) // 2], "image/jpeg")
-    assert (err.value.status, err.value.code) == (422, "invalid_image")
+    assert (http_status(err.value), err.value.code) == (422, "invalid_image")
 
 
 @pytest.mark.parametrize(
     "body", [b"<html><body>hello</body></html>", b"\x00" * 100, b"GIF89a-nope", b"\x89PNG\r\n"]
 )
 def test_non_image_with_image_content_type_is_422(body: bytes) -> None:
-    with pytest.raises(BadRequest) as err:
+    with pytest.raises(InvalidImage) as err:
         decode_upload(body, "image/jpeg")
     assert err.value.code == "invalid_image"
-    assert not isinstance(err.value, PayloadTooLarge | UnsupportedMediaType)
+    assert not isinstance(err.value, ImageTooLarge | UnsupportedImage)
 
 
 def test_other_image_formats_are_415() -> None:
     ico = save(Image.new("RGB", (16, 16), RED), "ICO")
     heic_like = b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64
     for data in (ico, heic_like):
-        with pytest.raises(UnsupportedMediaType) as err:
+        with pytest.raises(UnsupportedImage) as err:
             decode_upload(data, "image/x-whatever")
         assert err.value.code == "unsupported_format"
 
@@ -158,7 +159,7 @@ def test_corrupted_images_never_crash() -> None:
                 del data[rng.randrange(1, len(data)) :]
             for _ in range(rng.randrange(1, 8)):
                 data[rng.randrange(len(data))] = rng.randrange(256)
-            with contextlib.suppress(BadRequest, PayloadTooLarge, UnsupportedMediaType):
+            with contextlib.suppress(InvalidImage, ImageTooLarge, UnsupportedImage):
                 decode_upload(bytes(data), "image/png", max_pixels=1_000_000)
 
 
@@ -306,7 +307,7 @@ def test_prepare_input_keeps_alpha_when_the_provider_takes_png() -> None:
 
 
 def test_prepare_input_applies_the_same_limits() -> None:
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(ImageTooLarge):
         prepare_input(png_header_only(9000, 9000), max_side=1024, formats=("PNG",), data_uri=False)
 
 

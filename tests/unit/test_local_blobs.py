@@ -30,6 +30,7 @@ from service.blobs.local import (
     UrlExpired,
     load_or_create_secret,
 )
+from service.http.errors import http_status
 from service.http.files import file_route
 from service.runtime import build_blob_store
 from service.settings import Settings
@@ -56,7 +57,7 @@ def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 def client_for(store: LocalBlobStore) -> httpx.AsyncClient:
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HooklineError)
-        return JSONResponse({"error": {"code": exc.code}}, status_code=exc.status)
+        return JSONResponse({"error": {"code": exc.code}}, status_code=http_status(exc))
 
     app = Starlette(routes=[file_route(store)], exception_handlers={HooklineError: on_error})
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC)
@@ -96,7 +97,7 @@ def test_key_helpers_are_deterministic() -> None:
 def test_unsafe_keys_are_refused_with_a_clear_error(key: str) -> None:
     with pytest.raises(InvalidBlobKey) as err:
         validate_key(key)
-    assert (err.value.status, err.value.code) == (422, "invalid_blob_key")
+    assert (http_status(err.value), err.value.code) == (422, "invalid_blob_key")
 
 
 def test_key_helpers_refuse_unsafe_parts() -> None:
@@ -179,7 +180,7 @@ async def test_url_is_signed_and_expires(store: LocalBlobStore, fixed_clock: lis
     store.verify_signature("outputs/t1/0.png", query["exp"], query["sig"], NOW + 59)
     with pytest.raises(UrlExpired) as err:
         store.verify_signature("outputs/t1/0.png", query["exp"], query["sig"], NOW + 60)
-    assert (err.value.status, err.value.code) == (403, "url_expired")
+    assert (http_status(err.value), err.value.code) == (403, "url_expired")
 
 
 @pytest.mark.parametrize("field", ["key", "exp", "sig"])
@@ -196,7 +197,7 @@ async def test_tampered_urls_are_forbidden(
         sig = sig[:-2] + ("AA" if not sig.endswith("AA") else "BB")
     with pytest.raises(BadSignature) as err:
         store.verify_signature(key, exp, sig, NOW)
-    assert (err.value.status, err.value.code) == (403, "bad_signature")
+    assert (http_status(err.value), err.value.code) == (403, "bad_signature")
 
 
 async def test_a_url_signed_with_another_secret_is_forbidden(

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
+from service.media.errors import ImageTooLarge, InvalidImage
 from service.media.watermark import POSITIONS, Position, WatermarkConfig, apply_watermark
 from service.settings import Settings
-from statemachine.errors import BadRequest, PayloadTooLarge
 
 SIZE = 400
 GREY = (90, 120, 150)
@@ -157,9 +157,9 @@ def test_transparent_inputs_keep_alpha_in_png() -> None:
 
 
 def test_inputs_get_the_upload_limits() -> None:
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidImage):
         apply_watermark(b"<html>", WatermarkConfig())
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(ImageTooLarge):
         apply_watermark(encoded(source()), WatermarkConfig(max_pixels=1000))
 
 
