@@ -73,15 +73,26 @@ class Settings(BaseSettings):
     fal_base_url: str = fal.DEFAULT_BASE_URL
     fal_model: str = "fal-ai/flux/dev"
     fal_jwks_url: str = fal.DEFAULT_JWKS_URL
+    # the fal account's user id: a delivery signed for another fal account is refused (unset:
+    # the id is not checked, and hookline warns at start-up)
+    fal_user_id: str | None = None
     bfl_api_key: SecretStr | None = None
     bfl_base_url: str = bfl.DEFAULT_BASE_URL
     bfl_model: str = "flux-pro-1.1"
     output_hosts: str | None = None  # comma-separated; None = the provider's own defaults
     input_hosts: str = ""  # comma-separated hosts input image URLs may name
     provider_concurrency: int = 64  # jobs in flight per provider; beyond it tasks stay pending
+    # jobs in flight per user and provider; 0 = a fair share: a quarter of provider_concurrency
+    # (at least 1), so one user's backlog cannot take every slot
+    user_concurrency: int = Field(default=0, ge=0)
     styles_path: Path | None = None
 
-    # the simulator (HOOKLINE_PROVIDER=sim mounts it under /sim)
+    # the simulator: a development tool, mounted under /sim only when asked for (``serve --demo``
+    # or HOOKLINE_SIMULATOR=true); its API token is random per start unless set here, and its
+    # webhooks go only to this hookline's public URL and the hosts in sim_webhook_hosts
+    simulator: bool = False
+    sim_api_token: SecretStr | None = None
+    sim_webhook_hosts: str = ""  # comma-separated host or host:port
     sim_latency: str = "uniform:1:3"  # fixed:S | uniform:A:B | lognormal:MU:SIGMA | seed
     sim_time_scale: float = 1.0  # multiplies every simulated latency
     sim_failure_rate: float = 0.0
@@ -100,6 +111,9 @@ class Settings(BaseSettings):
     reaper_interval_s: float = 5.0
     max_attempts: int = _DEADLINES.max_attempts
     retry_backoff_s: float = _DEADLINES.retry_backoff_s
+    # a step whose worker dies (its lease expires unreleased) this many times fails the task
+    # with a refund (``worker_lost``) instead of being run again: no poison loops
+    max_lost_leases: int = Field(default=3, ge=1)
     # Per provider or provider:model, as JSON, e.g.
     # {"replicate": {"ai_deadline_s": 300}, "fal:fal-ai/flux/dev": {"expected_latency_s": 20}}
     provider_timings: dict[str, ProviderTiming] = Field(default_factory=dict)
@@ -108,13 +122,26 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_000_000  # JSON bodies
     max_upload_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
+    # bytes that concurrent image fetches and decodes may hold at once (shared by the process)
+    media_memory_budget_bytes: int = Field(default=256_000_000, gt=0)
+    upload_decodes_per_user: int = Field(default=2, ge=1)  # concurrent upload decodes per user
+    max_json_depth: int = Field(default=32, ge=1)  # nesting of JSON bodies; deeper answers 400
     max_inputs: int = 4
     max_prompt_chars: int = 2000
     rate_limit_per_s: float = 50.0
     rate_limit_burst: int = 200
+    # failed authentications per client address (a real key is never locked out by them)
+    auth_failure_rate_per_s: float = 1.0
+    auth_failure_burst: int = 20
     metrics_token: SecretStr | None = None
     cors_origins: str = ""  # comma-separated; empty = CORS off
     file_url_ttl_s: int = 3600
+
+    # retention: feed events and webhook delivery records older than this are pruned in bounded
+    # batches (never a feed event a persistent watcher has not passed)
+    feed_retention_s: float = Field(default=7 * 86_400.0, gt=0)
+    deliveries_retention_s: float = Field(default=7 * 86_400.0, gt=0)
+    prune_batch: int = Field(default=1_000, ge=1)
 
     # watermark
     watermark_text: str = "hookline"
@@ -177,6 +204,16 @@ class Settings(BaseSettings):
         if self.output_hosts is None:
             return None
         return frozenset(split_csv(self.output_hosts))
+
+    def sim_webhook_host_set(self) -> frozenset[str]:
+        """Hosts besides this hookline the simulator may post webhooks to."""
+        return frozenset(split_csv(self.sim_webhook_hosts))
+
+    def user_concurrency_limit(self) -> int:
+        """Jobs in flight one user may hold per provider (0 when the provider is unlimited)."""
+        if self.provider_concurrency <= 0:
+            return 0
+        return self.user_concurrency or max(1, self.provider_concurrency // 4)
 
     def cors_origin_list(self) -> list[str]:
         """Origins allowed by CORS (``cors_origins``), in order; empty: CORS is off."""

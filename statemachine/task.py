@@ -113,6 +113,8 @@ class Task:
     early_outcome: dict[str, Any] | None = None
     # Times a leased step was handed back after a transient failure (bounded by the worker).
     step_retries: int = 0
+    # Times the current step's worker died holding its lease (bounded: no poison loops).
+    lost_leases: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -161,6 +163,7 @@ class TaskDoc(TypedDict):
     request_hash: str | None
     early_outcome: dict[str, Any] | None
     step_retries: int
+    lost_leases: int
 
 
 def to_doc(task: Task) -> TaskDoc:
@@ -196,6 +199,7 @@ def to_doc(task: Task) -> TaskDoc:
         request_hash=task.request_hash,
         early_outcome=task.early_outcome,
         step_retries=task.step_retries,
+        lost_leases=task.lost_leases,
     )
 
 
@@ -251,4 +255,5 @@ def from_doc(doc: TaskDoc | dict[str, Any]) -> Task:
         request_hash=doc.get("request_hash"),
         early_outcome=doc.get("early_outcome"),
         step_retries=doc.get("step_retries", 0),
+        lost_leases=doc.get("lost_leases", 0),
     )

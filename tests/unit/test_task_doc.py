@@ -50,6 +50,7 @@ def full_task() -> Task:
         request_hash="h",
         early_outcome={"status": "succeeded", "job_id": "j1"},
         step_retries=1,
+        lost_leases=2,
     )
 
 
