@@ -294,6 +294,7 @@ def _build_runner(
         owner=owner,
         lease_s=timings.base.lease_s,
         retry_backoff_s=timings.base.retry_backoff_s,
+        max_lost_leases=settings.max_lost_leases,
         now=now,
         rng=rng,
     )

@@ -108,13 +108,23 @@ def claim(task: Task, owner: str, now: float, lease_s: float) -> Task | None:
 
     Used to claim work in processing/watermarking; the deadline follows the lease. A live lease
     is exclusive even against its own owner: two coroutines of one process (the dispatcher and
-    the reaper) must not both run a step. Extending one's own lease is ``renew``.
+    the reaper) must not both run a step. Extending one's own lease is ``renew``. Claiming over
+    a lease that expired unreleased counts a lost lease (``lost_leases``).
     """
     if task.state not in LEASED_STATES and task.state is not State.PENDING:
         return None
     if task.lease_held(now):
         return None
-    return _leased(task, owner, now, lease_s)
+    claimed = _leased(task, owner, now, lease_s)
+    if lease_lost(task, now):
+        claimed = claimed.with_changes(lost_leases=task.lost_leases + 1)
+    return claimed
+
+
+def lease_lost(task: Task, now: float) -> bool:
+    """True if the task's last worker died holding its lease: it expired without a release (a
+    hand-back or a finished step always releases)."""
+    return task.lease_owner is not None and not task.lease_held(now)
 
 
 def renew(task: Task, owner: str, now: float, lease_s: float) -> Task | None:

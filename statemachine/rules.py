@@ -9,6 +9,7 @@ The news is one of
     Overdue      the reaper asked the provider about a job past its deadline (an answer, none, or
                  "the provider no longer knows the job")
     StepFailed   a leased step (processing, watermarking) could not finish
+    LeaseLost    the worker of a leased step died holding its lease, once too often
 
 and the decision one of
 
@@ -68,7 +69,17 @@ class StepFailed:
     owner: str
 
 
-News = Outcome | Overdue | StepFailed
+@dataclass(frozen=True, slots=True)
+class LeaseLost:
+    """The lease of ``owner`` on the task expired unreleased (its worker died, or hung), and
+    another claim would make ``lost_leases`` reach ``limit``: the step is a poison for workers
+    (an input that kills the process, say), so it is not run again."""
+
+    owner: str
+    limit: int
+
+
+News = Outcome | Overdue | StepFailed | LeaseLost
 
 # --- the decisions --------------------------------------------------------------------------------
 
@@ -153,6 +164,8 @@ def judge(
         return _outcome(task, news, now, timings, choices)
     if isinstance(news, Overdue):
         return _overdue(task, news, now, timings, choices)
+    if isinstance(news, LeaseLost):
+        return _lease_lost(task, news, now)
     return _step_failed(task, news, timings, choices)
 
 
@@ -251,6 +264,15 @@ def _step_failed(task: Task, news: StepFailed, timings: Deadlines, choices: Choi
     return _retry_or_fail(task, news.code, news.message, news.retryable, timings, choices)
 
 
+def _lease_lost(task: Task, news: LeaseLost, now: float) -> Decision:
+    if task.lease_owner != news.owner or task.lease_held(now):
+        return Ignore("stale")  # released, or claimed again meanwhile
+    if task.lost_leases + 1 < news.limit:
+        return Ignore("ignored")  # the next claim counts it; the step runs again
+    message = f"the {task.state.value} step's worker was lost {task.lost_leases + 1} times"
+    return Fail("worker_lost", message)
+
+
 def _retry_or_fail(
     task: Task,
     code: str,
@@ -301,7 +323,8 @@ def record(task: Task, decision: Decision, now: float, timings: Deadlines) -> Ta
             provider_outputs=decision.outputs,
             provider_job_id=decision.job_id,
             attempt_log=close_attempt(task, "succeeded", now, job_id=decision.job_id),
-            step_retries=0,  # the watermarking step gets its own hand-back budget
+            step_retries=0,  # the watermarking step gets its own budgets
+            lost_leases=0,
         )
     if isinstance(decision, Extend):
         return _moved(
@@ -328,6 +351,7 @@ def record(task: Task, decision: Decision, now: float, timings: Deadlines) -> Ta
             early_outcome=None,
             error=failure,
             attempt_log=ended_log,
+            lost_leases=0,  # a new attempt is a new processing step
         )
     return _moved(
         task, Event.FAIL, now, timings, detail=detail, error=failure, attempt_log=ended_log

@@ -219,7 +219,8 @@ class ProcessingStep:
                 "provider_job_id": job_id,
                 "attempt_log": t.attempt_log if opened else open_attempt(t, job_id, now),
                 "early_outcome": None,
-                "step_retries": 0,  # the hand-back budget is per step
+                "step_retries": 0,  # the hand-back and lost-lease budgets are per step
+                "lost_leases": 0,
             }
 
         result = await lifecycle.advance(

@@ -4,8 +4,11 @@ A step runs only under a lease claimed by compare-and-set, so any number of runn
 may be offered the same task and exactly one works on it. While it works, the lease is renewed
 (a heartbeat every third of it), so a slow but healthy step is not taken over. A step that meets a
 transient failure (a blob store or file host blip) hands the task back with a backoff, a bounded
-number of times; the reaper finds it again by its deadline. At shutdown running steps get a grace
-period (a submit cut short would be paid for twice), then are cancelled.
+number of times; the reaper finds it again by its deadline. A step whose worker dies holding the
+lease is run again by another worker, a bounded number of times (``max_lost_leases``): then the
+task fails (``worker_lost``), so an input that kills the process cannot loop forever. At
+shutdown running steps get a grace period (a submit cut short would be paid for twice), then are
+cancelled.
 
 Who offers work: the dispatcher (the change feed) and the reaper (the backstop), nobody else; see
 service/steps/dispatcher.py.
@@ -25,8 +28,9 @@ import structlog
 from service.background import Background
 from service.steps.outcomes import OutcomeApplier
 from statemachine import lifecycle
-from statemachine.decide import backoff_s, release
+from statemachine.decide import backoff_s, lease_lost, release
 from statemachine.errors import Conflict, HooklineError, NotFound
+from statemachine.rules import LeaseLost
 from statemachine.states import State
 from statemachine.store import TaskStore
 from statemachine.task import Task
@@ -85,6 +89,7 @@ class StepRunner:
         owner: str,
         lease_s: float,
         retry_backoff_s: float,
+        max_lost_leases: int,
         now: Callable[[], float],
         concurrency: int = 32,
         rng: random.Random | None = None,
@@ -95,6 +100,7 @@ class StepRunner:
         self.owner = owner
         self.lease_s = lease_s
         self.retry_backoff_s = retry_backoff_s
+        self.max_lost_leases = max_lost_leases
         self.now = now
         self.rng = rng or random.Random()
         self.work = Background("step", concurrency)
@@ -145,12 +151,24 @@ class StepRunner:
         now = self.now()
         if not await step.ready(task, now):
             return
+        if await self._poisoned(task, now):
+            return
         claimed = await lifecycle.take_lease(self.store, task, self.owner, now, self.lease_s)
         if claimed is None:
             return
         with structlog.contextvars.bound_contextvars(task_id=task.id):
             async with self._heartbeat(claimed):
                 await step.run(Lease(claimed, self))
+
+    async def _poisoned(self, task: Task, now: float) -> bool:
+        """True if the task's step has lost its worker too often to run again: it is failed
+        (``worker_lost``, refunded) instead, so an input that kills the process cannot loop."""
+        if not lease_lost(task, now) or task.lost_leases + 1 < self.max_lost_leases:
+            return False
+        assert task.lease_owner is not None
+        news = LeaseLost(task.lease_owner, self.max_lost_leases)
+        await self.outcomes.settle(task.id, news, known=task)
+        return True
 
     @contextlib.asynccontextmanager
     async def _heartbeat(self, task: Task) -> AsyncIterator[None]:

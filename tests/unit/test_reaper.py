@@ -237,6 +237,54 @@ async def test_work_of_a_dead_worker_is_taken_over_when_its_lease_expires(world:
     assert valid(task)
 
 
+async def die_holding_the_lease(world: World, task_id: str, owner: str) -> Task:
+    """A worker claims the task's step and dies (kill -9): its lease expires unreleased."""
+    task = await world.get(task_id)
+    held = await lifecycle.take_lease(world.store, task, owner, world.clock(), DEADLINES.lease_s)
+    assert held is not None
+    world.clock.advance(DEADLINES.lease_s + 1)
+    return held
+
+
+async def test_a_step_that_keeps_killing_its_worker_fails_with_worker_lost(world: World) -> None:
+    """No poison loops: every lost lease counts against the task; at the limit (3 by default)
+    the task fails with its refund instead of being run again."""
+    task = await world.task()
+    for n, owner in enumerate(("w-a", "w-b", "w-c"), start=1):
+        held = await die_holding_the_lease(world, task.id, owner)
+        assert held.lost_leases == n - 1  # the claim counted the death before it
+    assert await world.reap() == 1
+    task = await world.get(task.id)
+    assert task.state is State.FAILED and task.refunded
+    assert task.error is not None and task.error.code == "worker_lost"
+    assert world.provider.jobs == {}  # the poison was never run again
+    user = await world.store.get_user("alice")
+    assert user is not None and user.balance == 100
+
+
+async def test_a_lost_lease_below_the_limit_is_run_again_and_counted(world: World) -> None:
+    task = await world.task()
+    await die_holding_the_lease(world, task.id, "w-dead")
+    assert await world.reap() == 1
+    task = await world.get(task.id)
+    assert task.state is State.AI_PROCESSING and len(world.provider.jobs) == 1
+    assert task.lost_leases == 0  # counted on the claim, reset once the step moved on
+    assert "start" in history(task) and valid(task)
+
+
+async def test_the_count_is_per_step_and_a_death_in_the_next_step_counts_once(
+    world: World,
+) -> None:
+    task = await world.submitted()
+    assert task.lost_leases == 0
+    await world.outcomes.apply(task.id, world.provider.finish("job1"))
+    held = await die_holding_the_lease(world, task.id, "w-dead")
+    assert held.lost_leases == 0 and held.state is State.WATERMARKING
+    assert await world.reap() == 1
+    task = await world.get(task.id)
+    assert task.state is State.COMPLETED and task.lost_leases == 1
+
+
 async def test_watermarking_with_an_expired_lease_is_finished_by_another_worker(
     world: World,
 ) -> None:

@@ -24,6 +24,7 @@ from statemachine.rules import (
     Extend,
     Fail,
     Ignore,
+    LeaseLost,
     News,
     Overdue,
     Retry,
@@ -635,6 +636,48 @@ STEP_ROWS = [
 ]
 
 
+EXPIRED = {"lease_owner": OWNER, "lease_expires": NOW - 1}
+
+LEASE_LOST_ROWS: list[Row] = [
+    Row(
+        "processing, the worker died for the third time: failed, worker_lost",
+        processing(**EXPIRED, lost_leases=2),
+        LeaseLost(OWNER, 3),
+        Fail("worker_lost", "the processing step's worker was lost 3 times"),
+    ),
+    Row(
+        "watermarking, died for the third time: failed (a paid result, but a poison input)",
+        watermarking(**EXPIRED, lost_leases=2),
+        LeaseLost(OWNER, 3),
+        Fail("worker_lost", "the watermarking step's worker was lost 3 times"),
+    ),
+    Row(
+        "below the limit: nothing now, the next claim counts it",
+        processing(**EXPIRED, lost_leases=1),
+        LeaseLost(OWNER, 3),
+        Ignore("ignored"),
+    ),
+    Row(
+        "the lease is live again (claimed meanwhile): stale",
+        processing(**LEASED, lost_leases=2),
+        LeaseLost(OWNER, 3),
+        Ignore("stale"),
+    ),
+    Row(
+        "another worker's lease now: stale",
+        processing(lease_owner=OTHER, lease_expires=NOW - 1, lost_leases=2),
+        LeaseLost(OWNER, 3),
+        Ignore("stale"),
+    ),
+    Row(
+        "terminal: after_terminal",
+        terminal(FAILED),
+        LeaseLost(OWNER, 3),
+        Ignore("after_terminal"),
+    ),
+]
+
+
 def names(rows: list[Row]) -> list[str]:
     return [r.name for r in rows]
 
@@ -650,6 +693,13 @@ def test_judge_outcome(row: Row) -> None:
 def test_judge_overdue(row: Row) -> None:
     """What the reaper learnt about an overdue job gives the decision in the row."""
     assert isinstance(row.news, Overdue)
+    assert judge(row.task, row.news, row.now, D, row.choices) == row.expected
+
+
+@pytest.mark.parametrize("row", LEASE_LOST_ROWS, ids=names(LEASE_LOST_ROWS))
+def test_judge_lease_lost(row: Row) -> None:
+    """A step whose worker keeps dying fails at the limit, and only if nobody holds it now."""
+    assert isinstance(row.news, LeaseLost)
     assert judge(row.task, row.news, row.now, D, row.choices) == row.expected
 
 
@@ -918,7 +968,12 @@ def path(task: Task) -> list[tuple[State, State, Event]]:
 
 ALL_JUDGED = [
     pytest.param(row, id=f"{table}: {row.name}")
-    for table, rows in (("outcome", OUTCOME_ROWS), ("overdue", OVERDUE_ROWS), ("step", STEP_ROWS))
+    for table, rows in (
+        ("outcome", OUTCOME_ROWS),
+        ("overdue", OVERDUE_ROWS),
+        ("step", STEP_ROWS),
+        ("lease lost", LEASE_LOST_ROWS),
+    )
     for row in rows
 ]
 
