@@ -1,8 +1,10 @@
 """Benchmark of the SQLite TaskStore on a temporary file: ``python -m bench.bench_store [--quick]``.
 
 Measures compare-and-set transitions per second (concurrent read → apply → transition), task
-creation per second, and the reaper's ``overdue`` query on a large table with no and with many
-overdue tasks. Speed is reported here, never asserted in tests.
+creation per second, the reaper's ``overdue`` query on a large table with no and with many
+overdue tasks, an SSE resume from ``Last-Event-ID: 0`` (one task's events through the index,
+against paging through the whole feed as it was done before), and one retention pass of the feed
+and of the delivery records. Speed is reported here, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ from service.cli import tune_gc
 from statemachine.decide import Deadlines, Transition, apply, decide
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import Event, State
+from statemachine.store import FeedEvent
 from statemachine.task import Task, TaskDoc, to_doc
 from tests.support.factories import make_task
 
@@ -148,6 +152,40 @@ async def time_overdue_ms(store: SqliteStore, limit: int, repeat: int) -> float:
     return (time.perf_counter() - started) / repeat * 1000
 
 
+async def bench_resume(store: SqliteStore, task_id: str, repeat: int) -> dict[str, float]:
+    """One task's events from the feed's start: through the index, and by paging the feed."""
+    started = time.perf_counter()
+    for _ in range(repeat):
+        mine = await store.task_feed_after(task_id, "0", 500)
+    indexed_ms = (time.perf_counter() - started) / repeat * 1000
+    started = time.perf_counter()
+    paged: list[FeedEvent] = []
+    position = "0"
+    while page := await store.feed_after(position, 500):
+        paged.extend(e for e in page if e.task_id == task_id)
+        position = page[-1].position
+    assert paged == mine
+    return {
+        "feed_events": float(position),
+        "resume_task_events_ms": indexed_ms,
+        "resume_whole_feed_paged_ms": (time.perf_counter() - started) * 1000,
+    }
+
+
+async def bench_prune(store: SqliteStore, n_deliveries: int, passes: int) -> dict[str, float]:
+    """Mean time of one pass of 1,000 (feed events, then delivery records), all of them old."""
+    with sqlite3.connect(store.path) as conn:
+        rows = ((f"bench-{i}", "t", T0 - 86_400 + i * 0.001) for i in range(n_deliveries))
+        conn.executemany("INSERT INTO deliveries VALUES ('sim', ?, ?, ?)", rows)
+    results: dict[str, float] = {}
+    for name, prune in (("feed", store.prune_feed), ("deliveries", store.prune_deliveries)):
+        started = time.perf_counter()
+        for _ in range(passes):
+            assert await prune(T0 + 86_400, 1_000) == 1_000
+        results[f"prune_{name}_pass_1000_ms"] = (time.perf_counter() - started) / passes * 1000
+    return results
+
+
 async def run_async(quick: bool, directory: Path) -> dict[str, float]:
     n_create = 5_000 if quick else 20_000
     rounds = 3 if quick else 5
@@ -178,6 +216,9 @@ async def run_async(quick: bool, directory: Path) -> dict[str, float]:
         await store.bulk_load_for_bench(bulk_docs(n_overdue, overdue=True, start=n_rows))
         results["overdue_many_due_limit_100_ms"] = await time_overdue_ms(store, 100, 50)
         results["overdue_many_due_all_ms"] = await time_overdue_ms(store, n_overdue, 3)
+
+        results.update(await bench_resume(store, ids[len(ids) // 2], 200))
+        results.update(await bench_prune(store, 20_000, 10))
     finally:
         await store.close()
     return results
@@ -193,6 +234,11 @@ GOALS = {
     "overdue_none_due_ms": ("ms", "goal: independent of table size"),
     "overdue_many_due_limit_100_ms": ("ms", "goal: grows with the limit, not the table"),
     "overdue_many_due_all_ms": ("ms", "goal: grows with the overdue count"),
+    "feed_events": ("events", "the feed the resumes read"),
+    "resume_task_events_ms": ("ms", "Last-Event-ID: 0, one task's events through the index"),
+    "resume_whole_feed_paged_ms": ("ms", "the same by paging the whole feed (before)"),
+    "prune_feed_pass_1000_ms": ("ms", "one retention pass of 1,000 feed events"),
+    "prune_deliveries_pass_1000_ms": ("ms", "one retention pass of 1,000 delivery records"),
 }
 
 

@@ -13,6 +13,9 @@ so a repeated event is harmless; a lost one would not be). ``statemachine.feed.W
 holds buckets of ``FEED_BUCKET_SIZE`` events; one ``$push`` into the open bucket both numbers and
 stores an event, so numbers follow commit order (a counter document plus a separate insert would
 let a reader pass a number whose insert comes late). A position is the zero-padded event number.
+One task's events are found through a multikey index on the task ids in each bucket
+(``task_after``). Retention deletes whole full buckets from the start (``prune``), never the
+newest; a read from a position before the oldest bucket left knows events may be missing.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
-from statemachine.errors import BadRequest
+from statemachine.errors import BadRequest, StoreError
 from statemachine.states import NON_TERMINAL, State
 from statemachine.store import FeedEvent, TaskStore
 from statemachine.task import Task
@@ -98,6 +101,18 @@ def _logged_event(seq: int, doc: Doc) -> FeedEvent:
     )
 
 
+def saved_event_number(position: str) -> int | None:
+    """What a watcher's saved position says about the event log: the number of the last event it
+    handled; None for a change-stream resume token (that watcher never reads the log); 0 (it
+    needs everything) for anything else, so retention keeps rather than guesses."""
+    if position_to_token(position) is not None:
+        return None
+    try:
+        return decode_position(position)
+    except BadRequest:
+        return 0
+
+
 class EventLog:
     """Append-only, numbered events in bucket documents of one collection."""
 
@@ -106,6 +121,9 @@ class EventLog:
         self._bucket: int | None = None  # the open bucket, as far as this process knows
 
     async def open(self) -> None:
+        await self._collection.create_index(
+            [("events.t", ASCENDING), ("_id", ASCENDING)], name="task"
+        )
         self._bucket = await self._last_bucket()
 
     async def _last_bucket(self) -> int:
@@ -113,36 +131,52 @@ class EventLog:
         return int(doc["_id"]) if doc else 0
 
     async def append(self, event: Doc) -> str:
-        """Append ``event`` with one atomic ``$push``; return its position. When the bucket is
-        full, its upsert collides on ``_id`` and the next bucket is opened."""
-        bucket = self._bucket if self._bucket is not None else await self._last_bucket()
+        """Append ``event`` with one atomic ``$push`` into the open bucket; return its position.
+
+        When that bucket is full (or this process's idea of it is stale), the newest bucket is
+        looked up and, if full too, the next one is inserted: a bucket is only ever created
+        after the newest one, never again where retention deleted one (an upsert would)."""
+        bucket: int | None = self._bucket
         while True:
-            try:
+            if bucket is not None:
                 doc = await self._collection.find_one_and_update(
                     {"_id": bucket, "n": {"$lt": FEED_BUCKET_SIZE}},
                     {"$push": {"events": event}, "$inc": {"n": 1}},
-                    upsert=True,
                     projection={"n": 1},
                     return_document=ReturnDocument.AFTER,
                 )
-            except DuplicateKeyError:
-                bucket = max(bucket + 1, await self._last_bucket())
+                if doc is not None:
+                    self._bucket = bucket
+                    return encode_position(bucket * FEED_BUCKET_SIZE + int(doc["n"]))
+            newest = await self._collection.find_one({}, {"n": 1}, sort=[("_id", DESCENDING)])
+            if newest is not None and int(newest["n"]) < FEED_BUCKET_SIZE:
+                bucket = int(newest["_id"])
                 continue
-            if doc is None:  # an upsert returning the new document always finds one
-                raise RuntimeError("feed append matched nothing")
+            bucket = 0 if newest is None else int(newest["_id"]) + 1
+            try:
+                await self._collection.insert_one({"_id": bucket, "n": 1, "events": [event]})
+            except DuplicateKeyError:
+                bucket = None  # another writer opened it first: look again
+                continue
             self._bucket = bucket
-            return encode_position(bucket * FEED_BUCKET_SIZE + int(doc["n"]))
+            return encode_position(bucket * FEED_BUCKET_SIZE + 1)
 
     async def after(self, position: str | None, limit: int) -> list[FeedEvent]:
-        """Up to ``limit`` events after ``position``, oldest first."""
+        """Up to ``limit`` events after ``position``, oldest first (from the oldest bucket left,
+        if retention deleted the one ``position`` is in)."""
         bucket, skip = divmod(decode_position(position), FEED_BUCKET_SIZE)
         events: list[FeedEvent] = []
         while len(events) < limit:
             doc = await self._collection.find_one(
-                {"_id": bucket}, {"n": 1, "events": {"$slice": [skip, limit - len(events)]}}
+                {"_id": {"$gte": bucket}},
+                {"n": 1, "events": {"$slice": [skip, limit - len(events)]}},
+                sort=[("_id", ASCENDING)],
             )
             if doc is None:
                 break
+            if doc["_id"] != bucket:  # pruned: the run resumes at the oldest bucket left
+                bucket, skip = int(doc["_id"]), 0
+                continue
             first = bucket * FEED_BUCKET_SIZE + skip + 1
             events.extend(_logged_event(first + i, e) for i, e in enumerate(doc.get("events", [])))
             if doc["n"] < FEED_BUCKET_SIZE:
@@ -150,11 +184,63 @@ class EventLog:
             bucket, skip = bucket + 1, 0
         return events
 
+    async def task_after(self, task_id: str, position: str | None, limit: int) -> list[FeedEvent]:
+        """Up to ``limit`` events of ``task_id`` after ``position``, oldest first: only the
+        buckets holding one of its events are read (the ``task`` index). ``StoreError``
+        (``feed_pruned``) if retention deleted events after ``position``."""
+        after = decode_position(position)
+        docs = (
+            await self._collection.find(
+                {"events.t": task_id, "_id": {"$gte": after // FEED_BUCKET_SIZE}},
+                {"events": 1},
+            )
+            .sort("_id", ASCENDING)
+            .limit(limit + 1)  # every bucket but the first holds one of the events wanted
+            .to_list(None)
+        )
+        events: list[FeedEvent] = []
+        for doc in docs:
+            first = int(doc["_id"]) * FEED_BUCKET_SIZE + 1
+            for i, event in enumerate(doc["events"]):
+                if first + i > after and event["t"] == task_id and len(events) < limit:
+                    events.append(_logged_event(first + i, event))
+        # Read after the events: a bucket pruned before they were read shows here.
+        oldest = await self._collection.find_one({}, {"_id": 1}, sort=[("_id", ASCENDING)])
+        if oldest is not None and after < int(oldest["_id"]) * FEED_BUCKET_SIZE:
+            raise StoreError(f"feed events after {position!r} were pruned", code="feed_pruned")
+        return events
+
     async def head(self) -> str | None:
         doc = await self._collection.find_one({}, {"n": 1}, sort=[("_id", DESCENDING)])
         if doc is None:
             return None
         return encode_position(int(doc["_id"]) * FEED_BUCKET_SIZE + int(doc["n"]))
+
+    async def prune(self, before_at: float, limit: int, keep_after: int) -> int:
+        """Delete the oldest full buckets, as many as hold ``limit`` events (rounded up), while
+        every event in one is older than ``before_at`` and numbered at most ``keep_after``;
+        never the newest bucket (it holds the head). Returns how many events went."""
+        newest = await self._last_bucket()
+        docs = (
+            await self._collection.find({"_id": {"$lt": newest}}, {"n": 1, "events.a": 1})
+            .sort("_id", ASCENDING)
+            .limit(-(-limit // FEED_BUCKET_SIZE))
+            .to_list(None)
+        )
+        doomed: list[int] = []
+        for doc in docs:
+            bucket = int(doc["_id"])
+            if (
+                doc["n"] < FEED_BUCKET_SIZE
+                or (bucket + 1) * FEED_BUCKET_SIZE > keep_after
+                or any(event["a"] >= before_at for event in doc["events"])
+            ):
+                break  # a contiguous run from the start: stop at the first bucket to keep
+            doomed.append(bucket)
+        if not doomed:
+            return 0
+        result = await self._collection.delete_many({"_id": {"$in": doomed}})
+        return int(result.deleted_count) * FEED_BUCKET_SIZE
 
 
 class EventLogFeed:

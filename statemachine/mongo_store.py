@@ -11,11 +11,24 @@ the writes makes every crash point repairable, and ``reconcile`` repairs it:
   document and the ledger entry exist. Only the original caller ever debits; ``reconcile`` (and a
   racing caller) only *complete* a marker, and every completion step is idempotent (unique ``_id``),
   so a crash between any two writes neither loses nor repeats a debit.
-- **Refunds** are guarded by the user document itself: ``$inc`` of the balance together with
-  ``$addToSet: {refunds: "refund:<task>"}`` under the filter ``{refunds: {$ne: key}}`` — one atomic
-  operation that can apply only once per task, whoever runs it. The task CAS that enters
-  failed/cancelled also sets a hidden ``refund_pending`` flag, cleared after the ledger entry; a
-  crash in between leaves the flag for ``reconcile``.
+- **Refunds** leave nothing behind on the user document (a permanent list of refunded tasks there
+  would reach MongoDB's 16 MB limit after a few hundred thousand refunds). The task CAS that enters
+  failed/cancelled sets a hidden ``refund_pending`` flag. The credit is the user update
+  ``$inc balance, $inc seq, $push pending: {op: "refund:<task>", seq, …}`` under the filter
+  ``{seq: <as read>}``, made only after reading the user (the marker is not there) and then the
+  ledger (no entry under ``_id: "refund:<task>"``, unique, like the ``(task_id, kind)`` index).
+  Then the ledger entry, the event, the marker is pulled, the flag cleared. The durable "this
+  refund was credited" is the ledger entry; the marker covers the gap until it exists, and is
+  pulled only after it. ``seq`` is the fence: every credit moves it, so a process that read the
+  user before another one credited this refund (and then stalled while that one finished and
+  pulled its marker) fails its update, reads again and finds the marker or the ledger entry.
+- **Documents of the version before** carry ``refunds: ["refund:<task>", …]`` on the user: every
+  key there was credited. The credit's filter also says ``refunds: {$ne: key}`` and, when it
+  fails, a key found there counts as credited; ``reconcile`` writes the ledger entries such
+  refunds may lack (their tasks still have ``refund_pending``), and empties the lists in bounded
+  batches, pulling only keys whose ledger entry exists (or whose task is gone) and moving ``seq``
+  as it does (the fence again). Processes of the old version must not run beside this one: their
+  guard is that list, which no longer records refunds.
 - A task document exists only after its debit, so no half-created task is ever visible.
 
 The feed: in production watchers read MongoDB change streams (``mongo_feed.MongoChangeFeed``). For
@@ -39,6 +52,7 @@ import contextlib
 import functools
 import inspect
 import json
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
@@ -59,7 +73,7 @@ from statemachine.errors import (
     StoreError,
     Unavailable,
 )
-from statemachine.mongo_feed import EventLog, event_doc
+from statemachine.mongo_feed import EventLog, event_doc, saved_event_number
 from statemachine.states import NON_TERMINAL, REFUNDED_STATES, State
 from statemachine.store import FeedEvent, LedgerEntry, LedgerKind, Page, User
 from statemachine.task import Task, from_doc, to_doc
@@ -76,7 +90,18 @@ REPAIR_AFTER_S: Final = 10.0
 SAME_KEY_POLLS: Final = 20
 SAME_KEY_POLL_S: Final = 0.05
 REPAIR_BATCH: Final = 500  # documents per kind per reconcile pass
+REFUND_TRIES: Final = 50  # credit attempts under contention (each lost to another balance change)
+LEGACY_USERS: Final = 20  # users per reconcile pass whose old ``refunds`` lists are emptied
+LEGACY_KEYS: Final = 200  # keys looked at per such user and pass
 _NON_TERMINAL_VALUES: Final = sorted(s.value for s in NON_TERMINAL)
+# Tasks holding a provider slot: every job in ai_processing, and a processing task once its inputs
+# are ready and it submits (``holds_slot``).
+_IN_FLIGHT: Final[Doc] = {
+    "$or": [
+        {"state": State.AI_PROCESSING.value},
+        {"state": State.PROCESSING.value, "holds_slot": True},
+    ]
+}
 _USER_FIELDS: Final = {"name": 1, "balance": 1, "is_admin": 1, "created_at": 1}
 
 
@@ -191,7 +216,12 @@ class MongoStore:
             name="owner_created",
         )
         await tasks.create_index([("created_at", DESCENDING), ("_id", DESCENDING)], name="created")
-        await tasks.create_index([("provider", ASCENDING), ("state", ASCENDING)], name="active")
+        await tasks.create_index(
+            [("provider", ASCENDING), ("state", ASCENDING), ("owner", ASCENDING)],
+            name="active_owner",
+        )
+        with contextlib.suppress(OperationFailure):  # its prefix, from before owners were counted
+            await tasks.drop_index("active")
         await tasks.create_index(
             [("owner", ASCENDING), ("idempotency_key", ASCENDING)],
             name="idempotency",
@@ -211,6 +241,12 @@ class MongoStore:
             {"refund_pending": {"$exists": True}},
         )
         await self._users.create_index([("pending.at", ASCENDING)], name="pending_at")
+        # Only the users still carrying a refund list of the version before (see reconcile).
+        await self._users.create_index(
+            [("name", ASCENDING)],
+            name="legacy_refunds",
+            partialFilterExpression={"refunds": {"$exists": True}},
+        )
         await self._keys.create_index([("user", ASCENDING)], name="user")
         await self._ledger.create_index(
             [("task_id", ASCENDING), ("kind", ASCENDING)],
@@ -225,6 +261,7 @@ class MongoStore:
         await self._deliveries.create_index(
             [("expires_from", ASCENDING)], name="ttl", expireAfterSeconds=DELIVERY_TTL_S
         )
+        await self._deliveries.create_index([("at", ASCENDING)], name="at")
         if self._events is not None:
             await self._events.open()
 
@@ -269,7 +306,6 @@ class MongoStore:
             "created_at": now,
             "seq": 1 if marker else 0,
             "pending": [marker] if marker else [],
-            "refunds": [],
         }
         try:
             await self._users.insert_one(doc)
@@ -538,17 +574,12 @@ class MongoStore:
         return True
 
     async def _refund(self, task: Task, *, emit: bool) -> None:
-        """Credit ``task.cost`` back at most once (the ``refunds`` guard), record it, publish the
-        transition, clear the task's flag. Every step is safe to repeat."""
+        """Credit ``task.cost`` back at most once, record it, publish the transition, pull the
+        marker, clear the task's flag (see the module docstring). Every step is safe to repeat,
+        by the refunding process or by ``reconcile``, in any interleaving."""
         key = f"refund:{task.id}"
-        user = await self._users.find_one_and_update(
-            {"_id": task.owner, "refunds": {"$ne": key}},
-            {"$inc": {"balance": task.cost, "seq": 1}, "$addToSet": {"refunds": key}},
-            projection={"seq": 1},
-            return_document=ReturnDocument.AFTER,
-        )
+        seq = await self._credit_refund(task, key)
         self._step("refund.credited")
-        seq = user["seq"] if user is not None else None
         await self._write_ledger(
             key, task.owner, "refund", task.cost, task.updated_at, task.id, seq
         )
@@ -556,7 +587,54 @@ class MongoStore:
         if emit:
             await self._emit(event_doc(task, created=False))
         self._step("refund.event_emitted")
+        await self._pull(task.owner, key)
+        self._step("refund.marker_pulled")
         await self._tasks.update_one({"_id": task.id}, {"$unset": {"refund_pending": ""}})
+
+    async def _credit_refund(self, task: Task, key: str) -> int | None:
+        """Credit the refund ``key`` unless it was credited already; the user's ``seq`` after the
+        credit (None if unknown: credited before, by a process of the version before, or no
+        such user). The reads come first, the user before the ledger; the update is fenced by
+        ``seq``, and a lost fence reads again."""
+        marker: Doc = {
+            "op": key,
+            "kind": "refund",
+            "amount": task.cost,
+            "at": task.updated_at,
+            "task_id": task.id,
+        }
+        for attempt in range(REFUND_TRIES):
+            user = await self._users.find_one(
+                {"_id": task.owner}, {"seq": 1, "pending.op": 1, "pending.seq": 1}
+            )
+            if user is None:
+                log.error("mongo.refund_without_user", task_id=task.id, user=task.owner)
+                return None
+            for pending in user.get("pending", []):
+                if pending.get("op") == key:
+                    return cast(int | None, pending.get("seq"))  # credited, being finished
+            if await self._ledger.find_one({"_id": key}, {"_id": 1}) is not None:
+                return None  # credited and recorded
+            seq = int(user["seq"])
+            credited = await self._users.find_one_and_update(
+                {
+                    "_id": task.owner,
+                    "seq": seq,
+                    "pending.op": {"$ne": key},
+                    "refunds": {"$ne": key},
+                },
+                {
+                    "$inc": {"balance": task.cost, "seq": 1},
+                    "$push": {"pending": {**marker, "seq": seq + 1}},
+                },
+                projection={"_id": 1},
+            )
+            if credited is not None:
+                return seq + 1
+            if await self._users.find_one({"_id": task.owner, "refunds": key}, {"_id": 1}):
+                return None  # credited by the version before, which kept a list of keys
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+        raise StoreError(f"refund of {task.id!r}: {REFUND_TRIES} credits lost to contention")
 
     @_translated
     async def overdue(self, now: float, limit: int) -> list[Task]:
@@ -581,9 +659,24 @@ class MongoStore:
         return counts
 
     @_translated
-    async def count_active(self, provider: str) -> int:
-        query: Doc = {"state": {"$in": ["processing", "ai_processing"]}, "provider": provider}
+    async def count_active(self, provider: str, owner: str | None = None) -> int:
+        query: Doc = {"provider": provider, **_IN_FLIGHT}
+        if owner is not None:
+            query["owner"] = owner
         return int(await self._tasks.count_documents(query))
+
+    @_translated
+    async def active_by_owner(self, provider: str | None, limit: int) -> dict[str, int]:
+        match: Doc = dict(_IN_FLIGHT)
+        if provider is not None:
+            match["provider"] = provider
+        pipeline: list[Doc] = [
+            {"$match": match},
+            {"$group": {"_id": "$owner", "n": {"$sum": 1}}},
+            {"$sort": {"n": DESCENDING, "_id": ASCENDING}},
+            {"$limit": limit},
+        ]
+        return {str(d["_id"]): int(d["n"]) for d in await _aggregate(self._tasks, pipeline)}
 
     @_translated
     async def tasks_since(self, since: float, owner: str | None) -> list[Task]:
@@ -623,6 +716,21 @@ class MongoStore:
             return False
         return True
 
+    @_translated
+    async def prune_deliveries(self, before_at: float, limit: int) -> int:
+        """Oldest first through the ``at`` index. The TTL index drops deliveries a week after
+        they were written anyway (``DELIVERY_TTL_S``), so a longer retention is not kept here."""
+        old = (
+            await self._deliveries.find({"at": {"$lt": before_at}}, {"_id": 1})
+            .sort("at", ASCENDING)
+            .limit(limit)
+            .to_list(None)
+        )
+        if not old:
+            return 0
+        result = await self._deliveries.delete_many({"_id": {"$in": [d["_id"] for d in old]}})
+        return int(result.deleted_count)
+
     # change feed (the events collection; change streams are in mongo_feed)
 
     async def _emit(self, event: Doc) -> None:
@@ -639,8 +747,31 @@ class MongoStore:
         return await self._event_log().after(position, limit)
 
     @_translated
+    async def task_feed_after(
+        self, task_id: str, position: str | None, limit: int
+    ) -> list[FeedEvent]:
+        """Through the event log's ``task`` index; without an event log, ``StoreError``: change
+        streams cannot be replayed by position, the caller starts from the current state."""
+        return await self._event_log().task_after(task_id, position, limit)
+
+    @_translated
     async def feed_head(self) -> str | None:
         return await self._event_log().head()
+
+    @_translated
+    async def prune_feed(self, before_at: float, limit: int) -> int:
+        """Whole buckets of the event log; without one there is nothing to prune (change streams
+        live in the server's oplog, which the server bounds)."""
+        if self._events is None:
+            return 0
+        keep_after: int | None = None
+        async for doc in self._positions.find({}, {"position": 1}):
+            number = saved_event_number(str(doc["position"]))
+            if number is not None:
+                keep_after = number if keep_after is None else min(keep_after, number)
+        return await self._events.prune(
+            before_at, limit, keep_after if keep_after is not None else 2**62
+        )
 
     @_translated
     async def save_position(self, watcher: str, position: str) -> None:
@@ -662,6 +793,14 @@ class MongoStore:
         or event may be missing. Returns how many operations were repaired."""
         cutoff = now - self._repair_after_s
         repaired = 0
+        # Refunds first: finishing one pulls its marker, which the marker pass would count again.
+        tasks = await self._tasks.find(
+            {"refund_pending": {"$exists": True}, "updated_at": {"$lte": cutoff}}
+        ).to_list(REPAIR_BATCH)
+        for doc in tasks:
+            log.warning("mongo.repair", op="refund", task_id=doc["_id"])
+            await self._refund(_task(doc), emit=bool(doc["refund_pending"].get("emit", True)))
+            repaired += 1
         users = await self._users.find({"pending.at": {"$lte": cutoff}}, {"pending": 1}).to_list(
             REPAIR_BATCH
         )
@@ -670,19 +809,65 @@ class MongoStore:
                 if marker["at"] <= cutoff:
                     await self._repair_marker(user["_id"], marker)
                     repaired += 1
-        tasks = await self._tasks.find(
-            {"refund_pending": {"$exists": True}, "updated_at": {"$lte": cutoff}}
-        ).to_list(REPAIR_BATCH)
-        for doc in tasks:
-            log.warning("mongo.repair", op="refund", task_id=doc["_id"])
-            await self._refund(_task(doc), emit=bool(doc["refund_pending"].get("emit", True)))
-            repaired += 1
+        await self._empty_legacy_refunds()
         return repaired
+
+    async def _empty_legacy_refunds(self) -> None:
+        """Shorten the ``refunds`` lists of the version before (see the module docstring): per
+        pass, ``LEGACY_KEYS`` keys of ``LEGACY_USERS`` users. A key goes once its ledger entry
+        exists (or its task is gone); one whose task still waits for its refund repair stays
+        until that repair wrote the entry. An empty list goes, and the user leaves the index."""
+        users = (
+            await self._users.find(
+                {"refunds": {"$exists": True}}, {"name": 1, "refunds": {"$slice": LEGACY_KEYS}}
+            )
+            .sort("name", ASCENDING)
+            .hint("legacy_refunds")  # the partial index: its users only, never a collection scan
+            .limit(LEGACY_USERS)
+            .to_list(None)
+        )
+        if not users:
+            return
+        keys = sorted({k for u in users for k in u["refunds"] if isinstance(k, str)})
+        recorded = await self._ledger.find({"_id": {"$in": keys}}, {"_id": 1}).to_list(None)
+        done = {d["_id"] for d in recorded}
+        unrecorded = {k.removeprefix("refund:"): k for k in keys if k not in done}
+        tasks = await self._tasks.find({"_id": {"$in": sorted(unrecorded)}}, {"_id": 1}).to_list(
+            None
+        )
+        done |= set(unrecorded.values()) - {unrecorded[d["_id"]] for d in tasks}
+        for user in users:
+            gone = sorted(done.intersection(user["refunds"]))
+            if gone:
+                # ``seq`` moves: a credit fenced on a read that still saw the key must fail.
+                await self._users.update_one(
+                    {"_id": user["_id"]},
+                    {"$pull": {"refunds": {"$in": gone}}, "$inc": {"seq": 1}},
+                )
+            elif not user["refunds"]:
+                await self._users.update_one(
+                    {"_id": user["_id"], "refunds": {"$size": 0}}, {"$unset": {"refunds": ""}}
+                )
+        if done:
+            log.info("mongo.legacy_refunds_emptied", keys=len(done), users=len(users))
 
     async def _repair_marker(self, user: str, marker: Doc) -> None:
         log.warning("mongo.repair", op=marker["op"], user=user)
         if marker["kind"] == "grant":
             await self._settle_grant(user, marker, seq=None)
+            return
+        if marker["kind"] == "refund":
+            # Credited; its task's flag (or that task's own repair) will publish the event.
+            await self._write_ledger(
+                marker["op"],
+                user,
+                "refund",
+                marker["amount"],
+                marker["at"],
+                marker["task_id"],
+                marker.get("seq"),
+            )
+            await self._pull(user, marker["op"])
             return
         # A Conflict means the task id was taken by another task: the debit was rolled back.
         with contextlib.suppress(Conflict):

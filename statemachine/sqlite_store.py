@@ -31,6 +31,7 @@ from statemachine.errors import (
     HooklineError,
     InsufficientCredits,
     NotFound,
+    StoreError,
     Unavailable,
 )
 from statemachine.sqlite_exec import BatchExecutor, Tx, connect
@@ -45,8 +46,12 @@ _NON_TERMINAL_SQL: Final = "state NOT IN ({})".format(
     ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
 )
 
-# Tasks holding a provider slot (counted against HOOKLINE_PROVIDER_CONCURRENCY).
-_ACTIVE_SQL: Final = "state IN ('processing', 'ai_processing')"
+# Tasks holding a provider slot (counted against HOOKLINE_PROVIDER_CONCURRENCY): every job in
+# ai_processing, and a processing task once its inputs are ready and it submits (``holds_slot``).
+_ACTIVE_SQL: Final = (
+    "(state = 'ai_processing' OR (state = 'processing' AND json_extract(doc, '$.holds_slot')))"
+)
+_PROVIDER_SQL: Final = "json_extract(doc, '$.provider')"
 
 _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS users (
@@ -82,8 +87,9 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_overdue ON tasks (deadline) WHERE {_NON_TERMINAL_SQL};
 CREATE INDEX IF NOT EXISTS tasks_owner_created ON tasks (owner, created_at, id);
-CREATE INDEX IF NOT EXISTS tasks_active_provider ON tasks (json_extract(doc, '$.provider'))
-    WHERE {_ACTIVE_SQL};
+DROP INDEX IF EXISTS tasks_active_provider;
+DROP INDEX IF EXISTS tasks_active;
+CREATE INDEX IF NOT EXISTS tasks_in_flight ON tasks ({_PROVIDER_SQL}, owner) WHERE {_ACTIVE_SQL};
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at, id);
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -94,6 +100,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     at REAL NOT NULL,
     PRIMARY KEY (provider, delivery_id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_at ON deliveries (at);
 CREATE TABLE IF NOT EXISTS feed_events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id TEXT NOT NULL,
@@ -104,6 +111,7 @@ CREATE TABLE IF NOT EXISTS feed_events (
     at REAL NOT NULL,
     version INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS feed_events_task ON feed_events (task_id, seq);
 CREATE TABLE IF NOT EXISTS watcher_positions (
     watcher TEXT PRIMARY KEY,
     position TEXT NOT NULL
@@ -122,6 +130,48 @@ _LEDGER_INSERT: Final = (
     "INSERT INTO ledger (user, task_id, kind, amount, at) VALUES (?, ?, ?, ?, ?)"
 )
 _FEED_COLUMNS: Final = "seq, task_id, owner, source, dest, event, at, version"
+
+# The statements whose plans the contract suite checks (``explain``), with sample arguments.
+_QUERIES: Final[dict[str, tuple[str, tuple[Any, ...]]]] = {
+    "overdue": (
+        f"SELECT doc FROM tasks WHERE {_NON_TERMINAL_SQL} AND deadline <= ?"
+        " ORDER BY deadline LIMIT ?",
+        (0.0, 1),
+    ),
+    "task_feed": (
+        f"SELECT {_FEED_COLUMNS} FROM feed_events WHERE task_id = ? AND seq > ?"
+        " ORDER BY seq LIMIT ?",
+        ("t", 0, 1),
+    ),
+    "count_active": (
+        f"SELECT count(*) FROM tasks WHERE {_ACTIVE_SQL} AND {_PROVIDER_SQL} = ?",
+        ("sim",),
+    ),
+    "count_active_owner": (
+        f"SELECT count(*) FROM tasks WHERE {_ACTIVE_SQL} AND {_PROVIDER_SQL} = ? AND owner = ?",
+        ("sim", "alice"),
+    ),
+    # Without a provider no index column is constrained and the planner would rather scan the
+    # whole table in owner order; the partial index holds only the tasks in flight.
+    "active_by_owner": (
+        f"SELECT owner, count(*) AS n FROM tasks INDEXED BY tasks_in_flight WHERE {_ACTIVE_SQL}"
+        " GROUP BY owner ORDER BY n DESC, owner LIMIT ?",
+        (1,),
+    ),
+    "active_by_owner_provider": (
+        f"SELECT owner, count(*) AS n FROM tasks WHERE {_ACTIVE_SQL} AND {_PROVIDER_SQL} = ?"
+        " GROUP BY owner ORDER BY n DESC, owner LIMIT ?",
+        ("sim", 1),
+    ),
+    "prune_feed": (
+        "SELECT seq, at FROM feed_events WHERE seq <= ? ORDER BY seq LIMIT ?",
+        (0, 1),
+    ),
+    "old_deliveries": (
+        "SELECT provider, delivery_id FROM deliveries WHERE at < ? ORDER BY at LIMIT ?",
+        (0.0, 1),
+    ),
+}
 
 
 def _task_row(task: Task) -> tuple[Any, ...]:
@@ -167,6 +217,15 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     except (ValueError, binascii.Error, TypeError) as exc:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
     return float(created_at), task_id
+
+
+def _saved_seq(position: str) -> int:
+    """A watcher's saved position as a sequence number; one that is not (never written by this
+    adapter) counts as the very start, so retention keeps everything rather than guess."""
+    try:
+        return int(position)
+    except ValueError:
+        return 0
 
 
 def _seq(position: str | None) -> int:
@@ -486,23 +545,25 @@ class SqliteStore:
             )
 
     async def overdue(self, now: float, limit: int) -> list[Task]:
-        sql = (
-            f"SELECT doc FROM tasks WHERE {_NON_TERMINAL_SQL} AND deadline <= ?"
-            " ORDER BY deadline LIMIT ?"
-        )
+        sql = _QUERIES["overdue"][0]
 
         def op(c: sqlite3.Connection) -> list[Task]:
             return [_load(r[0]) for r in c.execute(sql, (now, limit))]
 
         return await self._read(op)
 
+    async def explain(self, query: str) -> list[str]:
+        """The query plan of one of the adapter's indexed statements (``overdue``, ``task_feed``,
+        ``count_active``, ``count_active_owner``, ``active_by_owner``,
+        ``active_by_owner_provider``, ``prune_feed``, ``old_deliveries``): tests prove each uses
+        its index."""
+        sql, args = _QUERIES[query]
+        plan = f"EXPLAIN QUERY PLAN {sql}"
+        return await self._read(lambda c: [str(r[-1]) for r in c.execute(plan, args)])
+
     async def explain_overdue(self) -> list[str]:
         """The query plan of ``overdue`` (tests prove it goes through the partial index)."""
-        sql = (
-            f"EXPLAIN QUERY PLAN SELECT doc FROM tasks WHERE {_NON_TERMINAL_SQL}"
-            " AND deadline <= ? ORDER BY deadline LIMIT ?"
-        )
-        return await self._read(lambda c: [str(r[-1]) for r in c.execute(sql, (0.0, 1))])
+        return await self.explain("overdue")
 
     async def count_by_state(self, owner: str | None) -> dict[State, int]:
         sql = "SELECT state, count(*) FROM tasks"
@@ -516,13 +577,23 @@ class SqliteStore:
         counts.update({State(s): n for s, n in rows})
         return counts
 
-    async def count_active(self, provider: str) -> int:
-        sql = (
-            f"SELECT count(*) FROM tasks WHERE {_ACTIVE_SQL}"
-            " AND json_extract(doc, '$.provider') = ?"
-        )
-        row = await self._read(lambda c: c.execute(sql, (provider,)).fetchone())
+    async def count_active(self, provider: str, owner: str | None = None) -> int:
+        args: tuple[Any, ...]
+        if owner is None:
+            sql, args = _QUERIES["count_active"][0], (provider,)
+        else:
+            sql, args = _QUERIES["count_active_owner"][0], (provider, owner)
+        row = await self._read(lambda c: c.execute(sql, args).fetchone())
         return int(row[0])
+
+    async def active_by_owner(self, provider: str | None, limit: int) -> dict[str, int]:
+        args: tuple[Any, ...]
+        if provider is None:
+            sql, args = _QUERIES["active_by_owner"][0], (limit,)
+        else:
+            sql, args = _QUERIES["active_by_owner_provider"][0], (provider, limit)
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
+        return {str(owner): int(n) for owner, n in rows}
 
     async def tasks_since(self, since: float, owner: str | None) -> list[Task]:
         sql = "SELECT doc FROM tasks WHERE created_at >= ?"
@@ -571,6 +642,14 @@ class SqliteStore:
         args = (provider, delivery_id, task_id, now)
         return await self._write(lambda tx: tx.conn.execute(sql, args).rowcount == 1)
 
+    async def prune_deliveries(self, before_at: float, limit: int) -> int:
+        sql = (
+            "DELETE FROM deliveries WHERE (provider, delivery_id) IN"
+            f" ({_QUERIES['old_deliveries'][0]})"
+        )
+        args = (before_at, limit)
+        return await self._write(lambda tx: tx.conn.execute(sql, args).rowcount)
+
     # change feed
 
     async def feed_after(self, position: str | None, limit: int) -> list[FeedEvent]:
@@ -578,9 +657,47 @@ class SqliteStore:
         args = (_seq(position), limit)
         return await self._read(lambda c: [_feed_event(r) for r in c.execute(sql, args)])
 
+    async def task_feed_after(
+        self, task_id: str, position: str | None, limit: int
+    ) -> list[FeedEvent]:
+        sql = _QUERIES["task_feed"][0]
+        after = _seq(position)
+
+        def op(c: sqlite3.Connection) -> list[FeedEvent]:
+            events = [_feed_event(r) for r in c.execute(sql, (task_id, after, limit))]
+            # Retention deletes from the start of the feed only, so every event after ``after``
+            # is still here if the oldest one left follows it directly (same read snapshot).
+            tail = c.execute("SELECT min(seq) FROM feed_events").fetchone()[0]
+            if tail is not None and after < tail - 1:
+                raise StoreError(f"feed events after {position!r} were pruned", code="feed_pruned")
+            return events
+
+        return await self._read(op)
+
     async def feed_head(self) -> str | None:
         row = await self._read(lambda c: c.execute("SELECT max(seq) FROM feed_events").fetchone())
         return None if row is None or row[0] is None else str(row[0])
+
+    async def prune_feed(self, before_at: float, limit: int) -> int:
+        def op(tx: Tx) -> int:
+            c = tx.conn
+            head = c.execute("SELECT max(seq) FROM feed_events").fetchone()[0]
+            if head is None:
+                return 0
+            keep_after = head - 1  # the newest event stays: feed_head keeps its meaning
+            for (saved,) in c.execute("SELECT position FROM watcher_positions"):
+                keep_after = min(keep_after, _saved_seq(saved))
+            rows = c.execute(_QUERIES["prune_feed"][0], (keep_after, limit)).fetchall()
+            last = None
+            for seq, at in rows:
+                if at >= before_at:
+                    break  # a contiguous run from the start: stop at the first recent event
+                last = seq
+            if last is None:
+                return 0
+            return int(c.execute("DELETE FROM feed_events WHERE seq <= ?", (last,)).rowcount)
+
+        return await self._write(op)
 
     async def save_position(self, watcher: str, position: str) -> None:
         sql = (

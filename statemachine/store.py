@@ -12,6 +12,9 @@ Rules every adapter keeps:
   the same (owner, idempotency_key) and request_hash returns the first task and charges nothing.
 - Every stored change with ``emit=True`` appends one FeedEvent whose position sorts after all
   earlier ones.
+- Retention (``prune_feed``, ``prune_deliveries``) deletes in bounded batches and never deletes the
+  newest feed event (``feed_head`` stays meaningful) nor one after the oldest position a watcher
+  saved (``save_position``): the retained feed is always a contiguous run ending at the head.
 """
 
 from __future__ import annotations
@@ -124,9 +127,14 @@ class TaskStore(Protocol):
 
     async def count_by_state(self, owner: str | None) -> dict[State, int]: ...
 
-    async def count_active(self, provider: str) -> int:
-        """Tasks of ``provider`` in processing or ai_processing (its jobs in flight), through an
-        index."""
+    async def count_active(self, provider: str, owner: str | None = None) -> int:
+        """Tasks of ``provider`` in processing or ai_processing (its jobs in flight), of ``owner``
+        only if given, through an index."""
+
+    async def active_by_owner(self, provider: str | None, limit: int) -> dict[str, int]:
+        """Jobs in flight per owner (of ``provider``, or of every provider with None): the
+        ``limit`` owners with the most, most first (ties by name), through an index. Owners with
+        none are absent. For a metric with bounded labels."""
 
     async def tasks_since(self, since: float, owner: str | None) -> list[Task]:
         """Tasks created at or after ``since`` (for the KPIs)."""
@@ -139,9 +147,32 @@ class TaskStore(Protocol):
     ) -> bool:
         """Remember a processed delivery; False if it was already recorded."""
 
+    async def prune_deliveries(self, before_at: float, limit: int) -> int:
+        """Forget up to ``limit`` delivery records recorded before ``before_at`` (oldest first),
+        through an index; return how many. A forgotten delivery id is no longer de-duplicated."""
+
     # change feed
     async def feed_after(self, position: str | None, limit: int) -> list[FeedEvent]:
         """Events after ``position`` (None: from the start), oldest first."""
+
+    async def task_feed_after(
+        self, task_id: str, position: str | None, limit: int
+    ) -> list[FeedEvent]:
+        """Up to ``limit`` events of ``task_id`` after ``position`` (None: from the start), oldest
+        first, through an index: the cost grows with the task's events, not with the feed.
+
+        ``BadRequest`` (code ``invalid_position``) for a position that is not one of this feed's;
+        ``StoreError`` if the events after ``position`` cannot all be given: code
+        ``feed_pruned`` when retention already deleted some of them, or a store whose feed cannot
+        be replayed by position (MongoDB without its event log). The caller then starts from the
+        task's current state."""
+
+    async def prune_feed(self, before_at: float, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest feed events, as long as each is older than
+        ``before_at``, not after the oldest saved watcher position, and not the newest event;
+        return how many were deleted. The cost is bounded by ``limit`` (MongoDB's event log
+        deletes whole buckets: up to one bucket past ``limit``, and none that is not full);
+        repeated calls delete a contiguous run from the start of the feed."""
 
     async def feed_head(self) -> str | None:
         """The position of the newest event, or None if there is none."""

@@ -2,9 +2,12 @@
 
 Every frame is ``id: <feed position>``, ``event: state``, ``data: {"task_id", "state", "event",
 "at"}``. A fresh stream starts with the current state; a stream opened with ``Last-Event-ID``
-starts with the task's events after that position (``store.feed_after``, filtered to the task),
-then both go live from the process's one ``Broadcaster``. Comments (``: ping``) keep idle
-connections open; the stream ends after a terminal state.
+starts with the task's events after that position (``store.task_feed_after``: only this task's
+events, through an index, so ``Last-Event-ID: 0`` costs the task's events, not the feed), then both
+go live from the process's one ``Broadcaster``. Comments (``: ping``) keep idle connections open;
+the stream ends after a terminal state. Where the store cannot give every event after the id
+(retention pruned some, or MongoDB without its event log, whose ids are change-stream tokens), the
+stream starts from the current state instead, as a fresh one does.
 
 No event is lost or repeated within a stream or across a reconnect: the subscription is made before
 anything is read, and live events the opening already covered are skipped by task version (versions
@@ -145,25 +148,37 @@ async def _opening_resumed(rt: Runtime, task_id: str, after: str) -> Opening:
     # still to come live, and one at or below it the client has or gets from the gap.
     task = await _read(rt, task_id)
     try:
-        page = await rt.store.feed_after(after, GAP_BATCH)
+        page = await rt.store.task_feed_after(task_id, after, GAP_BATCH)
     except BadRequest as exc:
         raise _bad_event_id(after) from exc
     except StoreError:
-        # A store whose feed cannot be replayed by position (MongoDB without the event log: its
-        # ids are change-stream tokens): resume from the current state instead of failing.
+        # The gap cannot be replayed in full (pruned by retention, or MongoDB without its event
+        # log): resume from the current state instead of failing or skipping silently.
         frames, seen = await _opening_fresh(rt, task_id)
         return Opening(frames, seen, ended=False, more=None)
-    frames = [Frame.of(e) for e in page if e.task_id == task_id]
+    frames = [Frame.of(e) for e in page]
     more = page[-1].position if len(page) == GAP_BATCH else None
     return Opening(frames, task.version, task.terminal, more)
 
 
-async def _rest_of_gap(rt: Runtime, task_id: str, after: str | None) -> AsyncIterator[Frame]:
+async def _rest_of_gap(
+    rt: Runtime, task_id: str, after: str | None, sent: int
+) -> AsyncIterator[Frame]:
+    """The pages of the gap after the opening's (a task with more than ``GAP_BATCH`` events);
+    ``sent`` is the version of the last frame sent. Pruned meanwhile: the current state, as a
+    resume that starts too late gets, unless the client has it already."""
     while after is not None:
-        page = await rt.store.feed_after(after, GAP_BATCH)
+        try:
+            page = await rt.store.task_feed_after(task_id, after, GAP_BATCH)
+        except StoreError:
+            frames, _ = await _opening_fresh(rt, task_id)
+            for frame in frames:
+                if frame.version > sent:
+                    yield frame
+            return
         for event in page:
-            if event.task_id == task_id:
-                yield Frame.of(event)
+            sent = event.version
+            yield Frame.of(event)
         after = page[-1].position if len(page) == GAP_BATCH else None
 
 
@@ -203,7 +218,8 @@ async def _frames(
         latest = max(latest, frame.version)
         if frame.state in TERMINAL:
             return
-    async for frame in _rest_of_gap(rt, task_id, opening.more):
+    sent = opening.frames[-1].version if opening.frames else 0
+    async for frame in _rest_of_gap(rt, task_id, opening.more, sent):
         yield frame.encode()
         latest = max(latest, frame.version)
         if frame.state in TERMINAL:

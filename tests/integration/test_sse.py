@@ -234,3 +234,60 @@ async def test_streams_are_authenticated_and_private(tmp_path: Path) -> None:
         r = await hl.client.get(f"{url}?key={alice}")  # keys are never taken from URLs
         assert r.status_code == 401
         assert broadcaster(hl).count == 0
+
+
+async def test_a_resume_from_the_feeds_start_reads_only_this_tasks_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Last-Event-ID: 0`` once paged through the whole feed for one task; now the store reads
+    the task's own events through an index. Other tasks' events fill the feed around it."""
+    async with running_hookline(tmp_path) as hl:
+        key = await hl.create_user("alice", credits=1000)
+        before = [await hl.create_task(key) for _ in range(3)]
+        task = await hl.create_task(key)
+        after = [await hl.create_task(key) for _ in range(3)]
+        for other in [*before, task, *after]:
+            await hl.wait_terminal(key, other["id"])
+        whole_feed: list[str | None] = []
+        per_task: list[tuple[str, str | None]] = []
+        store: Any = hl.store
+        feed_after, task_feed_after = store.feed_after, store.task_feed_after
+
+        async def spy_feed_after(position: str | None, limit: int) -> Any:
+            whole_feed.append(position)
+            return await feed_after(position, limit)
+
+        async def spy_task_feed_after(task_id: str, position: str | None, limit: int) -> Any:
+            per_task.append((task_id, position))
+            return await task_feed_after(task_id, position, limit)
+
+        monkeypatch.setattr(store, "feed_after", spy_feed_after)
+        monkeypatch.setattr(store, "task_feed_after", spy_task_feed_after)
+        got = await state_frames(hl, key, task["id"], last_id="0")
+        assert states(got) == FULL_PATH
+        assert {f.data["task_id"] for f in got if f.data} == {task["id"]}
+        assert per_task == [(task["id"], "0")]
+        assert "0" not in whole_feed  # the watchers poll from the head; nobody read from 0
+
+
+async def test_a_resume_from_a_pruned_position_starts_from_the_current_state(
+    tmp_path: Path,
+) -> None:
+    """Retention deleted the events after the client's id: rather than an incomplete history
+    (here: nothing, and the stream would end without the terminal state), the current state,
+    stamped with the feed's head, as a fresh stream gets."""
+    async with running_hookline(tmp_path, roles="api") as hl:
+        key = await hl.create_user("alice")
+        task = await hl.create_task(key)
+        r = await hl.client.post(f"/v1/tasks/{task['id']}/cancel", headers=hl.auth(key))
+        assert r.status_code == 200
+        await hl.create_task(key)  # the newest event is another task's
+        created = (await hl.store.feed_after(None, 10))[0]
+        assert created.task_id == task["id"]
+        assert await hl.store.prune_feed(hl.runtime.now() + 86_400, 1000) == 2
+        head = await hl.store.feed_head()
+
+        got = await state_frames(hl, key, task["id"], last_id=created.position)
+        assert states(got) == ["cancelled"]
+        assert got[0].id == head
+        await until(lambda: broadcaster(hl).count == 0)

@@ -32,6 +32,7 @@ REFUND_STEPS = [
     "refund.credited",
     "refund.ledger_written",
     "refund.event_emitted",
+    "refund.marker_pulled",
 ]
 
 
@@ -246,13 +247,29 @@ async def test_a_bad_feed_position_is_a_bad_request(store: MongoStore) -> None:
 async def test_open_creates_the_indexes_and_is_idempotent(store: MongoStore) -> None:
     await store.open()
     tasks = await store.db["tasks"].index_information()
-    assert {"owner_created", "idempotency", "overdue", "refund_pending"} <= set(tasks)
+    assert {"owner_created", "idempotency", "overdue", "refund_pending", "active_owner"} <= set(
+        tasks
+    )
     assert tasks["idempotency"]["unique"]
+    assert tasks["active_owner"]["key"] == [("provider", 1), ("state", 1), ("owner", 1)]
+    assert "active" not in tasks  # its prefix, dropped
     ledger = await store.db["ledger"].index_information()
     assert ledger["task_kind"]["unique"]
     deliveries = await store.db["deliveries"].index_information()
     assert deliveries["delivery"]["unique"]
     assert deliveries["ttl"]["expireAfterSeconds"] == 7 * 24 * 3600
+    assert deliveries["at"]["key"] == [("at", 1)]
+    feed = await store.db["feed"].index_information()
+    assert feed["task"]["key"] == [("events.t", 1), ("_id", 1)]
+    users = await store.db["users"].index_information()
+    assert users["legacy_refunds"]["partialFilterExpression"] == {"refunds": {"$exists": True}}
+
+
+async def test_open_drops_the_active_index_of_the_version_before(mock_db: object) -> None:
+    await mock_db["tasks"].create_index([("provider", 1), ("state", 1)], name="active")  # type: ignore[index]
+    store = MongoStore(mock_db)  # type: ignore[arg-type]
+    await store.open()
+    assert "active" not in await store.db["tasks"].index_information()
 
 
 async def test_an_unreachable_server_is_unavailable() -> None:
