@@ -10,20 +10,51 @@ moderated again); ``Error`` and ``Task not found`` failed, retryable.
 
 BFL makes one image per request and has no cancel API; FLUX takes no negative prompt, so one
 given is not sent.
+
+The model grammar (``validate_model``), checked before any request: one path segment, ``flux``
+followed by ``-``/``.``-separated runs of lowercase ASCII letters and digits (``flux-pro-1.1``,
+``flux-kontext-pro``, ``flux-pro-1.1-ultra-finetuned``). Every BFL generation endpoint is named
+so, and none of its other endpoints is (``get_result``, ``credits``, ``finetune``,
+``my_finetunes``, ``delete_finetune``, ``finetune_details``), so a model can name nothing but a
+generation. Task ids (from the submit answer, a webhook) must match ``callbacks.http.JOB_ID``, and
+a ``polling_url`` is used only if it is a ``…/get_result?id=<that id>`` URL on the configured API
+origin or on an https ``bfl.ai``/``bfl.ml`` host (BFL's regional endpoints such as
+``api.us1.bfl.ai``); any other is ignored for the documented ``{base}/get_result?id=…``, so an
+answer cannot send the ``x-key`` elsewhere.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+import structlog
 
-from callbacks.errors import PermanentProviderError, RetryableProviderError, WebhookRejected
-from callbacks.http import expect_object, model_input, output_urls, request_json
+from callbacks.errors import (
+    InvalidJobId,
+    InvalidModel,
+    PermanentProviderError,
+    RetryableProviderError,
+    WebhookRejected,
+)
+from callbacks.http import (
+    SEGMENT,
+    checked_job_id,
+    expect_object,
+    model_input,
+    output_urls,
+    path_segments,
+    request_json,
+    url_path,
+)
 from callbacks.provider import Delivery, Limits, Outcome, Submission
+
+log = structlog.get_logger()
 
 DEFAULT_BASE_URL = "https://api.bfl.ai/v1"
 POLLING_URL_CACHE_SIZE = 4096
@@ -33,6 +64,55 @@ MODERATED = frozenset({"Request Moderated", "Content Moderated"})
 # documented, so inputs go as URLs. Kontext handles up to ~4 megapixels; 1440 px on the long side
 # is the largest size FLUX 1.1 [pro] produces.
 LIMITS = Limits(max_side=1440, formats=("JPEG", "PNG", "WEBP"), accepts_data_uri=False)
+
+MODEL = re.compile(r"flux(?:[.-][a-z0-9]+){1,15}")
+MODEL_MAX_CHARS = 64
+BFL_DOMAINS = ("bfl.ai", "bfl.ml")
+RESULT_ROUTE = "get_result"
+# What a polling URL may contain at all: ASCII letters, digits and the URL punctuation BFL's
+# URLs use; no spaces, backslashes, percent-escapes, userinfo or IPv6 brackets.
+_URL_CHARS = re.compile(r"[A-Za-z0-9._~:/?&=-]+")
+
+
+def validate_model(model: str, *, provider: str = "bfl") -> str:
+    """``model`` if the grammar takes it (module docstring), else ``InvalidModel`` (pure: the
+    HTTP layer may call it when a task is created, to refuse such a model with 422)."""
+    if isinstance(model, str) and len(model) > MODEL_MAX_CHARS:
+        raise InvalidModel(
+            f"{provider}: model {model[:MODEL_MAX_CHARS]!r}… is too long",
+            details={"provider": provider},
+        )
+    path_segments(model, provider=provider, segment=MODEL)
+    return model
+
+
+def trusted_polling_url(url: object, job_id: str, base_url: str) -> str | None:
+    """``url`` if it is a ``get_result`` URL for ``job_id`` on BFL's API (the configured origin,
+    or https on a ``bfl.ai``/``bfl.ml`` host), else None. Checked on the raw string: httpx would
+    resolve dot segments before anything could see them."""
+    if not isinstance(url, str) or not _URL_CHARS.fullmatch(url):
+        return None
+    raw = urlsplit(url)
+    if raw.fragment or raw.scheme not in ("https", "http"):
+        return None
+    segments = raw.path.split("/")
+    if segments[0] != "" or segments[-1] != RESULT_ROUTE or ".." in raw.path:
+        return None
+    if not all(SEGMENT.fullmatch(part) for part in segments[1:]):
+        return None
+    if parse_qsl(raw.query, keep_blank_values=True) != [("id", job_id)]:
+        return None
+    try:
+        target, base = httpx.URL(url), httpx.URL(base_url)
+    except httpx.InvalidURL:
+        return None
+    same_origin = (target.scheme, target.host, target.port) == (base.scheme, base.host, base.port)
+    on_bfl = (
+        target.scheme == "https"
+        and target.port is None
+        and any(target.host == d or target.host.endswith("." + d) for d in BFL_DOMAINS)
+    )
+    return url if same_origin or on_bfl else None
 
 
 def default_image_key(model: str) -> str:
@@ -96,23 +176,32 @@ class BflProvider:
         )
         return expect_object(data, provider=self.name, what=f"{method} answer")
 
+    def validate_model(self, model: str) -> str:
+        """``model`` if this adapter's grammar takes it, else ``InvalidModel``."""
+        return validate_model(model, provider=self.name)
+
     async def submit(self, submission: Submission) -> str:
+        model = validate_model(submission.model, provider=self.name)
         if submission.num_outputs != 1:
             raise PermanentProviderError(f"{self.name}: one image per request, not more")
-        model = submission.model.strip("/")
         body = model_input(
             submission, image_key=default_image_key(model), count_key=None, negative_key=None
         )
         body["webhook_url"] = submission.callback_url
         if self._webhook_secret:
             body["webhook_secret"] = self._webhook_secret
-        answer = await self._call("POST", f"{self._base}/{model}", body)
+        answer = await self._call("POST", self._base + url_path(model), body)
         job_id = answer.get("id")
         if not isinstance(job_id, str) or not job_id:
             raise RetryableProviderError(f"{self.name}: submission without an id")
+        checked_job_id(job_id, provider=self.name)
         polling_url = answer.get("polling_url")
-        if isinstance(polling_url, str) and polling_url.startswith(("https://", "http://")):
-            self._remember(job_id, polling_url)
+        if polling_url is not None:
+            trusted = trusted_polling_url(polling_url, job_id, self._base)
+            if trusted is None:
+                log.warning("bfl_polling_url_ignored", job_id=job_id)
+            else:
+                self._remember(job_id, trusted)
         return job_id
 
     def _remember(self, job_id: str, polling_url: str) -> None:
@@ -125,21 +214,26 @@ class BflProvider:
         """A trigger: parse the id (and status, for the delivery id), return no outcome."""
         try:
             parsed = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # too deep is malformed too
             raise WebhookRejected("body is not JSON", code="malformed_body") from exc
         job_id = parsed.get("id") if isinstance(parsed, dict) else None
         if not isinstance(job_id, str) or not job_id:
             raise WebhookRejected("body has no task id", code="malformed_body")
+        try:
+            checked_job_id(job_id, provider=self.name)
+        except InvalidJobId as exc:
+            raise WebhookRejected(exc.message, code="malformed_body") from exc
         status = parsed.get("status")
         return Delivery(f"{job_id}:{status if isinstance(status, str) else ''}", job_id, None)
 
     async def poll(self, job_id: str, model: str) -> Outcome:
+        checked_job_id(job_id, provider=self.name)
         url = self._polling_urls.get(job_id)
         if url is None:
             answer = await request_json(
                 self._http,
                 "GET",
-                f"{self._base}/get_result",
+                self._base + url_path(RESULT_ROUTE),
                 provider=self.name,
                 headers=self._auth,
                 params={"id": job_id},

@@ -4,6 +4,15 @@ A model id is ``owner/app`` optionally followed by a subpath (``fal-ai/flux/dev`
 ``fal-ai/flux``, subpath ``dev``). Submission goes to the full path; status, result and cancel
 paths drop the subpath: ``{base}/fal-ai/flux/requests/{request_id}/status``.
 
+The model grammar (``validate_model``), checked before any request, submit, poll and cancel
+alike: 2 to 8 path segments (``callbacks.http.SEGMENT``: ASCII letters, digits, ``.``, ``_``,
+``-``, starting with a letter or digit, never ``..``), and the subpath may not start with
+``requests`` (that is where the queue's status, result and cancel routes of the app live). Request
+ids (from the submit answer, a webhook, a stored task) must match ``callbacks.http.JOB_ID``.
+
+A delivery must be signed for our fal account: with ``user_id`` set, an
+``X-Fal-Webhook-User-Id`` (part of what fal signs) naming another account is ``wrong_account``.
+
 Webhooks are signed with ED25519 over ``request_id\\nuser_id\\ntimestamp\\nhex(sha256(body))``;
 the public keys come from a JWKS, cached up to ``jwks_ttl_s`` (24 h) by the ``now`` the caller
 passes, and fetched again once when no key matches (key rotation). Forced re-fetches are at most
@@ -25,14 +34,23 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from callbacks.errors import PermanentProviderError, RetryableProviderError, WebhookRejected
+from callbacks.errors import (
+    InvalidJobId,
+    InvalidModel,
+    PermanentProviderError,
+    RetryableProviderError,
+    WebhookRejected,
+)
 from callbacks.http import (
+    checked_job_id,
     error_status,
     expect_object,
     is_input_error,
     model_input,
     output_urls,
+    path_segments,
     request_json,
+    url_path,
 )
 from callbacks.provider import Delivery, Limits, Outcome, Submission
 from callbacks.standard_webhooks import get_header
@@ -53,12 +71,31 @@ SIGNATURE_HEADER = "X-Fal-Webhook-Signature"
 LIMITS = Limits(max_side=2048, formats=("JPEG", "PNG", "WEBP"), accepts_data_uri=True)
 
 
+MAX_MODEL_SEGMENTS = 8
+QUEUE_ROUTES = "requests"  # {owner}/{app}/requests/…: the queue's own routes for the app
+
+
+def model_segments(model: str, *, provider: str = "fal") -> tuple[str, ...]:
+    """The path segments of a model id, or ``InvalidModel`` (module docstring)."""
+    parts = path_segments(model, provider=provider, min_segments=1, max_segments=MAX_MODEL_SEGMENTS)
+    if len(parts) < 2 or (len(parts) > 2 and parts[2] == QUEUE_ROUTES):
+        raise InvalidModel(
+            f"{provider}: model id {model!r} is not owner/app[/subpath]",
+            details={"provider": provider},
+        )
+    return parts
+
+
+def validate_model(model: str, *, provider: str = "fal") -> str:
+    """``model`` if the grammar takes it, else ``InvalidModel`` (pure: the HTTP layer may call it
+    when a task is created, to refuse such a model with 422)."""
+    model_segments(model, provider=provider)
+    return model
+
+
 def app_path(model: str) -> str:
     """``owner/app`` of a model id: status, result and cancel paths drop the subpath."""
-    parts = [p for p in model.strip("/").split("/") if p]
-    if len(parts) < 2:
-        raise PermanentProviderError(f"fal: model id {model!r} is not owner/app[/subpath]")
-    return "/".join(parts[:2])
+    return "/".join(model_segments(model)[:2])
 
 
 def signed_message(request_id: str, user_id: str, timestamp: str, body: bytes) -> bytes:
@@ -134,10 +171,12 @@ class FalProvider:
         jwks_ttl_s: float = JWKS_TTL_S,
         jwks_refetch_interval_s: float = JWKS_REFETCH_INTERVAL_S,
         limits: Limits = LIMITS,
+        user_id: str | None = None,
     ) -> None:
         self.name = name
         self.limits = limits
         self._http = http
+        self._user_id = user_id  # our fal account (None: not checked)
         self._base = base_url.rstrip("/")
         self._jwks_url = jwks_url
         self._auth = {"Authorization": f"Key {key}"}
@@ -152,16 +191,19 @@ class FalProvider:
         )
         return expect_object(data, provider=self.name, what=f"{method} answer")
 
+    def validate_model(self, model: str) -> str:
+        """``model`` if this adapter's grammar takes it, else ``InvalidModel``."""
+        return validate_model(model, provider=self.name)
+
     async def submit(self, submission: Submission) -> str:
-        model = submission.model.strip("/")
-        app_path(model)  # reject a malformed id before spending a request
-        url = f"{self._base}/{model}?fal_webhook={quote(submission.callback_url, safe='')}"
+        path = url_path(*model_segments(submission.model, provider=self.name))
+        url = f"{self._base}{path}?fal_webhook={quote(submission.callback_url, safe='')}"
         body = model_input(submission, image_key="image_url", count_key="num_images")
         answer = await self._call("POST", url, body)
         request_id = answer.get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise RetryableProviderError(f"{self.name}: submission without a request_id")
-        return request_id
+        return checked_job_id(request_id, provider=self.name)
 
     # -- webhooks -----------------------------------------------------------------------------
 
@@ -188,7 +230,9 @@ class FalProvider:
             return cache.keys
 
     async def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> Delivery:
-        """ED25519 over the raw body with fal's four headers; delivery id = request id."""
+        """ED25519 over the raw body with fal's four headers; delivery id = request id. Then the
+        signed user id must be our account's (when ``user_id`` is set) and the request id a
+        valid job id."""
         request_id = get_header(headers, REQUEST_ID_HEADER)
         user_id = get_header(headers, USER_ID_HEADER)
         timestamp = get_header(headers, TIMESTAMP_HEADER)
@@ -210,13 +254,24 @@ class FalProvider:
             fresh = await self.public_keys(now, refresh=True)
             if not _any_key_verifies(fresh, signature, message):
                 raise WebhookRejected("no JWKS key verifies the signature", code="bad_signature")
+        if self._user_id is not None and user_id != self._user_id:
+            raise WebhookRejected(
+                "delivery is signed for another fal account", code="wrong_account"
+            )
+        try:
+            checked_job_id(request_id, provider=self.name)
+        except InvalidJobId as exc:
+            raise WebhookRejected(exc.message, code="malformed_body") from exc
         parsed = _parse_body(body, request_id)
         return Delivery(request_id, request_id, webhook_outcome(parsed, request_id))
 
     # -- polling ------------------------------------------------------------------------------
 
     def _request_url(self, model: str, request_id: str) -> str:
-        return f"{self._base}/{app_path(model)}/requests/{request_id}"
+        """``{base}/{owner}/{app}/requests/{id}``, both parts checked (raises before a request)."""
+        app = model_segments(model, provider=self.name)[:2]
+        job = checked_job_id(request_id, provider=self.name)
+        return self._base + url_path(*app, QUEUE_ROUTES, job)
 
     async def poll(self, job_id: str, model: str) -> Outcome:
         """Status, then the result once ``COMPLETED``; a ``COMPLETED`` with ``error`` failed."""
@@ -263,7 +318,7 @@ def _any_key_verifies(keys: tuple[Ed25519PublicKey, ...], signature: bytes, mess
 def _parse_body(body: bytes, request_id: str) -> dict[str, Any]:
     try:
         parsed = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # too deep is malformed too
         raise WebhookRejected("body is not JSON", code="malformed_body") from exc
     if not isinstance(parsed, dict) or parsed.get("status") not in ("OK", "ERROR"):
         raise WebhookRejected("body is not a fal webhook", code="malformed_body")

@@ -10,6 +10,14 @@ status codes into the types of callbacks/errors.py, plus small parsing helpers.
 
 Every translated error carries ``details`` with the status, the method, the URL without its query
 (callback URLs carry per-task tokens) and the start of the provider's answer.
+
+What goes into a provider URL is checked here too, before any request: a model name becomes path
+segments of the submit (and, for fal, the status) route, and a job id from a provider's answer or a
+webhook goes into status, result and cancel paths. Each adapter gives its own model grammar built
+from ``path_segments``; every job id must match ``JOB_ID`` (``checked_job_id``). Neither lets
+through ``..``, an empty segment, a query or fragment, a percent-escape, a backslash, control
+characters or anything outside ASCII (no unicode look-alike dots); segments are percent-encoded
+when the path is built all the same (``url_path``).
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import UTC
-from typing import Any
+from typing import Any, Final
+from urllib.parse import quote
 
 import httpx
 
 from callbacks.errors import (
+    InvalidJobId,
+    InvalidModel,
     PermanentProviderError,
     ProviderError,
     ProviderRateLimited,
@@ -41,6 +52,64 @@ _INPUT_ERROR = re.compile(
     r"content.?policy|moderat|sensitive",
     re.IGNORECASE,
 )
+
+
+# -- what may go into a provider URL -----------------------------------------------------------
+
+MODEL_MAX_CHARS: Final = 200
+# One path segment of a model name: ASCII letters and digits, then also ``.``, ``_`` and ``-``
+# (the characters the vendors' model names use). Starting with a letter or digit, a segment can
+# never be ``.`` or ``..``; ``..`` inside one is refused as well (``path_segments``).
+SEGMENT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# A provider job id: Replicate's prediction ids (base32), fal's request ids and BFL's ids (UUIDs)
+# all fit; no dots at all, so never a dot segment.
+JOB_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def path_segments(
+    model: object,
+    *,
+    provider: str,
+    segment: re.Pattern[str] = SEGMENT,
+    min_segments: int = 1,
+    max_segments: int = 1,
+) -> tuple[str, ...]:
+    """The ``/``-separated segments of ``model``, each matching ``segment`` in full, between
+    ``min_segments`` and ``max_segments`` of them; else ``InvalidModel``. ``re.fullmatch`` with
+    explicit ASCII ranges: a trailing newline or a non-ASCII character never matches."""
+    if not isinstance(model, str) or not model:
+        raise InvalidModel(f"{provider}: a model name is required", details={"provider": provider})
+    shown = model[:MODEL_MAX_CHARS]
+    if len(model) > MODEL_MAX_CHARS or ".." in model:
+        raise InvalidModel(
+            f"{provider}: model {shown!r} is not a valid model name",
+            details={"provider": provider},
+        )
+    parts = tuple(model.split("/"))
+    if not min_segments <= len(parts) <= max_segments or not all(
+        segment.fullmatch(part) for part in parts
+    ):
+        raise InvalidModel(
+            f"{provider}: model {shown!r} is not a valid model name",
+            details={"provider": provider},
+        )
+    return parts
+
+
+def url_path(*segments: str) -> str:
+    """``/a/b/c`` from already checked segments, each percent-encoded (a no-op for the grammar's
+    characters; a second line of defence should a grammar ever widen)."""
+    return "".join("/" + quote(part, safe="") for part in segments)
+
+
+def checked_job_id(job_id: object, *, provider: str) -> str:
+    """``job_id`` if it matches ``JOB_ID`` in full, else ``InvalidJobId`` (nothing is sent)."""
+    if isinstance(job_id, str) and JOB_ID.fullmatch(job_id):
+        return job_id
+    shown = job_id[:80] if isinstance(job_id, str) else type(job_id).__name__
+    raise InvalidJobId(
+        f"{provider}: job id {shown!r} is not a valid job id", details={"provider": provider}
+    )
 
 
 def is_input_error(text: str | None) -> bool:

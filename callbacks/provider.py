@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from statemachine.outcome import Outcome, OutcomeStatus
 
-__all__ = ["Delivery", "Limits", "Outcome", "OutcomeStatus", "Provider", "Submission"]
+__all__ = [
+    "Delivery",
+    "Limits",
+    "ModelGrammar",
+    "Outcome",
+    "OutcomeStatus",
+    "Provider",
+    "Submission",
+    "checked_model",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +78,21 @@ class Provider(Protocol):
 
     def fetch_headers(self, url: str) -> dict[str, str]:
         """Headers needed to download an output URL (e.g. Replicate's Authorization)."""
+
+
+@runtime_checkable
+class ModelGrammar(Protocol):
+    """A provider whose model names follow a grammar (every real adapter: a model string becomes
+    part of the provider's URL path, so anything outside the grammar is refused)."""
+
+    def validate_model(self, model: str) -> str:
+        """``model`` if the grammar takes it, else ``callbacks.errors.InvalidModel``."""
+
+
+def checked_model(provider: Provider, model: str) -> str:
+    """``model`` checked against ``provider``'s grammar, before any request (raises
+    ``InvalidModel``). A provider without one (a test double) takes any model. Pure: the HTTP
+    layer may call it when a task is created, to refuse such a model with 422."""
+    if isinstance(provider, ModelGrammar):
+        return provider.validate_model(model)
+    return model

@@ -7,6 +7,13 @@ Models: ``owner/name`` runs the model's latest version through
 ``Prefer: wait`` is never sent: the answer comes by webhook (``webhook_events_filter:
 ["completed"]``) or by polling.
 
+The model grammar (``validate_model``), checked before any request so that a model string can
+name no other route: ``owner`` and ``name`` are one path segment each (``callbacks.http.SEGMENT``:
+ASCII letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit, never ``..``), a
+version is 8–64 hex digits, and the only three-segment form is ``deployments/{owner}/{name}``.
+Prediction ids (from answers, webhooks and stored tasks) must match ``callbacks.http.JOB_ID``
+before they go into ``/predictions/{id}`` or its ``/cancel``.
+
 Failure rule: a ``failed`` prediction is retryable unless its ``error`` names an input or safety
 problem (``callbacks.http.is_input_error``: "validation", "invalid", "must be", "nsfw", …): the
 same input would fail again. ``aborted`` (terminated before it ran) and ``succeeded`` without
@@ -18,20 +25,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 
 from callbacks import standard_webhooks
-from callbacks.errors import PermanentProviderError, RetryableProviderError, WebhookRejected
+from callbacks.errors import (
+    InvalidJobId,
+    InvalidModel,
+    PermanentProviderError,
+    RetryableProviderError,
+    WebhookRejected,
+)
 from callbacks.http import (
+    checked_job_id,
     error_status,
     expect_object,
     is_input_error,
     model_input,
     output_urls,
+    path_segments,
     request_json,
+    url_path,
 )
 from callbacks.provider import Delivery, Limits, Outcome, Submission
 
@@ -44,20 +61,41 @@ DELIVERY_HOST = "replicate.delivery"
 LIMITS = Limits(max_side=2048, formats=("JPEG", "PNG", "WEBP"), accepts_data_uri=True)
 
 
-def prediction_route(model: str) -> tuple[str, dict[str, str]]:
-    """The submit path (relative to the base URL) and the extra body fields for ``model``."""
-    if model.startswith("deployments/"):
-        return f"/{model}/predictions", {}
+VERSION = re.compile(r"[0-9a-fA-F]{8,64}")
+
+
+def prediction_route(model: str, *, provider: str = "replicate") -> tuple[str, dict[str, str]]:
+    """The submit path (relative to the base URL) and the extra body fields for ``model``;
+    ``InvalidModel`` for anything outside the grammar (module docstring)."""
+    if not isinstance(model, str):
+        raise InvalidModel(f"{provider}: a model name is required", details={"provider": provider})
     name, sep, version = model.partition(":")
-    if sep:
-        if not version:
-            raise PermanentProviderError(f"replicate: model {model!r} has an empty version")
-        return "/predictions", {"version": version}
-    if "/" in name:
-        return f"/models/{name}/predictions", {}
-    if not name:
-        raise PermanentProviderError("replicate: empty model")
-    return "/predictions", {"version": name}
+    refused = InvalidModel(
+        f"{provider}: model {model[:200]!r} is not owner/name, owner/name:version, a version "
+        "id or deployments/owner/name",
+        details={"provider": provider},
+    )
+    if sep and not VERSION.fullmatch(version):
+        raise refused
+    parts = path_segments(name, provider=provider, max_segments=3)
+    if parts[0] == "deployments":
+        if sep or len(parts) != 3:
+            raise refused
+        return url_path(*parts, "predictions"), {}
+    if len(parts) == 2:
+        if sep:
+            return "/predictions", {"version": version}
+        return url_path("models", *parts, "predictions"), {}
+    if len(parts) == 1 and not sep and VERSION.fullmatch(name):
+        return "/predictions", {"version": name}
+    raise refused
+
+
+def validate_model(model: str, *, provider: str = "replicate") -> str:
+    """``model`` if the grammar takes it, else ``InvalidModel`` (pure: the HTTP layer may call it
+    when a task is created, to refuse such a model with 422)."""
+    prediction_route(model, provider=provider)
+    return model
 
 
 def prediction_outcome(prediction: Mapping[str, Any]) -> Outcome:
@@ -91,7 +129,7 @@ def parse_prediction(body: bytes) -> dict[str, Any]:
     """A webhook body as a prediction object, or ``WebhookRejected(malformed_body)``."""
     try:
         prediction = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # too deep is malformed too
         raise WebhookRejected("body is not JSON", code="malformed_body") from exc
     if not (
         isinstance(prediction, dict)
@@ -100,6 +138,10 @@ def parse_prediction(body: bytes) -> dict[str, Any]:
         and isinstance(prediction.get("status"), str)
     ):
         raise WebhookRejected("body is not a prediction object", code="malformed_body")
+    try:
+        checked_job_id(prediction["id"], provider="replicate")
+    except InvalidJobId as exc:
+        raise WebhookRejected(exc.message, code="malformed_body") from exc
     return prediction
 
 
@@ -141,8 +183,12 @@ class ReplicateProvider:
         )
         return expect_object(data, provider=self.name, what=f"{method} {path}")
 
+    def validate_model(self, model: str) -> str:
+        """``model`` if this adapter's grammar takes it, else ``InvalidModel``."""
+        return validate_model(model, provider=self.name)
+
     async def submit(self, submission: Submission) -> str:
-        path, extra = prediction_route(submission.model)
+        path, extra = prediction_route(submission.model, provider=self.name)
         body = {
             **extra,
             "input": model_input(submission, image_key="image", count_key="num_outputs"),
@@ -153,7 +199,7 @@ class ReplicateProvider:
         job_id = prediction.get("id")
         if not isinstance(job_id, str) or not job_id:
             raise RetryableProviderError(f"{self.name}: prediction without an id")
-        return job_id
+        return checked_job_id(job_id, provider=self.name)
 
     async def webhook_secret(self) -> bytes:
         """The HMAC key of the account's webhook secret, fetched at most once."""
@@ -185,19 +231,24 @@ class ReplicateProvider:
 
     async def poll(self, job_id: str, model: str) -> Outcome:
         """``GET /predictions/{id}``; a prediction Replicate no longer knows is a retryable
-        failure (a new attempt is the only way forward)."""
+        failure (a new attempt is the only way forward). An answer about another prediction is
+        the provider misbehaving (retryable): its outcome is never passed off as this job's."""
+        path = url_path("predictions", checked_job_id(job_id, provider=self.name))
         try:
-            prediction = await self._call("GET", f"/predictions/{job_id}")
+            prediction = await self._call("GET", path)
         except PermanentProviderError as exc:
             if error_status(exc) == 404:
                 return Outcome("failed", job_id, reason="prediction not found")
             raise
         if not isinstance(prediction.get("id"), str):
             prediction["id"] = job_id
+        if prediction["id"] != job_id:
+            raise RetryableProviderError(f"{self.name}: poll of {job_id} answered another id")
         return prediction_outcome(prediction)
 
     async def cancel(self, job_id: str, model: str) -> None:
-        await self._call("POST", f"/predictions/{job_id}/cancel")
+        path = url_path("predictions", checked_job_id(job_id, provider=self.name), "cancel")
+        await self._call("POST", path)
 
     def fetch_headers(self, url: str) -> dict[str, str]:
         """Replicate's file outputs may need the API token: sent to the API's own host (the

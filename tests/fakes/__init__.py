@@ -24,16 +24,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+# The methods a fake's catch-all route takes, so that a request to any other path is recorded.
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
 
 @dataclass(frozen=True)
 class RecordedRequest:
     """One request as a fake or the sink received it."""
 
     method: str
-    path: str
+    path: str  # percent-decoded, as the fake's routes match it
     query: dict[str, str]
     headers: dict[str, str]  # names lower-cased
     body: bytes
+    raw_path: str = ""  # as it came over the wire (escapes kept), query excluded
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -47,6 +51,7 @@ async def record(request: Request) -> RecordedRequest:
         query=dict(request.query_params),
         headers={k.lower(): v for k, v in request.headers.items()},
         body=await request.body(),
+        raw_path=bytes(request.scope.get("raw_path") or b"").decode("latin-1").split("?")[0],
     )
 
 

@@ -4,7 +4,10 @@ Routes (relative to the served base URL, which plays ``https://api.bfl.ai/v1``):
 ``POST /{model}`` and ``GET /get_result?id=…``; with ``regional_polling`` the answer's
 ``polling_url`` points at ``/us1/get_result?id=…`` instead, as BFL's regional endpoints do, so a
 test can tell whether the adapter used the URL exactly as returned. With ``omit_polling_url`` the
-answer is ``{"id", "status", "webhook_url"}``. Every route needs the ``x-key`` header.
+answer is ``{"id", "status", "webhook_url"}``. Every route needs the ``x-key`` header; any other
+path is recorded too and answered 404.
+``on_submit`` (optional) runs after a task is created and before the submit is answered: a fast
+provider, whose webhook can arrive before its caller has the task id.
 
 Webhooks are a plain POST of ``{"id", "status", "result": {"sample"}}``; as reported (not
 documented), when the submission carried a ``webhook_secret`` the fake adds
@@ -18,6 +21,7 @@ import hmac
 import json
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes import FaultPlan, HttpClientLifespan, RecordedRequest, record
+from tests.fakes import ANY_METHOD, FaultPlan, HttpClientLifespan, RecordedRequest, record
 
 MODELS = frozenset({"flux-pro-1.1", "flux-pro-1.1-ultra", "flux-dev", "flux-kontext-pro"})
 
@@ -77,12 +81,14 @@ class BflFake(HttpClientLifespan):
         self.requests: list[RecordedRequest] = []
         self.deliveries: list[Delivered] = []
         self.faults = FaultPlan()
+        self.on_submit: Callable[[BflTask], Awaitable[None]] | None = None
         self._http: httpx.AsyncClient | None = None
         self.app = Starlette(
             routes=[
                 Route("/get_result", self._get_result, methods=["GET"]),
                 Route("/us1/get_result", self._get_result, methods=["GET"]),
                 Route("/{model}", self._submit, methods=["POST"]),
+                Route("/{rest:path}", self._not_found, methods=ANY_METHOD),
             ],
             lifespan=self._lifespan,
         )
@@ -94,6 +100,11 @@ class BflFake(HttpClientLifespan):
         if not secrets.compare_digest(request.headers.get("x-key", ""), self.key):
             return JSONResponse({"detail": "Not authenticated - Invalid key"}, status_code=403)
         return self.faults.next_response()
+
+    async def _not_found(self, request: Request) -> Response:
+        """Any other path: recorded (tests assert nothing strays here), then 404."""
+        self.requests.append(await record(request))
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
 
     async def _submit(self, request: Request) -> Response:
         if (early := await self._gate(request)) is not None:
@@ -120,6 +131,8 @@ class BflFake(HttpClientLifespan):
             webhook_secret=body.get("webhook_secret"),
         )
         self.tasks[task.id] = task
+        if self.on_submit is not None:
+            await self.on_submit(task)
         if self.omit_polling_url:
             return JSONResponse(
                 {"id": task.id, "status": "Pending", "webhook_url": task.webhook_url}
@@ -141,8 +154,10 @@ class BflFake(HttpClientLifespan):
 
     # -- controls for tests ---------------------------------------------------------------------
 
-    def polls(self) -> list[RecordedRequest]:
-        return [r for r in self.requests if r.path.endswith("/get_result")]
+    def polls(self, task_id: str | None = None) -> list[RecordedRequest]:
+        """The get_result requests received (for ``task_id`` only, when given)."""
+        polls = [r for r in self.requests if r.path.endswith("/get_result")]
+        return [r for r in polls if task_id is None or r.query.get("id") == task_id]
 
     def set_progress(self, task_id: str, progress: float) -> None:
         self.tasks[task_id].progress = progress
@@ -173,16 +188,25 @@ class BflFake(HttpClientLifespan):
             return None
         assert self._http is not None, "serve the fake before sending webhooks"
         sample = (task.result or {}).get("sample")
-        body = json.dumps({"id": task.id, "status": task.status, "result": {"sample": sample}})
-        raw = body.encode()
-        headers = {"content-type": "application/json"}
-        if task.webhook_secret:
-            mac = hmac.new(task.webhook_secret.encode(), raw, hashlib.sha256).hexdigest()
-            headers["X-BFL-Signature"] = f"sha256={mac}"
-        try:
-            response = await self._http.post(task.webhook_url, content=raw, headers=headers)
-            status: int | None = response.status_code
-        except httpx.HTTPError:
-            status = None
+        body = {"id": task.id, "status": task.status, "result": {"sample": sample}}
+        status = await self.send(task.webhook_url, body, task.webhook_secret)
         self.deliveries.append(Delivered(task_id, status))
         return status
+
+    async def send(
+        self, url: str, body: dict[str, Any], webhook_secret: str | None = None
+    ) -> int | None:
+        """POST one webhook ``body`` to ``url`` (signed as reported when a secret is given);
+        the receiver's status, None if it could not be reached. Tests use it directly for
+        bodies the fake would not send (another task's id, a made-up status)."""
+        assert self._http is not None, "serve the fake before sending webhooks"
+        raw = json.dumps(body).encode()
+        headers = {"content-type": "application/json"}
+        if webhook_secret:
+            mac = hmac.new(webhook_secret.encode(), raw, hashlib.sha256).hexdigest()
+            headers["X-BFL-Signature"] = f"sha256={mac}"
+        try:
+            response = await self._http.post(url, content=raw, headers=headers)
+        except httpx.HTTPError:
+            return None
+        return response.status_code

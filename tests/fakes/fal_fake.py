@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes import FaultPlan, HttpClientLifespan, RecordedRequest, record
+from tests.fakes import ANY_METHOD, FaultPlan, HttpClientLifespan, RecordedRequest, record
 
 
 def jwk(key: Ed25519PublicKey) -> dict[str, str]:
@@ -94,7 +94,7 @@ class FalFake(HttpClientLifespan):
                 Route(request + "/cancel", self._cancel, methods=["PUT"]),
                 Route(request, self._result, methods=["GET"]),
                 Route("/{model:path}", self._submit, methods=["POST"]),
-                Route("/{rest:path}", self._not_found, methods=["GET", "PUT"]),
+                Route("/{rest:path}", self._not_found, methods=ANY_METHOD),
             ],
             lifespan=self._lifespan,
         )

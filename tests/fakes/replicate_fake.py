@@ -4,10 +4,11 @@ Routes (relative to the served base URL, which plays ``https://api.replicate.com
 ``POST /predictions`` (needs ``version``), ``POST /models/{owner}/{name}/predictions``,
 ``POST /deployments/{owner}/{name}/predictions``, ``GET /predictions/{id}``,
 ``POST /predictions/{id}/cancel``, ``GET /webhooks/default/secret``. Every route needs
-``Authorization: Bearer <token>``. Webhooks carry the full prediction object, Standard Webhooks
-headers signed with the fake's ``whsec_`` secret (several when rotating), and a ``webhook-id``
-that stays the same across redeliveries. Only events named in ``webhook_events_filter`` are sent;
-without a filter, Replicate's default (``output`` and ``completed``) applies.
+``Authorization: Bearer <token>``; any other path is recorded too and answered 404. Webhooks
+carry the full prediction object, Standard Webhooks headers signed with the fake's ``whsec_``
+secret (several when rotating), and a ``webhook-id`` that stays the same across redeliveries.
+Only events named in ``webhook_events_filter`` are sent; without a filter, Replicate's default
+(``output`` and ``completed``) applies.
 
 One deviation: Replicate requires an HTTPS webhook; this fake also takes http on loopback hosts,
 where the tests' receiver listens.
@@ -30,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from callbacks import standard_webhooks
-from tests.fakes import FaultPlan, HttpClientLifespan, RecordedRequest, record
+from tests.fakes import ANY_METHOD, FaultPlan, HttpClientLifespan, RecordedRequest, record
 
 EVENTS = frozenset({"start", "output", "logs", "completed"})
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
@@ -88,6 +89,7 @@ class ReplicateFake(HttpClientLifespan):
                 Route("/predictions/{id}", self._get, methods=["GET"]),
                 Route("/predictions/{id}/cancel", self._cancel, methods=["POST"]),
                 Route("/webhooks/default/secret", self._secret, methods=["GET"]),
+                Route("/{rest:path}", self._not_found, methods=ANY_METHOD),
             ],
             lifespan=self._lifespan,
         )
@@ -101,6 +103,11 @@ class ReplicateFake(HttpClientLifespan):
         if scheme != "Bearer" or not secrets.compare_digest(token, self.token):
             return _problem(401, "Unauthenticated", "You did not pass a valid authentication token")
         return self.faults.next_response()
+
+    async def _not_found(self, request: Request) -> Response:
+        """Any other path: recorded (tests assert nothing strays here), then 404."""
+        self.requests.append(await record(request))
+        return _problem(404, "Not found", "The requested resource could not be found")
 
     async def _create(self, request: Request) -> Response:
         if (early := await self._gate(request)) is not None:

@@ -311,3 +311,27 @@ async def test_a_success_answer_without_a_request_id_is_retryable(rig: Rig) -> N
     rig.fake.faults.add(200, body={"status": "IN_QUEUE"})
     with pytest.raises(RetryableProviderError):
         await rig.submitted()
+
+
+async def test_a_delivery_signed_for_another_fal_account_is_wrong_account(rig: Rig) -> None:
+    """The user id is part of what fal signs: a genuine signature for another account is
+    ``wrong_account``; a user id changed after signing is a bad signature; ours is accepted."""
+    request_id = await rig.submitted()
+    await rig.fake.complete(request_id, [URL_A])
+    got = rig.sink.last
+    jwks = f"{rig.base_url}/.well-known/jwks.json"
+
+    def account(user_id: str) -> FalProvider:
+        return FalProvider(
+            rig.http, key=rig.fake.key, base_url=rig.base_url, jwks_url=jwks, user_id=user_id
+        )
+
+    with pytest.raises(WebhookRejected) as info:
+        await account("user_ours").verify(got.headers, got.body, T0)
+    assert info.value.code == "wrong_account"
+    relabelled = {**got.headers, "x-fal-webhook-user-id": "user_ours"}
+    with pytest.raises(WebhookRejected) as info:
+        await account("user_ours").verify(relabelled, got.body, T0)
+    assert info.value.code == "bad_signature"
+    delivery = await account(rig.fake.user_id).verify(got.headers, got.body, T0)
+    assert delivery.job_id == request_id

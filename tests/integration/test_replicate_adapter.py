@@ -27,13 +27,14 @@ from callbacks.errors import (
 )
 from callbacks.provider import Delivery, Outcome, Submission
 from callbacks.replicate import ReplicateProvider
-from service.providers import SIM_API_TOKEN, build_providers, default_output_hosts
+from service.providers import build_providers, default_output_hosts
 from service.settings import Settings
 from tests.fakes import WebhookSink
 from tests.fakes.replicate_fake import ReplicateFake
 from tests.support.server import serve_app
 
 T0 = 1_750_000_000.0
+SIM_TOKEN = "sim-test-token"
 URL_A = "https://replicate.delivery/xezq/a1/out-0.webp"
 URL_B = "https://replicate.delivery/xezq/a1/out-1.webp"
 
@@ -352,9 +353,9 @@ async def test_an_unreachable_api_is_retryable_and_the_secret_fetch_too(rig: Rig
     hdrs = standard_webhooks.sign_headers(rig.fake.webhook_secret, "msg_1", int(T0), b"{}")
     with pytest.raises(RetryableProviderError):
         await provider.verify(hdrs, b"{}", T0)
-    with pytest.raises(WebhookRejected) as info:  # junk is refused without a secret fetch
+    with pytest.raises(WebhookRejected) as junk:  # junk is refused without a secret fetch
         await provider.verify({}, b"{}", T0)
-    assert info.value.code == "missing_headers"
+    assert junk.value.code == "missing_headers"
 
 
 # -- output fetching and the registry -----------------------------------------------------------
@@ -381,9 +382,9 @@ async def test_registry_builds_configured_providers_and_a_sim_that_fetches_its_s
     )
     assert set(build_providers(settings, rig.http)) == {"replicate", "bfl"}
 
-    sim_fake = ReplicateFake(token=SIM_API_TOKEN, clock=lambda: T0)
+    sim_fake = ReplicateFake(token=SIM_TOKEN, clock=lambda: T0)
     async with serve_app(sim_fake.app) as sim_url:
-        providers = build_providers(settings, rig.http, sim_base_url=sim_url)
+        providers = build_providers(settings, rig.http, sim_base_url=sim_url, sim_token=SIM_TOKEN)
         assert set(providers) == {"sim", "replicate", "bfl"}
         sim = providers["sim"]
         job_id = await sim.submit(rig.submission())
@@ -394,10 +395,20 @@ async def test_registry_builds_configured_providers_and_a_sim_that_fetches_its_s
         )
         assert sim_fake.secret_hits == 1
         assert sim.fetch_headers(f"{sim_url}/files/x.png") == {
-            "Authorization": f"Bearer {SIM_API_TOKEN}"
+            "Authorization": f"Bearer {SIM_TOKEN}"
         }
         port = httpx.URL(sim_url).port
         assert default_output_hosts("sim", sim_base_url=sim_url) == (f"127.0.0.1:{port}",)
     assert "replicate.delivery" in default_output_hosts("replicate")
     assert default_output_hosts("nope") == ()
     assert json.loads(rig.sink.last.body)["id"] == job_id
+
+
+async def test_a_poll_answered_with_another_prediction_is_not_passed_off_as_this_one(
+    rig: Rig,
+) -> None:
+    job_id = await rig.submitted()
+    other = {"id": "someoneelsesprediction0000", "status": "succeeded", "output": [URL_A]}
+    rig.fake.faults.add(200, body=other)
+    with pytest.raises(RetryableProviderError):
+        await rig.provider.poll(job_id, "m")
