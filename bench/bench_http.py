@@ -45,7 +45,6 @@ from PIL import Image
 from bench.loadgen import SEPARATOR, percentile
 from callbacks.standard_webhooks import sign_headers
 from service.http.auth import hash_key, new_api_key
-from service.providers import SIM_API_TOKEN
 from service.settings import SIM_MODEL
 from statemachine import clock
 from statemachine.sqlite_store import SqliteStore
@@ -55,6 +54,8 @@ from tests.support.factories import make_task
 
 CONCURRENCY = 64
 USER = "bench"
+# the token of the server's simulator (HOOKLINE_SIM_API_TOKEN): fresh for each bench run
+SIM_TOKEN = secrets.token_urlsafe(24)
 ROOT = Path(__file__).resolve().parent.parent
 
 WRK_SCRIPT = """
@@ -128,6 +129,8 @@ def server_env(workdir: Path, port: int, roles: str) -> dict[str, str]:
         HOOKLINE_PORT=str(port),
         HOOKLINE_ROLES=roles,
         HOOKLINE_PROVIDER="sim",
+        HOOKLINE_SIMULATOR="true",
+        HOOKLINE_SIM_API_TOKEN=SIM_TOKEN,
         HOOKLINE_SIM_LATENCY="fixed:600",
         HOOKLINE_SIM_WEBHOOK_LOSS="1.0",
         HOOKLINE_RATE_LIMIT_PER_S="0",
@@ -291,7 +294,7 @@ def create_requests(port: int, key: str, upload: str, n: int, tag: str) -> list[
 def sim_secret(port: int) -> str:
     r = httpx.get(
         f"http://127.0.0.1:{port}/sim/v1/webhooks/default/secret",
-        headers={"Authorization": f"Bearer {SIM_API_TOKEN}"},
+        headers={"Authorization": f"Bearer {SIM_TOKEN}"},
     )
     r.raise_for_status()
     secret: str = r.json()["key"]

@@ -63,6 +63,7 @@ def serve(directory: Path, port: int) -> None:
         var_dir=directory / "var",
         public_url=f"http://127.0.0.1:{port}",
         roles="api",
+        simulator=True,  # the default provider, as `make run` has it
         rate_limit_per_s=0,
         log_level="warning",
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,10 +37,9 @@ from typing import Any
 
 import httpx
 
-from callbacks.simulator.config import DEFAULT_API_TOKEN
-
 MODEL = "black-forest-labs/flux-schnell"  # hookline's default Replicate model: the same route
-SIM_TOKEN = DEFAULT_API_TOKEN  # the simulator's own default
+# the simulator's token: fresh per run, given to it by seed_compare (HOOKLINE_SIM_API_TOKEN)
+SIM_TOKEN = secrets.token_urlsafe(24)
 MIN_POLL_REAL_S = 0.01  # never poll the simulator faster than this, whatever the time scale
 DEADLINE_SLACK_REAL_S = 0.25  # real seconds a poll may lag behind the function's deadline
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})

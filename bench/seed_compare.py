@@ -198,6 +198,11 @@ def simulator(workdir: Path, cfg: Config, loss: float) -> Iterator[str]:
         HOOKLINE_SIM_TIME_SCALE=repr(cfg.time_scale),
         HOOKLINE_SIM_WEBHOOK_LOSS=repr(loss),
         HOOKLINE_SIM_SEED=str(cfg.seed),
+        HOOKLINE_SIM_API_TOKEN=SIM_TOKEN,
+        # hookline's port is picked later, per run: any port of this machine's loopback, for
+        # webhooks and for inputs given as hookline's signed file URLs
+        HOOKLINE_SIM_WEBHOOK_HOSTS="127.0.0.1",
+        HOOKLINE_INPUT_HOSTS="127.0.0.1",
     )
     cmd = [sys.executable, "-m", "bench.seed_compare", "--serve-simulator", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
@@ -516,11 +521,12 @@ def serve_simulator(port: int) -> None:
     import uvicorn
 
     from callbacks.simulator import create_simulator_app
-    from service.providers import sim_config
+    from service.providers import fetch_input_through, sim_config, sim_input_fetcher
     from service.settings import Settings
 
-    config = sim_config(Settings(_env_file=None))  # type: ignore[call-arg]
-    app = create_simulator_app(config)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    fetch_input = fetch_input_through(sim_input_fetcher(settings))
+    app = create_simulator_app(sim_config(settings), fetch_input=fetch_input)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -101,6 +101,8 @@ hookline is starting on {base} (store {settings.store_url}, provider {settings.p
 
   dashboard:   {base}/   (API key below)
   API key:     {key}      (user "{DEMO_USER}", admin; saved in {settings.var_dir}/demo.key)
+  simulator:   {base}/sim/v1   (a development tool, on because of --demo; its API token is
+               random per start unless HOOKLINE_SIM_API_TOKEN sets one)
 
   try it (any JPEG/PNG/WebP as photo.jpg):
     export KEY={key}
@@ -125,6 +127,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.http.app import create_app
+    from service.providers import SimulatorOff
 
     updates: dict[str, object] = {}
     if args.host:
@@ -133,10 +136,16 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         updates["port"] = args.port
     if args.roles:
         updates["roles"] = args.roles
+    if args.demo:
+        updates["simulator"] = True  # the demo runs on the built-in simulator
     settings = settings.model_copy(update=updates)
     if args.demo:
         print(demo_banner(settings, ensure_demo_user(settings)), flush=True)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except SimulatorOff as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     tune_gc()
     uvicorn.run(
         app,
@@ -156,10 +165,22 @@ def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_simulator(settings: Settings, args: argparse.Namespace) -> int:
+    """The simulator alone, with the same locks as the mounted one: its token (printed when
+    random), webhooks to HOOKLINE_PUBLIC_URL and HOOKLINE_SIM_WEBHOOK_HOSTS only, URL inputs
+    through the SSRF-safe fetcher."""
     from callbacks.simulator import run_simulator
-    from service.providers import sim_config
+    from service.providers import fetch_input_through, sim_config, sim_input_fetcher
 
-    run_simulator(sim_config(settings), args.host, args.port)
+    config = sim_config(settings)
+    base = f"http://{args.host}:{args.port}/v1"
+    hosts = ", ".join(sorted(config.webhook_hosts))
+    print(f"simulator on {base}; webhooks only to {hosts}", flush=True)
+    if settings.sim_api_token is None:
+        print(f"API token (random, this start only): {config.api_token}", flush=True)
+    else:
+        print("API token: HOOKLINE_SIM_API_TOKEN", flush=True)
+    fetch_input = fetch_input_through(sim_input_fetcher(settings))
+    run_simulator(config, args.host, args.port, fetch_input=fetch_input)
     return 0
 
 
@@ -186,7 +207,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--roles", help="comma-separated: api,dispatcher,reaper")
-    serve.add_argument("--demo", action="store_true", help="ensure a demo user and print a guide")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the built-in provider simulator, ensure a demo user and print a guide",
+    )
     serve.set_defaults(func=cmd_serve)
 
     reaper = sub.add_parser("reaper", help="run only the reaper")

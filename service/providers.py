@@ -1,22 +1,43 @@
-"""The providers a process can use, built from settings around one shared HTTP client."""
+"""The providers a process can use, built from settings around one shared HTTP client, and the
+built-in simulator's configuration.
+
+The simulator is a development tool (issue 13): it runs only when the operator asks
+(``hookline serve --demo`` or ``HOOKLINE_SIMULATOR=true``; ``hookline simulator`` standalone), with
+a random API token per start unless ``HOOKLINE_SIM_API_TOKEN`` sets one, posting webhooks only to
+this hookline (the host:port of ``HOOKLINE_PUBLIC_URL``) and ``HOOKLINE_SIM_WEBHOOK_HOSTS``, and
+fetching URL inputs only through the SSRF-safe fetcher, allowed hookline's own hosts (its public
+URL, its S3 blob host) and ``HOOKLINE_INPUT_HOSTS``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
 import httpx
+from pydantic import SecretStr
 
 from callbacks.bfl import BflProvider
 from callbacks.fal import FalProvider
 from callbacks.provider import Provider
 from callbacks.replicate import ReplicateProvider
-from callbacks.simulator.config import DEFAULT_API_TOKEN, DEFAULT_REORDER_WITH_DELAY, SimConfig
+from callbacks.simulator import FetchInput, InputImageError
+from callbacks.simulator.config import (
+    DEFAULT_REORDER_WITH_DELAY,
+    SimConfig,
+    generate_api_token,
+)
+from service.blobs.s3 import split_endpoint
+from service.media.fetch import FetchError, SafeFetcher
 from service.settings import Settings
 
-# The built-in simulator speaks Replicate's contract under ``/sim/v1`` and accepts the token
-# SimConfig accepts by default.
-SIM_API_TOKEN = DEFAULT_API_TOKEN
+# The built-in simulator speaks Replicate's contract under ``/sim/v1``.
 SIM_PATH = "/sim/v1"
+SIM_INPUT_FETCH_TIMEOUT_S = 30.0
+
+
+class SimulatorOff(ValueError):
+    """The "sim" provider is the default but the simulator is not switched on."""
+
 
 # Hosts each provider serves outputs from (used when HOOKLINE_OUTPUT_HOSTS is unset).
 # Replicate: replicate.delivery (PROVIDERS.md); older outputs used subdomains such as
@@ -37,10 +58,80 @@ _OUTPUT_HOSTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def require_simulator(settings: Settings) -> None:
+    """``SimulatorOff`` when the default provider is "sim" but the simulator is off: saying so at
+    start-up beats accepting tasks that can only fail."""
+    if settings.provider == "sim" and not settings.simulator:
+        raise SimulatorOff(
+            'HOOKLINE_PROVIDER is "sim" (the default), but the simulator is off: it is a '
+            "development tool, run only when asked. Start it with `hookline serve --demo` (what "
+            "`make run` does) or HOOKLINE_SIMULATOR=true, or set HOOKLINE_PROVIDER to replicate, "
+            "fal or bfl with that provider's credentials."
+        )
+
+
+def with_sim_token(settings: Settings) -> Settings:
+    """``settings`` with the simulator's API token fixed for this start: ``sim_api_token`` when
+    set, else a fresh random one, so the simulator and the "sim" provider agree on it."""
+    if settings.sim_api_token is not None:
+        return settings
+    return settings.model_copy(update={"sim_api_token": SecretStr(generate_api_token())})
+
+
+def _host_port(url: str) -> str:
+    """``host:port`` of ``url`` as allow-lists write it (``[v6]:port``; default ports filled)."""
+    parsed = httpx.URL(url)
+    host = parsed.raw_host.decode("ascii").lower()
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def sim_webhook_hosts(settings: Settings) -> frozenset[str]:
+    """Where the simulator may post webhooks: its own hookline and ``sim_webhook_hosts``."""
+    return frozenset({_host_port(settings.public_url), *settings.sim_webhook_host_set()})
+
+
+def sim_input_hosts(settings: Settings) -> frozenset[str]:
+    """Hosts the simulator may fetch URL inputs from, whatever they resolve to: hookline's own
+    signed URLs (its public URL; with S3 blobs, the host presigned URLs name) and
+    ``input_hosts``. Any other host must be public https, as for hookline's own fetches."""
+    hosts = {_host_port(settings.public_url), *settings.input_host_set()}
+    endpoint = settings.s3_public_endpoint or settings.s3_endpoint
+    if settings.blob_url.startswith("s3://") and endpoint:
+        hosts.add(split_endpoint(endpoint, default_secure=settings.s3_secure)[0])
+    return frozenset(hosts)
+
+
+def sim_input_fetcher(settings: Settings) -> SafeFetcher:
+    """The SSRF-safe fetcher behind the simulator's URL inputs (its own HTTP client: close it
+    with ``aclose``)."""
+    return SafeFetcher(
+        None,
+        allow_hosts=sim_input_hosts(settings),
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=SIM_INPUT_FETCH_TIMEOUT_S,
+    )
+
+
+def fetch_input_through(fetcher: SafeFetcher) -> FetchInput:
+    """The simulator's ``fetch_input`` over ``fetcher``: a refused or failed fetch becomes the
+    ``InputImageError`` that fails the prediction (its message names the host, not the URL)."""
+
+    async def fetch_input(url: str) -> bytes:
+        try:
+            return (await fetcher.fetch(url)).data
+        except FetchError as exc:
+            raise InputImageError(f"{exc.message} ({exc.code})") from exc
+
+    return fetch_input
+
+
 def sim_config(settings: Settings, **overrides: object) -> SimConfig:
     """The simulator's behaviour from the ``sim_*`` settings; ``overrides`` set any other
     SimConfig field (``TypeError`` for a name SimConfig does not have). A configured webhook
-    delay also makes a share of the predictions send a stale webhook after the terminal one."""
+    delay also makes a share of the predictions send a stale webhook after the terminal one.
+    The API token is ``sim_api_token`` (random when unset: see ``with_sim_token``); webhooks
+    may go to ``sim_webhook_hosts(settings)``."""
     values: dict[str, object] = {
         "latency": settings.sim_latency,
         "time_scale": settings.sim_time_scale,
@@ -52,7 +143,10 @@ def sim_config(settings: Settings, **overrides: object) -> SimConfig:
         "webhook_bad_signature": settings.sim_webhook_bad_signature,
         "output_5xx": settings.sim_output_5xx,
         "seed": settings.sim_seed,
+        "webhook_hosts": sim_webhook_hosts(settings),
     }
+    if settings.sim_api_token is not None:
+        values["api_token"] = settings.sim_api_token.get_secret_value()
     unknown = set(overrides) - {f.name for f in fields(SimConfig)}
     if unknown:
         raise TypeError(f"unknown SimConfig fields: {sorted(unknown)}")
@@ -71,15 +165,20 @@ def build_providers(
     *,
     sim_base_url: str | None = None,
     sim_secret: str | None = None,
-    sim_token: str = SIM_API_TOKEN,
+    sim_token: str | None = None,
 ) -> dict[str, Provider]:
     """One provider per configured name (replicate with a token, fal with a key, bfl with a key)
     plus, when ``sim_base_url`` is given (the simulator is mounted, usually at
-    ``sim_base_url_for(settings)``), ``"sim"``: a ReplicateProvider pointed at it. Its webhook
-    secret is ``sim_secret`` when the caller knows it, else fetched from the simulator's
-    ``/webhooks/default/secret`` on first use."""
+    ``sim_base_url_for(settings)``), ``"sim"``: a ReplicateProvider pointed at it, sending the
+    simulator's token (``sim_token``, else ``settings.sim_api_token``; ``ValueError`` when
+    neither is known). Its webhook secret is ``sim_secret`` when the caller knows it, else
+    fetched from the simulator's ``/webhooks/default/secret`` on first use."""
     providers: dict[str, Provider] = {}
     if sim_base_url is not None:
+        if sim_token is None and settings.sim_api_token is not None:
+            sim_token = settings.sim_api_token.get_secret_value()
+        if sim_token is None:
+            raise ValueError("the sim provider needs the simulator's API token")
         providers["sim"] = ReplicateProvider(
             http, api_token=sim_token, base_url=sim_base_url, webhook_secret=sim_secret, name="sim"
         )
@@ -97,6 +196,7 @@ def build_providers(
             key=settings.fal_key.get_secret_value(),
             base_url=settings.fal_base_url,
             jwks_url=settings.fal_jwks_url,
+            user_id=settings.fal_user_id,
         )
     if settings.bfl_api_key is not None:
         providers["bfl"] = BflProvider(

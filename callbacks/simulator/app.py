@@ -5,6 +5,12 @@ place ``SimError`` and Starlette's own errors become problem-JSON answers, and t
 hookline's Replicate adapter drives it unchanged (shared/PROVIDERS.md, "Replicate" and "Standard
 Webhooks").
 
+It is a development tool, so it trusts little: one Bearer token (random unless configured), the
+webhook hosts of ``SimConfig.webhook_hosts`` only, URL inputs only through an injected
+``fetch_input`` (hookline's SSRF-safe fetcher), and inputs within bounds a model's schema would
+set (``MAX_PROMPT_CHARS``, 16-2048 pixels a side, 1-4 outputs), so a caller cannot make it burn
+CPU or memory.
+
 Two ways to run it:
 - standalone (``hookline simulator`` → ``run_simulator``): its lifespan closes the simulator;
 - mounted in another Starlette app (``Mount("/sim", create_simulator_app(...))``): a mounted app's
@@ -40,6 +46,8 @@ from callbacks.simulator.config import SimConfig
 from callbacks.simulator.engine import (
     DEFAULT_EVENTS,
     EVENTS,
+    IMAGE_KEYS,
+    FetchInput,
     PredictionRequest,
     SimError,
     Simulator,
@@ -48,6 +56,7 @@ from callbacks.simulator.images import output_size
 
 BODY_FIELDS = frozenset({"version", "input", "webhook", "webhook_events_filter", "stream"})
 MAX_OUTPUTS = 4
+MAX_PROMPT_CHARS = 10_000  # hookline's own prompts are at most 2,000 plus the style's template
 
 
 def _invalid(detail: str) -> SimError:
@@ -114,6 +123,8 @@ def _validate_input(model_input: Mapping[str, Any]) -> None:
     prompt = model_input.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise _invalid("input.prompt is required and must be a non-empty string.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise _invalid(f"input.prompt must be at most {MAX_PROMPT_CHARS} characters.")
     count = model_input.get("num_outputs", 1)
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_OUTPUTS:
         raise _invalid(f"input.num_outputs must be an integer from 1 to {MAX_OUTPUTS}.")
@@ -121,7 +132,7 @@ def _validate_input(model_input: Mapping[str, Any]) -> None:
         output_size(model_input)
     except ValueError as exc:
         raise _invalid(str(exc)) from exc
-    for name in ("image", "input_image"):
+    for name in IMAGE_KEYS:
         source = model_input.get(name)
         if source is not None and not (
             isinstance(source, str) and source.startswith(("http://", "https://", "data:"))
@@ -158,6 +169,8 @@ class _Routes:
             return json.loads(body)
         except ValueError as exc:
             raise SimError(400, "Bad Request", f"The body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:  # nested deeper than the parser's stack
+            raise SimError(400, "Bad Request", "The body is nested too deeply.") from exc
 
     async def create(self, request: Request) -> Response:
         """``POST /v1/predictions`` and the models/deployments variants. ``Prefer: wait`` is
@@ -215,14 +228,16 @@ def create_simulator_app(
     config: SimConfig,
     *,
     http: httpx.AsyncClient | None = None,
+    fetch_input: FetchInput | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Starlette:
     """The simulator as an ASGI app; its state is ``app.state.sim`` (a ``Simulator``).
 
-    ``http`` is used for webhooks and input fetches (one is created, and closed by
-    ``Simulator.close``, when omitted); ``clock`` times file-URL expiry and data retention.
+    ``http`` sends the webhooks (one is created, and closed by ``Simulator.close``, when
+    omitted); ``fetch_input`` fetches URL inputs (without it only data URIs are accepted);
+    ``clock`` times file-URL expiry and data retention.
     """
-    sim = Simulator(config, http=http, clock=clock)
+    sim = Simulator(config, http=http, fetch_input=fetch_input, clock=clock)
     routes = _Routes(sim)
 
     @asynccontextmanager
@@ -252,7 +267,13 @@ def create_simulator_app(
 
 
 def run_simulator(
-    config: SimConfig, host: str = "127.0.0.1", port: int = 8001, *, log_level: str = "info"
+    config: SimConfig,
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    *,
+    fetch_input: FetchInput | None = None,
+    log_level: str = "info",
 ) -> None:
     """Serve the simulator standalone (``hookline simulator``) until interrupted."""
-    uvicorn.run(create_simulator_app(config), host=host, port=port, log_level=log_level)
+    app = create_simulator_app(config, fetch_input=fetch_input)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

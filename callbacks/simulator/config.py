@@ -1,8 +1,13 @@
-"""What the simulated provider does: its latency, its failures and its webhook faults.
+"""What the simulated provider does: its latency, its failures and its webhook faults, and whom
+it trusts.
 
 Probabilities are fractions in [0, 1]. "Simulated" durations (latency, webhook delays and retry
 backoff) are multiplied by ``time_scale``; expiry and retention times are real seconds on the
 simulator's clock.
+
+The simulator is a development tool and is locked down by default: its API token is random per
+instance unless one is given, and it posts webhooks only to the hosts in ``webhook_hosts`` (none
+unless given: a create naming any other webhook is refused with 422).
 """
 
 from __future__ import annotations
@@ -10,22 +15,22 @@ from __future__ import annotations
 import base64
 import math
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import httpx
 
 from callbacks.simulator.latency import LatencyModel, parse_latency
 
 __all__ = [
-    "DEFAULT_API_TOKEN",
     "DEFAULT_REORDER_WITH_DELAY",
     "LatencyModel",
     "SimConfig",
+    "generate_api_token",
     "generate_webhook_secret",
+    "normalise_hosts",
     "parse_latency",
 ]
-
-# The one Bearer token a simulator accepts unless configured otherwise; hookline's "sim"
-# provider sends it (service/providers.py).
-DEFAULT_API_TOKEN = "sim-token"
 
 # When only a webhook delay is configured (HOOKLINE_SIM_WEBHOOK_DELAY_S), this share of the
 # predictions also gets a stale "processing" webhook after its terminal one.
@@ -39,6 +44,17 @@ _PROBABILITIES = (
     "webhook_bad_signature",
     "output_5xx",
 )
+
+
+def generate_api_token() -> str:
+    """A fresh Bearer token (``sim_`` + 32 random bytes, URL-safe): each simulator built without
+    one accepts only its own."""
+    return "sim_" + secrets.token_urlsafe(32)
+
+
+def normalise_hosts(hosts: Iterable[str]) -> frozenset[str]:
+    """Host entries (``host``, ``host:port`` or ``[v6]:port``), stripped and lower-cased."""
+    return frozenset(h.strip().lower().rstrip(".") for h in hosts if h.strip())
 
 
 def generate_webhook_secret() -> str:
@@ -61,7 +77,10 @@ class SimConfig:
     output_5xx: float = 0.0  # a file fetch answers 503 ...
     output_5xx_max_consecutive: int = 3  # ... but never more often than this in a row per file
     seed: int | None = None  # fixes latencies and faults per prediction (by creation order)
-    api_token: str = DEFAULT_API_TOKEN  # the one Bearer token accepted
+    api_token: str = field(default_factory=generate_api_token)  # the one Bearer token accepted
+    # where webhooks may go: ``host`` (any port) or ``host:port``; any other webhook URL is
+    # refused when the prediction is created, so no request is ever made to it
+    webhook_hosts: frozenset[str] = frozenset()
     webhook_secret: str = field(default_factory=generate_webhook_secret)
     output_url_ttl_s: float = 3600.0  # file URLs expire this long after completion
     data_retention_s: float = 3600.0  # then ``data_removed: true``, ``output: null``
@@ -75,6 +94,10 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         parse_latency(self.latency)
+        if not self.api_token.strip():
+            raise ValueError("SimConfig.api_token must not be empty")
+        # frozen: normalise through object.__setattr__, once, so every check compares alike
+        object.__setattr__(self, "webhook_hosts", normalise_hosts(self.webhook_hosts))
         for name in _PROBABILITIES:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -95,6 +118,21 @@ class SimConfig:
             raise ValueError("SimConfig.webhook_secret is not whsec_ + base64") from None
         if not 24 <= len(key) <= 64:
             raise ValueError("SimConfig.webhook_secret must hold 24 to 64 bytes")
+
+    def allows_webhook(self, url: str) -> bool:
+        """Whether ``url`` (already an http(s) URL) names a host in ``webhook_hosts``. The URL is
+        parsed as httpx, which sends the webhook, parses it: the host checked is the host
+        called."""
+        try:
+            parsed = httpx.URL(url)
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        except (httpx.InvalidURL, ValueError):
+            return False
+        if parsed.userinfo or not parsed.raw_host:
+            return False
+        host = parsed.raw_host.decode("ascii").lower().rstrip(".")
+        shown = f"[{host}]" if ":" in host else host
+        return bool({host, shown, f"{shown}:{port}"} & self.webhook_hosts)
 
     @property
     def latency_model(self) -> LatencyModel:

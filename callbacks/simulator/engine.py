@@ -8,7 +8,9 @@ prediction as Replicate would store it, ``SimStats`` the counters.
 
 No HTTP server here: the engine refuses with ``SimError`` (a status and Replicate's problem
 fields), which the routes in ``callbacks/simulator/app.py`` render. Its HTTP client only sends
-webhooks and fetches input images.
+webhooks, and only to ``SimConfig.webhook_hosts`` (checked when a prediction is created). Input
+images given as URLs are fetched by the injected ``fetch_input`` (hookline gives it its SSRF-safe
+fetcher, service/providers.py); without one only data URIs are accepted.
 
 It is one module of ~500 lines because it is one thing: the life of a simulated prediction, from
 creation through latency, faults, outputs and webhook retries to data removal, all of it reading
@@ -29,7 +31,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -45,6 +47,7 @@ __all__ = [
     "DEFAULT_EVENTS",
     "EVENTS",
     "TERMINAL",
+    "FetchInput",
     "Prediction",
     "PredictionRequest",
     "SimError",
@@ -68,6 +71,11 @@ FAILURES = (
     "NSFW content detected. Try running it again, or try a different prompt. (simulated)",
     "Prediction interrupted; please retry (code: PA) (simulated)",
 )
+IMAGE_KEYS = ("image", "input_image")  # the input keys an input image is read from
+
+# Fetches an input image URL: its bytes, or ``InputImageError`` with a message that does not
+# echo the URL (a signed URL's token must not reach a prediction's error).
+FetchInput = Callable[[str], Awaitable[bytes]]
 
 
 class SimError(Exception):
@@ -187,9 +195,11 @@ class Simulator:
         config: SimConfig,
         *,
         http: httpx.AsyncClient | None = None,
+        fetch_input: FetchInput | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self._fetch_input = fetch_input
         self.stats = SimStats()
         self._latency = config.latency_model
         self._clock = clock
@@ -233,8 +243,10 @@ class Simulator:
 
     def create(self, request: PredictionRequest, *, base_url: str) -> Prediction:
         """Start a prediction (after ``admit``, which this repeats); its URLs begin with
-        ``base_url``."""
+        ``base_url``. A webhook outside ``webhook_hosts``, or a URL input without a fetcher, is
+        refused (422) before anything is stored or sent."""
         self.admit()
+        self._check_reach(request)
         self._serial += 1
         prediction = Prediction(
             id=_prediction_id(),
@@ -252,6 +264,26 @@ class Simulator:
         self.stats.predictions_created += 1
         prediction.task = self._spawn(self._run(prediction))
         return prediction
+
+    def _check_reach(self, request: PredictionRequest) -> None:
+        """Refuse a prediction that would make the simulator call a host it may not."""
+        if request.webhook is not None and not self.config.allows_webhook(request.webhook):
+            raise SimError(
+                422,
+                "Input validation failed",
+                f"webhook host {_host_of(request.webhook)!r} is not one this simulator may "
+                "call: only its own hookline (HOOKLINE_PUBLIC_URL) and the hosts in "
+                "HOOKLINE_SIM_WEBHOOK_HOSTS are.",
+            )
+        if self._fetch_input is None:
+            for key in IMAGE_KEYS:
+                source = request.input.get(key)
+                if isinstance(source, str) and not source.startswith("data:"):
+                    raise SimError(
+                        422,
+                        "Input validation failed",
+                        f"input.{key} must be a data URI: this simulator fetches no URLs.",
+                    )
 
     def get(self, prediction_id: str) -> Prediction:
         self._purge()
@@ -410,8 +442,8 @@ class Simulator:
             prediction.input, prediction.output, prediction.files = {}, None, []
 
     async def _load_input(self, model_input: Mapping[str, Any]) -> bytes | None:
-        """The input image's bytes from a data URI or a URL fetched with the shared client."""
-        source = model_input.get("image") or model_input.get("input_image")
+        """The input image's bytes from a data URI or a URL fetched by ``fetch_input``."""
+        source = model_input.get(IMAGE_KEYS[0]) or model_input.get(IMAGE_KEYS[1])
         if source is None:
             return None
         if source.startswith("data:"):
@@ -423,22 +455,16 @@ class Simulator:
             except binascii.Error as exc:
                 raise InputImageError("input image data URI is not valid base64") from exc
         shown = source.split("?", 1)[0]  # never echo a signed URL's token
-        limit = self.config.max_input_bytes
+        if self._fetch_input is None:  # refused at creation; kept for the engine's own safety
+            raise InputImageError(f"could not fetch input image {shown}: no fetcher")
         try:
-            async with self._http.stream("GET", source, timeout=30.0) as response:
-                if response.status_code != 200:
-                    raise InputImageError(
-                        f"could not fetch input image {shown}: HTTP {response.status_code}"
-                    )
-                chunks, total = [], 0
-                async for chunk in response.aiter_bytes():
-                    total += len(chunk)
-                    if total > limit:
-                        raise InputImageError(f"input image {shown} is over {limit} bytes")
-                    chunks.append(chunk)
-        except httpx.HTTPError as exc:
-            raise InputImageError(f"could not fetch input image {shown}: {exc!r}") from exc
-        return b"".join(chunks)
+            data = await self._fetch_input(source)
+        except InputImageError as exc:
+            raise InputImageError(f"could not fetch input image {shown}: {exc}") from exc
+        if len(data) > self.config.max_input_bytes:
+            limit = self.config.max_input_bytes
+            raise InputImageError(f"input image {shown} is over {limit} bytes")
+        return data
 
     # -- output files --------------------------------------------------------------------------
 
@@ -530,6 +556,13 @@ def _render_all(
     prompt: str, source: bytes | None, size: tuple[int, int], count: int
 ) -> list[bytes]:
     return [render_png(prompt=prompt, input_image=source, size=size, index=n) for n in range(count)]
+
+
+def _host_of(url: str) -> str:
+    try:
+        return httpx.URL(url).host
+    except (httpx.InvalidURL, ValueError):
+        return "?"
 
 
 def _prediction_id() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,8 +19,10 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, Unidentified
 
 DEFAULT_SIDE = 1024
 MIN_SIDE = 16
-MAX_SIDE = 2048
-MAX_INPUT_PIXELS = 40_000_000
+MAX_SIDE = 2048  # 4 outputs of 2048x2048 bound a prediction's render (CPU and memory)
+# 4096x4096: hookline never sends more than 2048 a side (callbacks/replicate.py LIMITS); a bigger
+# input would only cost the simulator memory (about 3 bytes a pixel once decoded)
+MAX_INPUT_PIXELS = 4096 * 4096
 CAPTION_CHARS = 48
 
 
@@ -28,13 +31,21 @@ class InputImageError(ValueError):
 
 
 def output_size(params: Mapping[str, Any]) -> tuple[int, int]:
-    """``width`` / ``height`` from the model input, default 1024, clamped to [16, 2048]."""
+    """``width`` / ``height`` from the model input, default 1024; ``ValueError`` for anything
+    but a number of pixels in [16, 2048] (as a model's input schema would refuse it)."""
 
     def side(name: str) -> int:
         value = params.get(name, DEFAULT_SIDE)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"input.{name} must be a number of pixels")
-        return max(MIN_SIDE, min(MAX_SIDE, int(value)))
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not MIN_SIDE <= value <= MAX_SIDE
+        ):
+            raise ValueError(
+                f"input.{name} must be a number of pixels from {MIN_SIDE} to {MAX_SIDE}"
+            )
+        return int(value)
 
     return side("width"), side("height")
 

@@ -1,5 +1,9 @@
 """The Starlette app factory: the routes, the middleware, the one error mapping, and a lifespan
-that starts and closes the process's runtime (service/runtime.py)."""
+that starts and closes the process's runtime (service/runtime.py).
+
+The provider simulator is mounted under ``/sim`` only when ``settings.simulator`` is on (``serve
+--demo`` or ``HOOKLINE_SIMULATOR=true``); without it there is no ``/sim`` route and no "sim"
+provider, and a default provider of "sim" stops the start with ``SimulatorOff``."""
 
 from __future__ import annotations
 
@@ -21,20 +25,35 @@ from service.http.middleware import RequestContext
 from service.http.ratelimit import RateLimiter
 from service.http.state import Web
 from service.logging import configure_logging
-from service.providers import sim_config
+from service.media.fetch import SafeFetcher
+from service.providers import (
+    fetch_input_through,
+    require_simulator,
+    sim_config,
+    sim_input_fetcher,
+    with_sim_token,
+)
 from service.runtime import Runtime, build_runtime
 from service.settings import Settings
 
 
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> Starlette:
     """The hookline ASGI app over ``runtime`` (built from ``settings`` when not given). Roles
-    (``HOOKLINE_ROLES``) pick the background loops the runtime runs."""
+    (``HOOKLINE_ROLES``) pick the background loops the runtime runs. ``SimulatorOff`` when the
+    default provider is "sim" but the simulator is off."""
     settings = settings or (runtime.settings if runtime is not None else Settings())
     configure_logging(settings.log_level, settings.log_format)
-    sim_app = None
+    sim_app: Starlette | None = None
+    sim_fetcher: SafeFetcher | None = None
     if runtime is None:
-        if settings.provider == "sim":
-            sim_app = create_simulator_app(sim_config(settings))
+        require_simulator(settings)
+        if settings.simulator:
+            # one token for this start, read by the simulator and the "sim" provider alike
+            settings = with_sim_token(settings)
+            sim_fetcher = sim_input_fetcher(settings)
+            sim_app = create_simulator_app(
+                sim_config(settings), fetch_input=fetch_input_through(sim_fetcher)
+            )
         runtime = build_runtime(settings, simulator=sim_app.state.sim if sim_app else None)
     web = Web(runtime, RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst))
 
@@ -44,7 +63,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         try:
             yield {"web": web}
         finally:
-            await runtime.close()
+            await runtime.close()  # closes the simulator too
+            if sim_fetcher is not None:
+                await sim_fetcher.aclose()
 
     routes: list[BaseRoute] = [
         *tasks.routes(),

@@ -8,7 +8,9 @@
 
 Every child is started in its own session and is killed when the cluster closes, whatever happened
 (a failing assertion, a timeout, a KeyboardInterrupt). Every wait is bounded. Logs go to files
-under the cluster's root; ``log_tail`` shows them in failure messages.
+under the cluster's root; ``log_tail`` shows them in failure messages. The simulator is locked
+as in production use: a random token per cluster (given to every server as its Replicate token),
+webhooks and URL inputs only to and from the cluster's servers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,12 +33,9 @@ from typing import IO, Any
 
 import httpx
 
-from callbacks.simulator.config import DEFAULT_API_TOKEN
-
 VENV_BIN = Path(sys.executable).parent
 HOOKLINE = str(VENV_BIN / "hookline")
 HOST = "127.0.0.1"
-SIM_TOKEN = DEFAULT_API_TOKEN
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -210,13 +210,7 @@ class ChaosCluster:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.sim_port = free_port()
-        self.sim_child = Child(
-            "simulator",
-            [HOOKLINE, "simulator", "--host", HOST, "--port", str(self.sim_port)],
-            {**clean_env(), **(sim_env or {})},
-            self.logs / "simulator.log",
-            root,
-        )
+        self.sim_token = secrets.token_urlsafe(24)  # the simulator's, given to every server
         self._server_env = dict(server_env or {})
         self.webhook_secret: str | None = None
         self.admin_key: str | None = None
@@ -232,6 +226,13 @@ class ChaosCluster:
                 root,
             )
             self.servers.append(Server(index, port, child))
+        self.sim_child = Child(
+            "simulator",
+            [HOOKLINE, "simulator", "--host", HOST, "--port", str(self.sim_port)],
+            {**self._sim_env(), **(sim_env or {})},
+            self.logs / "simulator.log",
+            root,
+        )
 
     # --- context management: children never outlive the cluster ----------------------------------
 
@@ -260,6 +261,19 @@ class ChaosCluster:
     def sim_base_url(self) -> str:
         return f"http://{HOST}:{self.sim_port}"
 
+    def _sim_env(self) -> dict[str, str]:
+        """The simulator's locks: its token, and every server as a webhook host and as the host
+        of its inputs (each server's own signed file URLs)."""
+        hosts = ",".join(f"{HOST}:{server.port}" for server in self.servers)
+        own = {"HOOKLINE_PUBLIC_URL": self.servers[0].base_url} if self.servers else {}
+        return {
+            **clean_env(),
+            **own,
+            "HOOKLINE_SIM_API_TOKEN": self.sim_token,
+            "HOOKLINE_SIM_WEBHOOK_HOSTS": hosts,
+            "HOOKLINE_INPUT_HOSTS": hosts,
+        }
+
     def store_env(self) -> dict[str, str]:
         """What every hookline command (serve, users create) needs to find the same data."""
         return {
@@ -282,7 +296,7 @@ class ChaosCluster:
             "HOOKLINE_PUBLIC_URL": server.base_url,
             "HOOKLINE_PROVIDER": "replicate",
             "HOOKLINE_REPLICATE_BASE_URL": f"{self.sim_base_url}/v1",
-            "HOOKLINE_REPLICATE_API_TOKEN": SIM_TOKEN,
+            "HOOKLINE_REPLICATE_API_TOKEN": self.sim_token,
             "HOOKLINE_REPLICATE_WEBHOOK_SECRET": self.webhook_secret,
             "HOOKLINE_OUTPUT_HOSTS": f"{HOST}:{self.sim_port}",
             **FAST_TIMINGS,
@@ -294,7 +308,7 @@ class ChaosCluster:
     async def start(self) -> None:
         """The simulator, its webhook secret, then every server; each waited for (bounded)."""
         self.sim_child.start()
-        auth = {"Authorization": f"Bearer {SIM_TOKEN}"}
+        auth = {"Authorization": f"Bearer {self.sim_token}"}
         response = await wait_http_ok(
             self.sim_child, f"{self.sim_base_url}/v1/webhooks/default/secret", headers=auth
         )

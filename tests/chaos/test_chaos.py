@@ -275,7 +275,7 @@ def task_problems(cluster: ChaosCluster, task: Task) -> list[str]:
         problems.append(f"{finished} `finished` entries: {what}")
     if task.refunded != (task.state in REFUNDED_STATES):
         problems.append(f"refunded={task.refunded} in state {task.state.value}: {what}")
-    if task.cost != CATALOGUE.get(task.style).cost:
+    if task.cost != CATALOGUE.get(task.style).cost_of(task.num_outputs, task.params):
         problems.append(f"cost {task.cost} is not the style's: {what}")
     files = output_files(cluster, task.id)
     if task.state in REFUNDED_STATES and files:

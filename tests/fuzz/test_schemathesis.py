@@ -112,6 +112,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer
         "var_dir": tmp / "var",
         "public_url": base_url,
         "provider": "sim",
+        "simulator": True,
+        "auth_failure_rate_per_s": 0,
         "sim_latency": "fixed:0.05",
         "reaper_interval_s": 0.2,
         "retry_backoff_s": 0.05,

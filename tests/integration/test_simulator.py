@@ -2,7 +2,9 @@
 signatures, expiring output files, and every configured fault.
 
 The simulator and a webhook receiver each run on a loopback port; the tests speak plain httpx (no
-hookline adapter). Simulated time is 1 s × time_scale 0.01; webhooks are awaited on a queue.
+hookline adapter). The receiver is the one webhook host the simulator may call and the one host it
+may fetch URL inputs from (through hookline's SSRF-safe fetcher, as hookline wires it). Simulated
+time is 1 s × time_scale 0.01; webhooks are awaited on a queue.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from starlette.routing import Mount, Route
 
 from callbacks.simulator import SimConfig, Simulator, create_simulator_app
 from callbacks.simulator.engine import PredictionRequest, SimError
+from service.media.fetch import SafeFetcher
+from service.providers import fetch_input_through
 from tests.support.server import serve_app
 
 TOKEN = "test-token"
@@ -168,10 +172,19 @@ async def start() -> AsyncIterator[Start]:
 
         async def _start(**config: Any) -> Harness:
             clock = FakeClock()
-            app = create_simulator_app(SimConfig(**{**FAST, **config}), clock=clock)
-            sim_url = await stack.enter_async_context(serve_app(app))
             receiver = Receiver()
             receiver_url = await stack.enter_async_context(serve_app(receiver.app()))
+            receiver_host = receiver_url.removeprefix("http://")
+            fetcher = SafeFetcher(
+                None, allow_hosts={receiver_host}, max_bytes=10_000_000, timeout_s=10
+            )
+            stack.push_async_callback(fetcher.aclose)
+            app = create_simulator_app(
+                SimConfig(**{"webhook_hosts": frozenset({receiver_host}), **FAST, **config}),
+                fetch_input=fetch_input_through(fetcher),
+                clock=clock,
+            )
+            sim_url = await stack.enter_async_context(serve_app(app))
             client = await stack.enter_async_context(httpx.AsyncClient(headers=AUTH))
             return Harness(f"{sim_url}/v1", client, receiver, receiver_url, app.state.sim, clock)
 
@@ -481,6 +494,9 @@ BAD_BODIES: list[Any] = [
     {"input": {"prompt": "x", "num_outputs": 9}},
     {"input": {"prompt": "x", "num_outputs": True}},
     {"input": {"prompt": "x", "width": "wide"}},
+    {"input": {"prompt": "x", "width": 100_000, "height": 100_000}},  # no huge renders
+    {"input": {"prompt": "x", "height": 8}},
+    {"input": {"prompt": "x" * 10_001}},
     {"input": {"prompt": "x", "image": "ftp://example.com/a.png"}},
     {"input": {"prompt": "x"}, "webhook": "not a url"},
     {"input": {"prompt": "x"}, "webhook": 42},

@@ -5,7 +5,8 @@
         r = await hl.client.post("/v1/tasks", json=..., headers=hl.auth(key))
 
 Everything is real: uvicorn, SQLite on disk under ``tmp_path``, local blobs, the simulator mounted
-in-process under /sim, signed webhooks over loopback.
+in-process under /sim (switched on here, as ``serve --demo`` does; ``simulator=False`` turns it
+off), signed webhooks over loopback.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ class Hookline:
     @property
     def store(self) -> TaskStore:
         return self.runtime.store
+
+    @property
+    def sim_token(self) -> str:
+        """The API token of the mounted simulator (random per start unless configured)."""
+        simulator = self.runtime.simulator
+        assert simulator is not None, "the simulator is not mounted (simulator=False)"
+        return simulator.config.api_token
+
+    @property
+    def sim_auth(self) -> dict[str, str]:
+        """The Authorization header the mounted simulator accepts."""
+        return self.auth(self.sim_token)
 
     async def create_user(self, name: str, credits: int = 100, *, admin: bool = False) -> str:
         key = new_api_key()
@@ -113,6 +126,7 @@ async def running_hookline(tmp_path: Path, **overrides: Any) -> AsyncIterator[Ho
         "var_dir": tmp_path / "var",
         "public_url": base_url,
         "provider": "sim",
+        "simulator": True,
         "sim_latency": "fixed:0.05",
         "reaper_interval_s": 0.2,
         "retry_backoff_s": 0.05,
@@ -133,6 +147,7 @@ async def install_manual_provider(hl: Hookline) -> Any:
     """Register a ``ManualProvider`` named "manual" in the running app; its outputs are a real
     image served by hookline's own signed file URLs."""
     from service.media.fetch import SafeFetcher
+    from service.styles import ProviderRule
     from tests.support.manual_provider import ManualProvider
 
     rt = hl.runtime
@@ -142,6 +157,7 @@ async def install_manual_provider(hl: Hookline) -> Any:
     url = await rt.blobs.url("fixtures/output.png", 3600)
     provider = ManualProvider(http=rt.http, output_url=url)
     rt.providers["manual"] = provider
+    rt.catalogue.providers["manual"] = ProviderRule("manual")  # users may choose it
     host = httpx.URL(hl.base_url)
     rt.output_fetchers["manual"] = SafeFetcher(
         rt.http, allow_hosts={f"{host.host}:{host.port}"}, max_bytes=10_000_000, timeout_s=10

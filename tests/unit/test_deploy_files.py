@@ -81,6 +81,24 @@ def test_compose_environment_names_are_settings(compose: dict[str, Any]) -> None
     assert compose["services"]["worker"]["environment"] == env
 
 
+def test_the_simulator_is_locked_to_this_deployment(compose: dict[str, Any]) -> None:
+    """The standalone simulator shares its token with hookline (and has one: never a default),
+    posts webhooks only to hookline's public URL, and fetches URL inputs only from hookline and
+    MinIO's presigned URLs."""
+    from service.providers import sim_config, sim_input_hosts
+
+    sim = compose["services"]["simulator"]["environment"]
+    api = compose["services"]["api"]["environment"]
+    assert sim["HOOKLINE_SIM_API_TOKEN"] == api["HOOKLINE_REPLICATE_API_TOKEN"] != "sim-token"
+    assert sim["HOOKLINE_PUBLIC_URL"] == api["HOOKLINE_PUBLIC_URL"]
+    fields = {name.removeprefix("HOOKLINE_").lower(): value for name, value in sim.items()}
+    settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+    config = sim_config(settings)
+    assert config.api_token == api["HOOKLINE_REPLICATE_API_TOKEN"]
+    assert config.webhook_hosts == {"api:8000"}
+    assert sim_input_hosts(settings) == {"api:8000", api["HOOKLINE_S3_ENDPOINT"]}
+
+
 # Dockerfile
 
 

@@ -1,4 +1,6 @@
-"""The simulator's latency models: the seed write-up's mix, bounds, determinism, bad specs."""
+"""The simulator's latency models: the seed write-up's mix, bounds, determinism, bad specs; and its
+configuration: a random token per instance, the webhook hosts it may call, and how hookline's
+settings become a SimConfig."""
 
 from __future__ import annotations
 
@@ -103,6 +105,7 @@ def test_sim_config_rejects_a_bad_latency_spec_at_construction() -> None:
         {"max_in_flight": 0},
         {"webhook_secret": "not-a-secret"},
         {"webhook_secret": "whsec_c2hvcnQ="},
+        {"api_token": " "},
     ],
 )
 def test_sim_config_rejects_out_of_range_values(kwargs: dict[str, object]) -> None:
@@ -142,3 +145,62 @@ def test_sim_config_from_settings_maps_every_sim_setting() -> None:
     assert sim_config(Settings()).webhook_reorder == 0.0
     with pytest.raises(TypeError, match="unknown SimConfig fields"):
         sim_config(settings, latency_ms=3)
+
+
+def test_sim_config_makes_a_random_token_per_instance() -> None:
+    tokens = {SimConfig().api_token for _ in range(3)}
+    assert len(tokens) == 3 and "sim-token" not in tokens
+    assert all(len(token) >= 40 for token in tokens)
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://127.0.0.1:8000/v1/callbacks/sim/t?token=x", True),
+        ("http://HOOKLINE.example:8000/hook", True),  # names compare case-insensitively
+        ("https://hooks.example/anything", True),  # a bare host allows any port
+        ("https://hooks.example:8443/anything", True),
+        ("http://[::1]:9000/hook", True),
+        ("http://127.0.0.1:8001/hook", False),  # another port of an allowed address
+        ("http://127.0.0.1/hook", False),  # port 80 is not 8000
+        ("http://localhost:8000/hook", False),  # the same machine by another name
+        ("http://user@127.0.0.1:8000/hook", False),  # credentials are refused
+        ("http://169.254.169.254/latest/meta-data", False),
+        ("http://127.0.0.1:99999/hook", False),  # not a URL httpx would send
+    ],
+)
+def test_webhooks_may_go_only_to_the_configured_hosts(url: str, allowed: bool) -> None:
+    config = SimConfig(
+        webhook_hosts=frozenset(
+            {"127.0.0.1:8000", "hookline.example:8000", "Hooks.Example.", "[::1]:9000"}
+        )
+    )
+    assert config.allows_webhook(url) is allowed
+    assert SimConfig().allows_webhook("http://127.0.0.1:8000/hook") is False  # none by default
+
+
+def test_settings_give_the_simulator_its_token_and_hosts() -> None:
+    from pydantic import SecretStr
+
+    from service.providers import sim_config, sim_input_hosts, with_sim_token
+    from service.settings import Settings
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        public_url="https://hookline.example",
+        sim_webhook_hosts="hooks.example, 10.0.0.5:9000",
+        input_hosts="images.example",
+        blob_url="s3://bucket",
+        s3_endpoint="http://minio:9000",
+        s3_public_endpoint="https://files.example",
+    )
+    config = sim_config(settings)
+    assert config.webhook_hosts == {"hookline.example:443", "hooks.example", "10.0.0.5:9000"}
+    assert sim_input_hosts(settings) == {"hookline.example:443", "images.example", "files.example"}
+
+    pinned = with_sim_token(settings)
+    assert pinned.sim_api_token is not None and with_sim_token(pinned) is pinned
+    assert sim_config(pinned).api_token == pinned.sim_api_token.get_secret_value()
+    assert with_sim_token(settings).sim_api_token != pinned.sim_api_token  # random per start
+    fixed = settings.model_copy(update={"sim_api_token": SecretStr("fixed-token")})
+    assert sim_config(fixed).api_token == "fixed-token"
