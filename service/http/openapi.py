@@ -143,8 +143,14 @@ def _operations() -> dict[tuple[str, str], Op]:
                 "required": True,
                 "content": _json("CreateTaskBody"),
             },
-            description="Debits the task's cost and answers at once; the task then runs on its "
-            "own. Follow it with `GET /v1/tasks/{id}/events`.",
+            description="Prices the task from the catalogue (`GET /v1/styles`: the style's "
+            "`price` for `num_outputs` outputs at its params, plus their surcharges), debits "
+            "that `cost` and answers at once; the task then runs on its own. Follow it with "
+            "`GET /v1/tasks/{id}/events`. A provider, model or param the catalogue does not "
+            "offer is a 422 that charges nothing: `unknown_provider`, `provider_not_allowed`, "
+            "`model_not_allowed` (an admin key may run any configured provider and model), "
+            "`param_not_allowed`, `bad_param_value`, `reserved_param` (a key that steers "
+            "inputs, outputs or callbacks).",
             links=TASK_LINKS,
         ),
         ("/v1/tasks", "GET"): Op(
@@ -210,7 +216,15 @@ def _operations() -> dict[tuple[str, str], Op]:
             "decompression bombs are refused.",
         ),
         ("/v1/me", "GET"): Op("getMe", "The caller and their balance", "account", body="Me"),
-        ("/v1/styles", "GET"): Op("listStyles", "The style catalogue", "account", body="StyleList"),
+        ("/v1/styles", "GET"): Op(
+            "listStyles",
+            "The style catalogue: prices, and what a user may choose",
+            "account",
+            body="StyleList",
+            description="Each style (and `plain`, the task without a style) with its price "
+            "rule, the providers and models a user may choose on the configured providers, "
+            "and the params a user may set (with their ranges, choices and surcharges).",
+        ),
         ("/v1/stats", "GET"): Op(
             "getStats",
             "The KPIs: success rates, timeouts, retries, latency",

@@ -1,7 +1,8 @@
 """The task routes: create, read, list, cancel; the caller (``/v1/me``) and the style catalogue.
 
 Handlers validate, call the store, and render (service/http/views.py); errors are raised and
-mapped to responses in one place (service/http/errors.py).
+mapped to responses in one place (service/http/errors.py). What a task may run and what it costs
+is the catalogue's decision (service/styles.py); it is made before anything is written.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from callbacks.provider import Provider
+from callbacks.provider import checked_model
 from service.blobs.base import InvalidBlobKey, validate_key
 from service.http.requests import caller, read_json, visible_task
 from service.http.state import Web, runtime, web
-from service.http.views import TaskList, style_json, task_json, user_json
-from service.runtime import Runtime
+from service.http.views import Style as StyleJson
+from service.http.views import StyleList, TaskList, style_json, task_json, user_json
+from service.styles import Style
 from statemachine import lifecycle
 from statemachine.errors import BadRequest, Conflict
 from statemachine.states import Event, State
@@ -83,17 +85,10 @@ class CreateTaskBody(BaseModel):
     num_outputs: Annotated[int, Field(ge=1, le=4)] = 1
 
 
-def provider_named(rt: Runtime, name: str) -> Provider:
-    """The configured provider ``name``; 422 ``unknown_provider`` otherwise."""
-    try:
-        return rt.providers[name]
-    except KeyError:
-        raise BadRequest(
-            f"unknown provider {name!r}", code="unknown_provider", details=sorted(rt.providers)
-        ) from None
-
-
 def request_hash(body: CreateTaskBody) -> str:
+    """The whole body, canonical: everything that decides what runs and what it costs (style,
+    provider, model, params, num_outputs) is in it, so a replay of an ``Idempotency-Key`` with
+    this hash is the request that was priced and charged once."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -120,11 +115,19 @@ async def create_task(request: Request) -> Response:
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise BadRequest("Idempotency-Key must be 1-200 characters", code="bad_idempotency_key")
     style = rt.catalogue.get(body.style)
-    provider = body.provider or (style.provider if style.provider != "default" else None)
-    provider = provider or settings.provider
-    provider_named(rt, provider)  # 422 for an unknown provider
-    model = body.model or (style.model if style.model != "default" else None)
-    model = model or settings.default_model(provider)
+    provider, model = rt.catalogue.choose(
+        style,
+        provider=body.provider,
+        model=body.model,
+        default_provider=settings.provider,
+        default_model=settings.default_model,
+        configured=rt.providers,
+        admin=user.is_admin,
+    )
+    checked_model(rt.providers[provider], model)  # 422 invalid_model: no path can be steered
+    style.check_params(body.params)
+    params = {**style.params, **body.params}
+    cost = style.cost_of(body.num_outputs, params)  # debited by store.create_task, atomically
     inputs = tuple([await checked_input(state, user, i) for i in body.inputs])
     now = rt.now()
     task_id, callback_token = new_ids()
@@ -136,12 +139,12 @@ async def create_task(request: Request) -> Response:
         provider=provider,
         model=model,
         prompt=body.prompt,
-        cost=style.cost,
+        cost=cost,
         created_at=now,
         updated_at=now,
         callback_token=callback_token,
         style=body.style,
-        params={**style.params, **body.params},
+        params=params,
         inputs=inputs,
         num_outputs=body.num_outputs,
         deadline=now + rt.timings.base.handoff_s,
@@ -241,7 +244,20 @@ async def me(request: Request) -> Response:
 
 async def styles(request: Request) -> Response:
     await caller(request)
-    return JSONResponse({"items": [style_json(s) for s in runtime(request).catalogue.all()]})
+    rt = runtime(request)
+    catalogue = rt.catalogue
+
+    def shown(style: Style) -> StyleJson:
+        offered = catalogue.choices(
+            style, rt.settings.provider, rt.settings.default_model, rt.providers
+        )
+        return style_json(style, offered)
+
+    body: StyleList = {
+        "items": [shown(s) for s in catalogue.all()],
+        "plain": shown(catalogue.plain),
+    }
+    return JSONResponse(body)
 
 
 def routes() -> list[Route]:

@@ -22,6 +22,7 @@ from statemachine.task import Task as TaskRecord
 
 if TYPE_CHECKING:
     from service.blobs.base import BlobStore
+    from service.styles import ParamRule as ParamRuleRecord
     from service.styles import Style as StyleRecord
 
 STRICT = ConfigDict(extra="forbid")
@@ -107,8 +108,51 @@ class Upload(TypedDict):
 
 
 @with_config(STRICT)
+class SizeTier(TypedDict):
+    """Credits per output for outputs up to ``max_pixels`` (``width × height``)."""
+
+    max_pixels: int
+    per_output: int
+
+
+@with_config(STRICT)
+class Price(TypedDict):
+    """A task costs ``base + num_outputs × per_output``: ``per_output`` is flat, or (null) the
+    first tier of ``sizes`` that covers the output size; params may add surcharges per output."""
+
+    base: int
+    per_output: int | None
+    sizes: list[SizeTier]
+
+
+@with_config(STRICT)
+class Surcharge(TypedDict):
+    """Credits per output added when the value is above ``above``."""
+
+    above: float
+    per_output: int
+
+
+ParamChoice = str | int | float | bool
+
+
+@with_config(STRICT)
+class ParamRule(TypedDict):
+    """A param a user may set: its type and allowed values, and what a value adds to the price
+    per output (``prices`` by choice, or the highest ``surcharges`` threshold exceeded)."""
+
+    type: Literal["integer", "number", "boolean", "string"]
+    minimum: NotRequired[float]
+    maximum: NotRequired[float]
+    choices: NotRequired[list[ParamChoice]]
+    max_length: NotRequired[int]
+    prices: NotRequired[dict[str, int]]
+    surcharges: NotRequired[list[Surcharge]]
+
+
+@with_config(STRICT)
 class Style(TypedDict):
-    """A style of the catalogue."""
+    """A style of the catalogue: what it runs, what a user may choose and what it costs."""
 
     name: str
     description: str
@@ -117,13 +161,22 @@ class Style(TypedDict):
     provider: str
     model: str
     params: dict[str, Any]
+    # the price of one output at the style's own params (what the simplest task costs)
     cost: int
+    price: Price
+    # provider → the models a user may run on it; first the provider the style runs on, and
+    # first in each list the model that runs when the request names none
+    providers: dict[str, list[str]]
+    user_params: dict[str, ParamRule]
     fallbacks: list[str]
 
 
 @with_config(STRICT)
 class StyleList(TypedDict):
+    """The styles, and ``plain``: what a task without a style runs and costs."""
+
     items: list[Style]
+    plain: Style
 
 
 @with_config(STRICT)
@@ -291,7 +344,10 @@ def user_json(user: User) -> Me:
     return {"user": user.name, "balance": user.balance, "admin": user.is_admin}
 
 
-def style_json(style: StyleRecord) -> Style:
+def style_json(style: StyleRecord, providers: dict[str, list[str]]) -> Style:
+    """A style as ``/v1/styles`` shows it; ``providers`` is what the catalogue offers on the
+    configured providers (``Catalogue.choices``)."""
+    price = style.price
     return {
         "name": style.name,
         "description": style.description,
@@ -301,8 +357,34 @@ def style_json(style: StyleRecord) -> Style:
         "model": style.model,
         "params": style.params,
         "cost": style.cost,
+        "price": {
+            "base": price.base,
+            "per_output": price.per_output,
+            "sizes": [
+                {"max_pixels": t.max_pixels, "per_output": t.per_output} for t in price.sizes
+            ],
+        },
+        "providers": providers,
+        "user_params": {name: param_rule_json(r) for name, r in style.user_params.items()},
         "fallbacks": list(style.fallbacks),
     }
+
+
+def param_rule_json(rule: ParamRuleRecord) -> ParamRule:
+    out: ParamRule = {"type": rule.type}
+    if rule.minimum is not None and rule.maximum is not None:
+        out["minimum"], out["maximum"] = rule.minimum, rule.maximum
+    if rule.choices:
+        out["choices"] = list(rule.choices)
+    if rule.max_length is not None:
+        out["max_length"] = rule.max_length
+    if rule.prices:
+        out["prices"] = dict(rule.prices)
+    if rule.surcharges:
+        out["surcharges"] = [
+            {"above": s.above, "per_output": s.per_output} for s in rule.surcharges
+        ]
+    return out
 
 
 def upload_json(key: str, width: int, height: int, content_type: str, size: int) -> Upload:

@@ -24,7 +24,7 @@ from statemachine.store import LedgerKind
 from tests.support.hookline import Hookline, running_hookline
 from tests.support.logs import captured_logs
 
-COST = 5  # a task without a style (service/styles.py DEFAULT_COST)
+COST = 5  # one output of a task without a style ([plain] in service/styles.toml)
 MAX_INPUTS = 2
 MAX_PROMPT = 50
 MAX_BODY = 4096

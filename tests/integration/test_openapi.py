@@ -99,7 +99,9 @@ def test_an_undescribed_route_is_caught(tmp_path: Path) -> None:
     async def hello(request: Any) -> PlainTextResponse:
         return PlainTextResponse("hi")
 
-    settings = Settings(_env_file=None, var_dir=tmp_path, blob_url=f"file://{tmp_path}/b")  # type: ignore[call-arg]
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, var_dir=tmp_path, blob_url=f"file://{tmp_path}/b", simulator=True
+    )
     app = create_app(settings)
     app.router.routes.append(Mount("/extra", routes=[Route("/hello", hello)]))
     doc = openapi.build_document(app.routes)
@@ -161,6 +163,19 @@ async def test_the_contract_is_in_the_document(hl: Hookline) -> None:
     body = doc["components"]["schemas"]["CreateTaskBody"]
     assert body["additionalProperties"] is False
     assert body["properties"]["num_outputs"]["maximum"] == 4
+    # the catalogue shows prices and what a user may choose, the plain default included
+    schemas = doc["components"]["schemas"]
+    assert {"cost", "price", "providers", "user_params"} <= set(schemas["Style"]["required"])
+    assert set(schemas["StyleList"]["required"]) == {"items", "plain"}
+    assert set(schemas["ParamRule"]["properties"]) == {
+        "type",
+        "minimum",
+        "maximum",
+        "choices",
+        "max_length",
+        "prices",
+        "surcharges",
+    }
 
 
 async def test_real_responses_conform_to_the_document(hl: Hookline) -> None:
@@ -220,8 +235,13 @@ async def test_real_responses_conform_to_the_document(hl: Hookline) -> None:
             "/v1/tasks", content=b"x", headers={**auth, "Content-Type": "text/plain"}
         ),  # 415
         await hl.client.post(f"/v1/callbacks/sim/{task_id}", params={"token": "no"}, json={}),
+        await hl.client.post(  # 422: a model the catalogue does not offer
+            "/v1/tasks",
+            json={"inputs": [{"upload": upload.json()["key"]}], "prompt": "x", "model": "a/b"},
+            headers=auth,
+        ),
     ]
-    assert [r.status_code for r in errors] == [401, 404, 422, 400, 415, 401]
+    assert [r.status_code for r in errors] == [401, 404, 422, 400, 415, 401, 422]
     for response in errors:
         assert_conforms(doc, "Error", response)
 
