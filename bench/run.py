@@ -66,6 +66,7 @@ BENCHES: tuple[Spec, ...] = (
     Spec("mongo_ops", "MongoDB round trips per task", 15, 5),
     Spec("plots", "Task creation vs client concurrency", 50, 20, repeats=1),
     Spec("seed_compare", "The seed's architecture vs hookline", 270, 45, repeats=1),
+    Spec("bench_hostile", "Hostile inputs: bombs, refused requests, large uploads", 90, 35),
 )
 
 
@@ -119,6 +120,11 @@ GOALS: dict[str, dict[str, Goal]] = {
     "plots": {
         "create_rps_c64": Goal("≥", 2000, "tasks/s"),
         "create_p99_ms_c64": Goal("≤", 50, "ms"),
+    },
+    "bench_hostile": {
+        "bomb_rss_growth_mb": Goal("≤", 50, "MB", "fetching 16 GiB bombs"),
+        "bomb_pss_growth_mb": Goal("≤", 50, "MB"),
+        "normal_task_after_bombs_completed": Goal("≥", 1, "", "the process survived"),
     },
     "seed_compare": {
         "no_loss.hookline.first_try_success_rate": Goal("≥", 0.999, "%"),

@@ -6,10 +6,12 @@ and at each class a ``(class, code)`` entry wins over the class's own. The whole
 
     HooklineError (statemachine)              500
     ├── BadRequest                            422
-    │   ├── MalformedRequest (here)           400  JSON that does not parse, a bad header or query
+    │   ├── MalformedRequest (here)           400  JSON that does not parse or nests too deep
+    │   │                                          (``json_too_deep``), a bad header or query
     │   ├── InvalidImage (service/media)      422
     │   ├── ImageTooLarge (service/media)     413
     │   ├── UnsupportedImage (service/media)  415
+    │   ├── OverBudget (service/media)        413  needs more than the whole media memory budget
     │   ├── FetchError (service/media)        422
     │   │   └── code ``url_too_large``        413
     │   └── InvalidBlobKey (service/blobs)    422
@@ -22,9 +24,13 @@ and at each class a ``(class, code)`` entry wins over the class's own. The whole
     ├── AuthError (here)                      401
     ├── PayloadTooLarge (here)                413  a request body over its limit
     ├── UnsupportedMediaType (here)           415  a body that is not JSON where JSON is expected
-    ├── RateLimited (here)                    429  with ``Retry-After`` (whole seconds, at least 1)
+    ├── RateLimited (here)                    429  with ``Retry-After`` (whole seconds, at least 1):
+    │                                              ``rate_limited`` (per key),
+    │                                              ``too_many_auth_failures`` (per address),
+    │                                              ``too_many_concurrent_uploads`` (per user)
     └── ProviderError (callbacks)             502  RetryableProviderError, ProviderRateLimited,
         │                                          PermanentProviderError
+        ├── InvalidModel                      422  a model name outside its adapter's grammar
         └── WebhookRejected                   401
             └── code ``malformed_body``       400  correctly signed, but not a delivery
 
@@ -46,9 +52,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from callbacks.errors import ProviderError, WebhookRejected
+from callbacks.errors import InvalidModel, ProviderError, WebhookRejected
 from service.blobs.local import UrlRefused
-from service.media.errors import ImageTooLarge, UnsupportedImage
+from service.media.errors import ImageTooLarge, OverBudget, UnsupportedImage
 from service.media.fetch import FetchError
 from statemachine.errors import (
     BadRequest,
@@ -91,7 +97,8 @@ class UnsupportedMediaType(HooklineError):
 
 
 class RateLimited(HooklineError):
-    """Too many requests for one API key; ``retry_after_s``: how long to wait."""
+    """Too many requests (for one API key, from one address, at once for one user);
+    ``retry_after_s``: how long to wait."""
 
     code = "rate_limited"
 
@@ -110,6 +117,7 @@ HTTP_STATUS: Final[dict[ErrorKey, int]] = {
     MalformedRequest: 400,
     ImageTooLarge: 413,
     UnsupportedImage: 415,
+    OverBudget: 413,
     (FetchError, "url_too_large"): 413,
     NotFound: 404,
     Conflict: 409,
@@ -122,6 +130,7 @@ HTTP_STATUS: Final[dict[ErrorKey, int]] = {
     UnsupportedMediaType: 415,
     RateLimited: 429,
     ProviderError: 502,
+    InvalidModel: 422,  # the caller's model string, refused before any request: their input
     WebhookRejected: 401,
     # A correctly signed webhook whose body is not JSON (or not a delivery) is a malformed
     # request, not an authentication failure.

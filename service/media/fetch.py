@@ -16,14 +16,27 @@ certificate against it. A second resolution, which an attacker's DNS could answe
 never happens. (Connections are pooled per IP; a pooled TLS connection was verified for the name
 it was opened with — on a shared CDN IP that is the same server routing by ``Host``.)
 
-The body is streamed with a byte limit and the whole fetch, redirects included, has a time limit.
+**Bytes are counted as they arrive.** The body must be sent as it is: ``identity`` is asked for,
+and a response with any other ``Content-Encoding`` (gzip, deflate, br, zstd, stacked ones…) is
+refused before its body is read — a few hundred compressed bytes can expand to gigabytes, past any
+limit counted after decoding. The body is read raw (``aiter_raw``: never content-decoded), with a
+byte limit, and the whole fetch, redirects included, has a time limit.
+
+**Memory.** With a ``budget`` (service/media/budget.py, shared by the process's fetches and
+decodes) the body's bytes are reserved before it is read — its ``Content-Length``, or
+``max_bytes`` when it has none — and held while it is read; the caller accounts for the returned
+bytes from then on (it decodes them under the same budget). Without one, fetches are unbounded
+in number, as before.
+
 Errors are ``FetchError`` with a ``code`` and ``retryable`` (5xx, 429, timeouts, connection errors
-may succeed later; forbidden hosts, 4xx, oversized bodies and non-images will not).
+may succeed later; forbidden hosts, 4xx, encoded or oversized bodies and non-images will not);
+``OverBudget`` (service/media/errors.py) when ``max_bytes`` exceeds the whole budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -32,6 +45,7 @@ from typing import Any
 
 import httpx
 
+from service.media.budget import MemoryBudget
 from service.media.images import sniff_content_type
 from statemachine.errors import BadRequest
 
@@ -49,12 +63,14 @@ METADATA_ADDRESSES = frozenset(
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+_IDENTITY = frozenset({"", "identity"})
 
 
 class FetchError(BadRequest):
     """A URL that could not (or may not) be fetched. ``code``: ``url_invalid``, ``url_forbidden``,
-    ``url_unreachable``, ``url_timeout``, ``url_too_large``, ``too_many_redirects``,
-    ``http_status``, ``not_an_image``. ``retryable``: may the same fetch succeed later."""
+    ``url_unreachable``, ``url_timeout``, ``url_too_large``, ``unsupported_encoding``,
+    ``too_many_redirects``, ``http_status``, ``not_an_image``. ``retryable``: may the same fetch
+    succeed later."""
 
     code = "url_unreachable"
 
@@ -121,7 +137,8 @@ class SafeFetcher:
 
     ``http`` may be a shared client (its redirect setting is overridden per request); with None
     the fetcher makes its own, which ``aclose`` closes. ``allow_hosts`` entries are ``host`` (any
-    port) or ``host:port`` (``[v6]:port`` for IPv6 literals).
+    port) or ``host:port`` (``[v6]:port`` for IPv6 literals). ``budget``: the process's media
+    memory budget (None: unbounded).
     """
 
     def __init__(
@@ -133,6 +150,7 @@ class SafeFetcher:
         timeout_s: float,
         resolver: Resolver = system_resolver,
         max_redirects: int = 5,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._owns_client = http is None
         self._http = http or httpx.AsyncClient(
@@ -143,6 +161,7 @@ class SafeFetcher:
         self.timeout_s = timeout_s
         self._resolve = resolver
         self.max_redirects = max_redirects
+        self.budget = budget
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -179,6 +198,7 @@ class SafeFetcher:
                     current = target
                     continue
                 self._check_status(response)
+                self._check_encoding(response)
                 content_type = self._check_type(response, accept_image)
                 data = await self._read(response)
             finally:
@@ -290,6 +310,19 @@ class SafeFetcher:
         )
 
     @staticmethod
+    def _check_encoding(response: httpx.Response) -> None:
+        """Only a body sent as it is: its bytes on the wire are the bytes we get."""
+        header: str = response.headers.get("content-encoding", "")
+        codings = [c.strip().lower() for c in header.split(",")]
+        if any(c not in _IDENTITY for c in codings):
+            raise FetchError(
+                f"the URL answered with Content-Encoding {header.strip()!r}; only uncompressed "
+                "(identity) bodies are fetched",
+                code="unsupported_encoding",
+                details={"content_encoding": header.strip()},
+            )
+
+    @staticmethod
     def _check_type(response: httpx.Response, accept_image: bool) -> str:
         header: str = response.headers.get("content-type", "")
         content_type = header.split(";", 1)[0].strip().lower()
@@ -309,19 +342,31 @@ class SafeFetcher:
             code="url_too_large",
             details={"max_bytes": self.max_bytes},
         )
-        declared = response.headers.get("content-length", "")
+        declared = response.headers.get("content-length", "").strip()
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise too_large
-        chunks: list[bytes] = []
-        total = 0
+        expected = int(declared) if declared.isdigit() else self.max_bytes
+        if self.budget is None:
+            return await self._receive(response, too_large)
+        async with self.budget.hold(expected):
+            return await self._receive(response, too_large)
+
+    async def _receive(self, response: httpx.Response, too_large: FetchError) -> bytes:
+        """The body as it came over the wire (raw: never content-decoded), within max_bytes."""
+        body = io.BytesIO()  # grows in place; getvalue() hands its buffer over without a copy
         try:
-            async for chunk in response.aiter_bytes():
-                total += len(chunk)
-                if total > self.max_bytes:
+            async for chunk in response.aiter_raw():
+                if body.tell() + len(chunk) > self.max_bytes:
                     raise too_large
-                chunks.append(chunk)
+                body.write(chunk)
+        except httpx.StreamConsumed:
+            # A response built in memory (a mock transport) has no stream left to read; it
+            # was checked to carry no Content-Encoding, so its content is its raw body.
+            if len(response.content) > self.max_bytes:
+                raise too_large from None
+            return response.content
         except httpx.TransportError as exc:
             raise FetchError(
                 f"the body was cut off: {exc}", code="url_unreachable", retryable=True
             ) from exc
-        return b"".join(chunks)
+        return body.getvalue()

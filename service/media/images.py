@@ -4,6 +4,27 @@ Pure synchronous functions: callers run them in a thread (``asyncio.to_thread``)
 event loop. Every decode is bounded per call — bytes, then pixels read from the header before any
 pixel is decoded — without touching Pillow's process-wide ``Image.MAX_IMAGE_PIXELS``.
 
+**The pixel limit** (``DEFAULT_MAX_PIXELS``, ``HOOKLINE_MAX_IMAGE_PIXELS``) is 4096² ≈ 16.8 MP:
+an image is only ever used as a provider input, at most 2048 px on its longer side (``Limits`` in
+callbacks/), and twice that on each side leaves every provider a clean downscale. It bounds what
+one decode holds: Pillow keeps 8-bit colour in 4 bytes a pixel, so ≤ 64 MB of pixels.
+
+**JPEG decodes at a DCT scale** (Pillow's ``draft``: libjpeg decodes at 1/2, 1/4 or 1/8 size,
+skipping most of the work) where the result is smaller anyway:
+- a JPEG over the pixel limit (phones take 24–50 MP photos) is decoded at the smallest scale,
+  1/2 or 1/4, that brings it within the limit (``shrink=True``: uploads and provider inputs),
+  instead of being refused; other formats over the limit are refused, as they cannot be decoded
+  cheaply. An upload within the limit is decoded and stored exactly as before.
+- a JPEG the caller will downscale to fit ``fit`` px (``prepare_input``) is decoded at the
+  smallest scale that leaves at least twice the final size: ``Image.thumbnail``'s own rule
+  (``reducing_gap=2.0``). Its result differs from a full decode's far less than the JPEG encode
+  that follows does (tests/unit/test_images.py: ≥ 40 dB PSNR on a sharp, noisy image, 10 dB
+  better than that encode; ~55 dB on a smooth one).
+
+``plan_decode`` reads only the header and says what a decode will cost (``DecodePlan``:
+``peak_bytes``), so callers can reserve it in the media memory budget (service/media/budget.py)
+before decoding.
+
 Errors (service/media/errors.py; their HTTP statuses are service/http/errors.py's):
     InvalidImage       ``empty_body``, ``invalid_image`` (truncated, corrupt, not an image)
     ImageTooLarge      ``upload_too_large`` (bytes), ``image_too_large`` (pixels, bombs)
@@ -18,14 +39,20 @@ import io
 from dataclasses import dataclass
 from typing import Literal, overload
 
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from service.media.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_BYTES = 20_000_000
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = 4096 * 4096  # see the module docstring
 UPLOAD_JPEG_QUALITY = 92
+SHRINK_SCALES = (2, 4)  # the DCT scales a JPEG over the pixel limit may be decoded at
+DRAFT_GAP = 2.0  # a JPEG decoded for a downscale keeps >= this x the final size (thumbnail's)
+
+# PNG text chunks are decoded when the header is read, before any limit on pixels applies, and
+# hookline drops them anyway: hold at most this much of them (Pillow's default is 64 MB).
+PngImagePlugin.MAX_TEXT_MEMORY = 1_000_000
 
 CONTENT_TYPES: dict[str, str] = {
     "JPEG": "image/jpeg",
@@ -54,6 +81,10 @@ _OTHER_IMAGE_MAGIC: tuple[tuple[int, bytes], ...] = (
 )
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _ERR_INVALID = "invalid_image"
+# bytes per pixel as Pillow stores a mode (multi-band 8-bit modes take 4; the default)
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_NORMAL_MODES = frozenset({"L", "RGB", "RGBA"})
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: a phone's JPEG with extra frames after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +98,38 @@ class DecodedImage:
     format: str  # of ``data``: "JPEG" or "PNG"
     source_format: str  # sniffed from the input: one of ACCEPTED_FORMATS
     animated_first_frame: bool = False  # the input was animated; only frame 0 was kept
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """How an image will be decoded, read from its header alone (no pixel decoded yet)."""
+
+    source_format: str
+    mode: str
+    size: tuple[int, int]  # as the header declares it
+    scale: int  # the JPEG DCT scale it is decoded at; 1: full size
+    final_size: tuple[int, int]  # after the caller's downscale (``fit``), else the decoded size
+    converted: bool  # orientation, colour profile or mode: a full-size copy is made
+    data_bytes: int
+
+    @property
+    def decoded_size(self) -> tuple[int, int]:
+        width, height = self.size
+        return -(-width // self.scale), -(-height // self.scale)
+
+    @property
+    def peak_bytes(self) -> int:
+        """An upper estimate of the memory the decode holds at its peak: the input bytes, the
+        decoded pixels, then the larger of a converted copy, a downscale (its intermediate and
+        result) and the encoded output (never more than the raw pixels it encodes)."""
+        width, height = self.decoded_size
+        final_w, final_h = self.final_size
+        final = final_w * final_h * 4
+        decoded = width * height * _STORED_BYTES.get(self.mode, 4)
+        copy = width * height * 4 if self.converted else 0
+        downscale = final_w * height * 4 + final if self.final_size != (width, height) else 0
+        # the decoded pixels with a copy or a downscale; then the result and its encoding
+        return self.data_bytes + max(decoded + max(copy, downscale), final + final)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +154,11 @@ def decode_upload(
     is sniffed from the bytes and must be one of ACCEPTED_FORMATS. The EXIF orientation is
     applied, CMYK becomes RGB, 16-bit becomes 8-bit, metadata is dropped. Images with transparency
     keep it and are stored as PNG, the rest as JPEG (quality 92). Animated GIF/WebP: **only the
-    first frame is kept** (``animated_first_frame=True`` says so).
+    first frame is kept** (``animated_first_frame=True`` says so). A JPEG over ``max_pixels`` is
+    decoded at 1/2 or 1/4 size (see the module docstring); its width and height say so.
     """
-    if content_type is not None:
-        base = content_type.split(";", 1)[0].strip().lower()
-        if not base.startswith("image/"):
-            raise UnsupportedImage(
-                f"expected an image/* body, got {base or 'no type'!r}",
-                code="unsupported_media_type",
-            )
-    opened = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    check_content_type(content_type)
+    opened = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, shrink=True)
     img = opened.image
     fmt = "PNG" if img.mode == "RGBA" else "JPEG"
     return DecodedImage(
@@ -114,12 +172,77 @@ def decode_upload(
     )
 
 
-def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> OpenedImage:
+def check_content_type(content_type: str | None) -> None:
+    """``UnsupportedImage`` unless ``content_type`` is absent or ``image/*``."""
+    if content_type is None:
+        return
+    base = content_type.split(";", 1)[0].strip().lower()
+    if not base.startswith("image/"):
+        raise UnsupportedImage(
+            f"expected an image/* body, got {base or 'no type'!r}",
+            code="unsupported_media_type",
+        )
+
+
+def plan_decode(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fit: int | None = None,
+    shrink: bool = False,
+) -> DecodePlan:
+    """How ``open_image`` with the same arguments will decode ``data``, from its header alone:
+    the same refusals (bytes, format, pixels), and ``peak_bytes`` to reserve before decoding."""
+    return _plan(_checked_header(data, max_bytes), len(data), max_pixels, fit, shrink)
+
+
+def open_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    fit: int | None = None,
+    shrink: bool = False,
+) -> OpenedImage:
     """Decode untrusted bytes into an 8-bit L/RGB/RGBA image, within the given limits.
+
+    ``fit``: the caller will downscale the result to fit in ``fit`` x ``fit``, so a JPEG may be
+    decoded at a DCT scale still leaving twice that. ``shrink``: a JPEG over ``max_pixels`` is
+    decoded at the DCT scale (1/2, 1/4) that brings it within, instead of being refused.
 
     Never crashes on hostile input: every decoder failure is ``InvalidImage``, a size over the
     limits (or one Pillow calls a decompression bomb) is ``ImageTooLarge``.
     """
+    img = _checked_header(data, max_bytes)
+    plan = _plan(img, len(data), max_pixels, fit, shrink)
+    width, height = plan.size
+    animated = bool(getattr(img, "is_animated", False))
+    try:
+        if animated:
+            img.seek(0)
+        if plan.scale > 1:
+            img.draft(None, (width // plan.scale, height // plan.scale))
+            if img.width * img.height > max_pixels:  # a JPEG libjpeg would not scale
+                raise _too_large(width, height, max_pixels)
+        img.load()
+        img = _orient(img)
+        img = _to_8bit(img)
+        img.info = {}  # comments, EXIF, XMP, ICC: nothing of the source's metadata is re-encoded
+    except ImageTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _too_large(width, height, max_pixels) from exc
+    except MemoryError as exc:
+        raise _too_large(width, height, max_pixels) from exc
+    except Exception as exc:
+        # Decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError… on hostile
+        # input; all of them mean the same thing to the caller.
+        raise InvalidImage(f"the image could not be decoded: {exc}", code=_ERR_INVALID) from exc
+    return OpenedImage(image=img, source_format=plan.source_format, animated=animated)
+
+
+def _checked_header(data: bytes, max_bytes: int) -> Image.Image:
     if not data:
         raise InvalidImage("the body is empty", code="empty_body")
     if len(data) > max_bytes:
@@ -129,29 +252,55 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> OpenedImage:
             details={"bytes": len(data), "max_bytes": max_bytes},
         )
     img = _open_header(data)
-    source_format = str(img.format)
     width, height = img.size
     if width <= 0 or height <= 0:
         raise InvalidImage("image has no pixels", code=_ERR_INVALID)
+    return img
+
+
+def _plan(
+    img: Image.Image, data_bytes: int, max_pixels: int, fit: int | None, shrink: bool
+) -> DecodePlan:
+    """The DCT scale (JPEG only) and sizes of a decode; ``ImageTooLarge`` over the limit."""
+    width, height = img.size
+    jpeg = img.format in _JPEG_FORMATS
+    final = _fitted(img.size, fit)
+    scale = 1
+    if jpeg and final != img.size:
+        wanted_w, wanted_h = max(1, int(final[0] * DRAFT_GAP)), max(1, int(final[1] * DRAFT_GAP))
+        scale = _dct_scale(min(width // wanted_w, height // wanted_h))
     if width * height > max_pixels:
-        raise _too_large(width, height, max_pixels)
-    animated = bool(getattr(img, "is_animated", False))
-    try:
-        if animated:
-            img.seek(0)
-        img.load()
-        img = _orient(img)
-        img = _to_8bit(img)
-        img.info = {}  # comments, EXIF, XMP, ICC: nothing of the source's metadata is re-encoded
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _too_large(width, height, max_pixels) from exc
-    except MemoryError as exc:
-        raise _too_large(width, height, max_pixels) from exc
-    except Exception as exc:
-        # Decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError… on hostile
-        # input; all of them mean the same thing to the caller.
-        raise InvalidImage(f"the image could not be decoded: {exc}", code=_ERR_INVALID) from exc
-    return OpenedImage(image=img, source_format=source_format, animated=animated)
+        fitting = [s for s in SHRINK_SCALES if -(-width // s) * -(-height // s) <= max_pixels]
+        if not (jpeg and shrink and fitting):
+            raise _too_large(width, height, max_pixels, shrinkable=shrink)
+        scale = max(scale, fitting[0])
+    decoded = -(-width // scale), -(-height // scale)
+    info = img.info
+    converted = img.mode not in _NORMAL_MODES or "exif" in info or "icc_profile" in info
+    return DecodePlan(
+        source_format=str(img.format),
+        mode=img.mode,
+        size=(width, height),
+        scale=scale,
+        final_size=_fitted(decoded, fit),
+        converted=converted,
+        data_bytes=data_bytes,
+    )
+
+
+def _fitted(size: tuple[int, int], fit: int | None) -> tuple[int, int]:
+    """``size`` scaled down to fit in ``fit`` x ``fit``, aspect kept (as ``Image.thumbnail``)."""
+    width, height = size
+    if fit is None or max(width, height) <= fit:
+        return size
+    if width >= height:
+        return fit, max(1, round(height * fit / width))
+    return max(1, round(width * fit / height)), fit
+
+
+def _dct_scale(ratio: int) -> int:
+    """The largest DCT scale libjpeg decodes at (1, 2, 4, 8) that is at most ``ratio``."""
+    return next(s for s in (8, 4, 2, 1) if s <= max(ratio, 1))
 
 
 def _open_header(data: bytes) -> Image.Image:
@@ -172,9 +321,17 @@ def _open_header(data: bytes) -> Image.Image:
         raise InvalidImage(f"the image header is invalid: {exc}", code=_ERR_INVALID) from exc
 
 
-def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLarge:
+def _too_large(
+    width: int, height: int, max_pixels: int, *, shrinkable: bool = False
+) -> ImageTooLarge:
+    hint = (
+        f" (a JPEG of up to {SHRINK_SCALES[-1] ** 2} times that is decoded at a smaller scale;"
+        " resize other formats)"
+        if shrinkable
+        else ""
+    )
     return ImageTooLarge(
-        f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}",
+        f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}{hint}",
         code="image_too_large",
         details={"width": width, "height": height, "max_pixels": max_pixels},
     )
@@ -300,10 +457,11 @@ def prepare_input(
 ) -> bytes | str:
     """An input image as a provider accepts it: at most ``max_side`` on its longer side (aspect
     kept, never upscaled), in one of ``formats`` (PNG/WEBP preferred when there is alpha, else
-    JPEG), without metadata; as bytes, or as a ``data:`` URI when ``data_uri``."""
+    JPEG), without metadata; as bytes, or as a ``data:`` URI when ``data_uri``. A large JPEG is
+    decoded at a DCT scale (``plan_decode(data, fit=max_side, shrink=True)`` says which)."""
     if max_side < 1:
         raise ValueError("max_side must be >= 1")
-    opened = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    opened = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, fit=max_side, shrink=True)
     img = opened.image
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)

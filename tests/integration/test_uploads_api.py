@@ -4,6 +4,7 @@ leaves the blob directory exactly as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import zlib
@@ -286,3 +287,61 @@ async def test_upload_without_a_valid_key_is_401(
     )
     assert_error(r, 401, code)
     assert blob_files(blob_root(hl)) == before
+
+
+# --- large JPEGs and concurrent uploads -----------------------------------------------------------
+
+
+async def test_a_jpeg_over_the_pixel_limit_is_stored_at_a_smaller_scale(tmp_path: Path) -> None:
+    """A phone photo over the limit is not refused: it is decoded at 1/2 (or 1/4) size."""
+    async with running_hookline(tmp_path, max_image_pixels=40_000) as hl:
+        key = await hl.create_user("alice", 100)
+        photo = encoded(Image.effect_noise((400, 300), 40).convert("RGB"), "JPEG")
+        body = assert_created(await upload(hl, key, photo, "image/jpeg"), 200, 150, "image/jpeg")
+        with Image.open(blob_root(hl) / body["key"]) as img:
+            assert img.size == (200, 150)
+
+
+def slow_body(data: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:
+    """The first half of ``data`` at once, the rest once ``release`` is set."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield data[: len(data) // 2]
+        await release.wait()
+        yield data[len(data) // 2 :]
+
+    return chunks()
+
+
+async def test_a_users_uploads_beyond_the_cap_are_429_and_other_users_are_unaffected(
+    tmp_path: Path,
+) -> None:
+    async with running_hookline(tmp_path, upload_decodes_per_user=2) as hl:
+        alice = await hl.create_user("alice", 100)
+        bob = await hl.create_user("bob", 100)
+        image = ACCEPTED["jpeg"][0]
+        release = asyncio.Event()
+        running = [
+            asyncio.create_task(upload(hl, alice, slow_body(image, release), "image/jpeg"))
+            for _ in range(2)
+        ]
+
+        def held() -> int:
+            """Alice's uploads under way, as the server counts them."""
+            guards = getattr(hl.app.state, "hookline_guards", None)
+            return 0 if guards is None else int(guards.uploads.held("alice"))
+
+        async with asyncio.timeout(30):  # a bound against hangs, not a measurement
+            while held() < 2:
+                await asyncio.sleep(0.01)
+        before = blob_files(blob_root(hl))
+        r = await upload(hl, alice, image, "image/jpeg")
+        error = assert_error(r, 429, "too_many_concurrent_uploads")
+        assert int(r.headers["retry-after"]) >= 1 and error["details"]["retry_after_s"] > 0
+        assert blob_files(blob_root(hl)) == before
+        assert (await upload(hl, bob, image, "image/jpeg")).status_code == 201
+        release.set()
+        for done in running:
+            assert (await done).status_code == 201
+        assert held() == 0
+        assert (await upload(hl, alice, image, "image/jpeg")).status_code == 201

@@ -16,6 +16,8 @@ import callbacks
 import service
 import statemachine
 from callbacks.errors import (
+    InvalidJobId,
+    InvalidModel,
     PermanentProviderError,
     ProviderError,
     ProviderRateLimited,
@@ -33,7 +35,7 @@ from service.http.errors import (
     hookline_error,
     http_status,
 )
-from service.media.errors import ImageTooLarge, InvalidImage, UnsupportedImage
+from service.media.errors import ImageTooLarge, InvalidImage, OverBudget, UnsupportedImage
 from service.media.fetch import FetchError
 from statemachine.errors import (
     BadRequest,
@@ -81,6 +83,10 @@ STATUSES: list[tuple[HooklineError, int]] = [
     (WebhookRejected("token", code="bad_token"), 401),
     (WebhookRejected("headers", code="missing_headers"), 401),
     (WebhookRejected("not JSON", code="malformed_body"), 400),
+    (InvalidModel("../../v1/credits"), 422),
+    (InvalidJobId("../x"), 502),
+    (WebhookRejected("another fal account", code="wrong_account"), 401),
+    (OverBudget("over the budget"), 413),
 ]
 
 

@@ -6,11 +6,14 @@ reaches the internet: public names resolve through a fake resolver to a mock tra
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import io
 import ipaddress
 import socket
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,6 +22,8 @@ import pytest
 from PIL import Image
 
 from service.http.errors import http_status
+from service.media.budget import MemoryBudget
+from service.media.errors import OverBudget
 from service.media.fetch import FetchError, SafeFetcher, is_public_address
 
 PUBLIC_IP = "93.184.215.14"
@@ -31,6 +36,7 @@ def png_bytes() -> bytes:
 
 
 PNG = png_bytes()
+BOMB = gzip.compress(PNG + b"\0" * 20_000_000, compresslevel=9, mtime=0)
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Server:
     port: int
     seen: list[dict[str, str]] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    body_release: threading.Event = field(default_factory=threading.Event)
 
     @property
     def base(self) -> str:
@@ -53,6 +60,18 @@ def start_server(routes: dict[str, tuple[int, dict[str, str], bytes]]) -> Iterat
             server.seen.append({"path": self.path, **dict(self.headers.items())})
             if self.path == "/slow":
                 server.release.wait(10)
+            if self.path == "/stalled-body":
+                # headers and half the body, then the rest once the test lets it go
+                body = PNG + b"\0" * 20_000
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:10_000])
+                self.wfile.flush()
+                server.body_release.wait(10)
+                self.wfile.write(body[10_000:])
+                return
             if self.path == "/chunked-big":
                 # HTTP/1.0 style: no Content-Length, the body ends when the connection closes
                 self.send_response(200)
@@ -89,6 +108,7 @@ def start_server(routes: dict[str, tuple[int, dict[str, str], bytes]]) -> Iterat
         yield server
     finally:
         server.release.set()
+        server.body_release.set()
         httpd.shutdown()
         httpd.server_close()
 
@@ -118,6 +138,18 @@ def server(other: Server) -> Iterator[Server]:
             "/to-metadata": (307, {"Location": "http://169.254.169.254/latest/"}, b""),
             "/to-other": (302, {"Location": f"http://127.0.0.1:{other.port}/echo.png"}, b""),
             "/loop": (302, {"Location": "/loop"}, b""),
+            # 20 MB of zeros in ~20 KB: past any limit once decoded
+            "/gzip-bomb": (200, {"Content-Type": "image/png", "Content-Encoding": "gzip"}, BOMB),
+            "/gzip-image": (
+                200,
+                {"Content-Type": "image/png", "Content-Encoding": "gzip"},
+                gzip.compress(PNG, mtime=0),
+            ),
+            "/identity.png": (
+                200,
+                {"Content-Type": "image/png", "Content-Encoding": "identity"},
+                PNG,
+            ),
         }
     )
 
@@ -365,3 +397,121 @@ async def test_connection_refused_is_retryable() -> None:
         port = sock.getsockname()[1]
     fetch = fetcher({f"127.0.0.1:{port}"})
     await expect(fetch, f"http://127.0.0.1:{port}/a.png", "url_unreachable", retryable=True)
+
+
+# -- content encodings: the bytes counted are the bytes received ---------------------------------
+
+
+async def test_a_gzip_bomb_is_refused_before_its_body_is_read(server: Server) -> None:
+    assert len(BOMB) < 50_000
+    fetch = fetcher(allow(server), max_bytes=100_000)
+    err = await expect(fetch, f"{server.base}/gzip-bomb", "unsupported_encoding")
+    assert err.details == {"content_encoding": "gzip"}
+    assert http_status(err) == 422
+    assert server.seen[-1]["Accept-Encoding"] == "identity"
+
+
+async def test_an_encoded_body_is_refused_even_when_it_would_fit(server: Server) -> None:
+    """A gzip'ed image that would decode within the limit is still refused: the limit is on the
+    bytes received, and only bodies sent as they are can be counted that way."""
+    await expect(fetcher(allow(server)), f"{server.base}/gzip-image", "unsupported_encoding")
+
+
+async def test_identity_is_the_one_accepted_encoding(server: Server) -> None:
+    result = await fetcher(allow(server)).fetch(f"{server.base}/identity.png")
+    assert result.data == PNG
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body that records whether anyone started reading it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.read = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.read = True
+        yield self.data
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("gzip", gzip.compress(PNG, mtime=0)),
+        ("x-gzip", gzip.compress(PNG, mtime=0)),
+        ("deflate", zlib.compress(PNG)),
+        ("br", b"\x0b\x02\x80hello\x03"),
+        ("zstd", b"\x28\xb5\x2f\xfd\x00\x58\x29\x00\x00hello"),
+        ("compress", b"\x1f\x9d\x90hello"),
+        ("gzip, gzip", gzip.compress(gzip.compress(PNG, mtime=0), mtime=0)),
+        ("identity, gzip", gzip.compress(PNG, mtime=0)),
+        ("GZIP", gzip.compress(PNG, mtime=0)),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "body",
+)
+async def test_every_content_encoding_but_identity_is_refused_unread(
+    encoding: str, body: bytes
+) -> None:
+    streams: list[_Body] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        streams.append(_Body(body))
+        headers = {"Content-Type": "image/png", "Content-Encoding": encoding}
+        return httpx.Response(200, headers=headers, stream=streams[-1])
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    resolver = fake_resolver({"images.example": [PUBLIC_IP]})
+    fetch = SafeFetcher(http, max_bytes=10_000, timeout_s=5, resolver=resolver)
+    await expect(fetch, "https://images.example/a.png", "unsupported_encoding")
+    assert streams and not streams[0].read
+
+
+# -- the memory budget ---------------------------------------------------------------------------
+
+
+async def until(condition: object, what: str) -> None:
+    """Wait for ``condition()`` (a bound against hangs, not a measurement)."""
+    for _ in range(1000):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_a_body_holds_its_length_in_the_budget_and_a_second_waits_for_it(
+    server: Server,
+) -> None:
+    size = len(PNG) + 20_000
+    budget = MemoryBudget(30_000)
+    fetch = SafeFetcher(
+        None, allow_hosts=allow(server), max_bytes=100_000, timeout_s=10, budget=budget
+    )
+    server.body_release.clear()
+    try:
+        first = asyncio.get_running_loop().create_task(fetch.fetch(f"{server.base}/stalled-body"))
+        await until(lambda: budget.held == size, "the first body's bytes are held")
+        second = asyncio.get_running_loop().create_task(fetch.fetch(f"{server.base}/big.png"))
+        await until(lambda: budget.waiting == 1, "the second fetch waits for memory")
+        assert not second.done()
+        server.body_release.set()
+        assert (await first).data == PNG + b"\0" * 20_000
+        assert len((await second).data) == size
+        assert (budget.held, budget.waiting) == (0, 0)
+    finally:
+        server.body_release.set()
+        await fetch.aclose()
+
+
+async def test_a_body_without_a_length_holds_max_bytes(server: Server) -> None:
+    """No Content-Length: all of ``max_bytes`` is reserved — over the whole budget, refused."""
+    fetch = SafeFetcher(
+        None,
+        allow_hosts=allow(server),
+        max_bytes=100_000,
+        timeout_s=10,
+        budget=MemoryBudget(50_000),
+    )
+    with pytest.raises(OverBudget):
+        await fetch.fetch(f"{server.base}/chunked-big")
+    assert len((await fetch.fetch(f"{server.base}/image.png")).data) == len(PNG)
+    await fetch.aclose()
