@@ -7,7 +7,8 @@ one place apart from HTTP, so the app, the CLI, benches and tests build the same
     await runtime.close()     stop the loops, let running steps finish, close what was opened
 
 Roles (``HOOKLINE_ROLES``): ``dispatcher`` runs the change-feed watcher that starts steps,
-``reaper`` the deadline-index backstop; either builds the step runner. Without both a process runs
+``reaper`` the deadline-index backstop and the retention pass (old feed events and delivery
+records pruned in bounded batches); either builds the step runner. Without both a process runs
 no step at all (``--roles api``). Every process runs the live watchers (SSE fan-out, metrics).
 """
 
@@ -32,6 +33,7 @@ from service.background import Background
 from service.blobs.base import BlobStore
 from service.blobs.local import LocalBlobStore, load_or_create_secret
 from service.blobs.s3 import S3BlobStore, split_endpoint
+from service.media.budget import MemoryBudget
 from service.media.fetch import SafeFetcher
 from service.media.watermark import WatermarkConfig
 from service.ops.live import live_watchers
@@ -51,6 +53,7 @@ from statemachine.feed import Broadcaster, Watcher
 from statemachine.mongo_feed import MongoChangeFeed
 from statemachine.mongo_store import MongoStore
 from statemachine.reaper import Reaper
+from statemachine.retention import Retention
 from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import State
@@ -84,6 +87,7 @@ class Runtime:
     input_fetcher: SafeFetcher
     output_fetchers: dict[str, SafeFetcher]
     runner: StepRunner | None
+    media_budget: MemoryBudget
     simulator: Simulator | None = None
     now: Callable[[], float] = clock.now
     _loops: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -111,6 +115,14 @@ class Runtime:
                 self.store, backstop, interval_s=settings.reaper_interval_s, now=self.now
             )
             loops.append(("reaper", reaper.run()))
+            retention = Retention(
+                self.store,
+                feed_retention_s=settings.feed_retention_s,
+                deliveries_retention_s=settings.deliveries_retention_s,
+                batch=settings.prune_batch,
+                now=self.now,
+            )
+            loops.append(("retention", _after(opener, retention.run())))
         for name, watch in live_watchers(self.feed, self.store, self.broadcaster, self.metrics):
             loops.append((name, watch))
         self._loops = [asyncio.create_task(coro, name=name) for name, coro in loops]
@@ -155,6 +167,7 @@ def build_runtime(
     providers: dict[str, Provider] | None = None,
     input_fetcher: SafeFetcher | None = None,
     output_fetchers: dict[str, SafeFetcher] | None = None,
+    media_budget: MemoryBudget | None = None,
     now: Callable[[], float] = clock.now,
     rng: random.Random | None = None,
     owner: str | None = None,
@@ -199,15 +212,20 @@ def build_runtime(
         sse_clients=lambda: broadcaster.count,
     )
     receiver.on_rejected = metrics.on_webhook_rejected
+    # one budget of bytes for every image fetch and decode of the process
+    media_budget = media_budget or MemoryBudget(settings.media_memory_budget_bytes)
     if input_fetcher is None:
         input_fetcher = SafeFetcher(
             http,
             allow_hosts=settings.input_host_set(),
             max_bytes=settings.max_upload_bytes,
             timeout_s=INPUT_FETCH_TIMEOUT_S,
+            budget=media_budget,
         )
     if output_fetchers is None:
-        output_fetchers = build_output_fetchers(settings, http, list(providers))
+        output_fetchers = build_output_fetchers(
+            settings, http, list(providers), budget=media_budget
+        )
     runner = None
     if settings.role_set() & {"dispatcher", "reaper"}:
         runner = _build_runner(
@@ -220,6 +238,7 @@ def build_runtime(
             outcomes=outcomes,
             input_fetcher=input_fetcher,
             output_fetchers=output_fetchers,
+            media_budget=media_budget,
             now=now,
             rng=rng,
             owner=owner or f"{socket.gethostname()}:{os.getpid()}",
@@ -241,6 +260,7 @@ def build_runtime(
         input_fetcher=input_fetcher,
         output_fetchers=output_fetchers,
         runner=runner,
+        media_budget=media_budget,
         simulator=simulator,
         now=now,
     )
@@ -257,6 +277,7 @@ def _build_runner(
     outcomes: OutcomeApplier,
     input_fetcher: SafeFetcher,
     output_fetchers: dict[str, SafeFetcher],
+    media_budget: MemoryBudget,
     now: Callable[[], float],
     rng: random.Random,
     owner: str,
@@ -271,6 +292,8 @@ def _build_runner(
         input_fetcher,
         public_url=settings.public_url,
         provider_concurrency=settings.provider_concurrency,
+        user_concurrency=settings.user_concurrency_limit(),
+        budget=media_budget,
         rng=rng,
     )
     watermarking = WatermarkingStep(
@@ -281,6 +304,7 @@ def _build_runner(
         output_fetchers,
         WatermarkConfig.from_settings(settings),
         public_fetcher=input_fetcher,
+        budget=media_budget,
         rng=rng,
     )
     return StepRunner(
@@ -360,7 +384,11 @@ def build_blob_store(settings: Settings) -> BlobStore:
 
 
 def build_output_fetchers(
-    settings: Settings, http: httpx.AsyncClient, names: list[str]
+    settings: Settings,
+    http: httpx.AsyncClient,
+    names: list[str],
+    *,
+    budget: MemoryBudget | None = None,
 ) -> dict[str, SafeFetcher]:
     """One SSRF-safe fetcher per provider, allowed the provider's output hosts."""
     fetchers: dict[str, SafeFetcher] = {}
@@ -370,7 +398,11 @@ def build_output_fetchers(
         if name == "sim":
             hosts.add(_host_port(settings.public_url))
         fetchers[name] = SafeFetcher(
-            http, allow_hosts=hosts, max_bytes=OUTPUT_MAX_BYTES, timeout_s=OUTPUT_FETCH_TIMEOUT_S
+            http,
+            allow_hosts=hosts,
+            max_bytes=OUTPUT_MAX_BYTES,
+            timeout_s=OUTPUT_FETCH_TIMEOUT_S,
+            budget=budget,
         )
     return fetchers
 

@@ -121,7 +121,9 @@ class Settings(BaseSettings):
     # HTTP edges
     max_body_bytes: int = 1_000_000  # JSON bodies
     max_upload_bytes: int = 20_000_000
-    max_image_pixels: int = 40_000_000
+    # 4096²: twice the largest provider input on each side; JPEGs above it are decoded at 1/2 or
+    # 1/4 of their size (service/media/images.py), other formats are refused
+    max_image_pixels: int = 16_777_216
     # bytes that concurrent image fetches and decodes may hold at once (shared by the process)
     media_memory_budget_bytes: int = Field(default=256_000_000, gt=0)
     upload_decodes_per_user: int = Field(default=2, ge=1)  # concurrent upload decodes per user

@@ -85,7 +85,8 @@ def default_deadline(state: State, now: float, deadlines: Deadlines) -> float | 
 def apply(task: Task, transition: Transition, **changes: Any) -> Task:
     """The record after ``transition``: new state, deadline, history; version + 1.
 
-    The lease is dropped unless ``changes`` sets one. Entering failed/cancelled marks the task
+    The lease (and a processing step's provider slot) is dropped unless ``changes`` sets one.
+    Entering failed/cancelled marks the task
     refunded: the store writes the refund in the same compare-and-set, exactly once.
     """
     fields: dict[str, Any] = {
@@ -96,6 +97,7 @@ def apply(task: Task, transition: Transition, **changes: Any) -> Task:
         "history": (*task.history, transition.entry),
         "lease_owner": None,
         "lease_expires": None,
+        "holds_slot": False,  # in ai_processing the state itself is the provider slot
     }
     if transition.dest in REFUNDED_STATES:
         fields["refunded"] = True
@@ -109,13 +111,14 @@ def claim(task: Task, owner: str, now: float, lease_s: float) -> Task | None:
     Used to claim work in processing/watermarking; the deadline follows the lease. A live lease
     is exclusive even against its own owner: two coroutines of one process (the dispatcher and
     the reaper) must not both run a step. Extending one's own lease is ``renew``. Claiming over
-    a lease that expired unreleased counts a lost lease (``lost_leases``).
+    a lease that expired unreleased counts a lost lease (``lost_leases``); a claim holds no
+    provider slot until its step takes one (``holds_slot``).
     """
     if task.state not in LEASED_STATES and task.state is not State.PENDING:
         return None
     if task.lease_held(now):
         return None
-    claimed = _leased(task, owner, now, lease_s)
+    claimed = _leased(task, owner, now, lease_s).with_changes(holds_slot=False)
     if lease_lost(task, now):
         claimed = claimed.with_changes(lost_leases=task.lost_leases + 1)
     return claimed
@@ -146,13 +149,15 @@ def _leased(task: Task, owner: str, now: float, lease_s: float) -> Task:
 
 
 def release(task: Task, now: float, deadline: float) -> Task:
-    """The record with its lease dropped and a new deadline (work handed back)."""
+    """The record with its lease (and any provider slot) dropped and a new deadline (work handed
+    back)."""
     return task.with_changes(
         version=task.version + 1,
         updated_at=now,
         lease_owner=None,
         lease_expires=None,
         deadline=deadline,
+        holds_slot=False,
     )
 
 

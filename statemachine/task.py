@@ -115,6 +115,10 @@ class Task:
     step_retries: int = 0
     # Times the current step's worker died holding its lease (bounded: no poison loops).
     lost_leases: int = 0
+    # A processing task whose inputs are ready and which is submitting: it holds one of its
+    # provider's (and its owner's) slots, like every task in ai_processing. A processing task
+    # still preparing its inputs, or backing off, holds none.
+    holds_slot: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -164,6 +168,7 @@ class TaskDoc(TypedDict):
     early_outcome: dict[str, Any] | None
     step_retries: int
     lost_leases: int
+    holds_slot: bool
 
 
 def to_doc(task: Task) -> TaskDoc:
@@ -200,6 +205,7 @@ def to_doc(task: Task) -> TaskDoc:
         early_outcome=task.early_outcome,
         step_retries=task.step_retries,
         lost_leases=task.lost_leases,
+        holds_slot=task.holds_slot,
     )
 
 
@@ -256,4 +262,5 @@ def from_doc(doc: TaskDoc | dict[str, Any]) -> Task:
         early_outcome=doc.get("early_outcome"),
         step_retries=doc.get("step_retries", 0),
         lost_leases=doc.get("lost_leases", 0),
+        holds_slot=doc.get("holds_slot", False),
     )

@@ -27,6 +27,7 @@ PROVIDER_BUCKETS_S: Final = (0.5, 1, 2, 5, 10, 20, 30, 40, 60, 90, 120, 180, 300
 # Model names come from requests: beyond this many (provider, model) pairs they are "other", so
 # no client can grow the label set without bound.
 MAX_MODEL_LABELS: Final = 50
+MAX_USER_LABELS: Final = 20  # users shown by jobs in flight, the busiest first
 MAX_TRACKED_TASKS: Final = 200_000  # tasks whose current state is being timed
 OTHER: Final = "other"
 
@@ -49,6 +50,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.tasks = Gauge("hookline_tasks", "Tasks by state (all users).", ["state"], registry=r)
+        self.user_jobs = Gauge(
+            "hookline_user_jobs_in_flight",
+            f"Provider jobs in flight of the {MAX_USER_LABELS} users with the most.",
+            ["user"],
+            registry=r,
+        )
         self.transitions = Counter(
             "hookline_transitions",
             "State changes by event and new state.",
@@ -152,10 +159,15 @@ class Metrics:
     # --- scraping -------------------------------------------------------------------------------
 
     async def render(self) -> bytes:
-        """The exposition text; counts tasks by state in the store first."""
+        """The exposition text; counts tasks by state, and the busiest users' jobs in flight, in
+        the store first (users beyond the top ``MAX_USER_LABELS`` get no label: bounded)."""
         counts = await self._store.count_by_state(None)
         for state, n in counts.items():
             self.tasks.labels(state=state.value).set(n)
+        busiest = await self._store.active_by_owner(None, MAX_USER_LABELS)
+        self.user_jobs.clear()
+        for user, n in busiest.items():
+            self.user_jobs.labels(user=user[:64]).set(n)
         return generate_latest(self.registry)
 
 

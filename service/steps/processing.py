@@ -1,5 +1,8 @@
 """The processing step (pending/processing → ai_processing): prepare the inputs, render the prompt,
-submit the job with a callback URL, record the provider's job id.
+take a provider slot, submit the job with a callback URL, record the provider's job id.
+
+Inputs are fetched and checked before a slot is taken (``holds_slot``): a slow input holds no
+slot of its provider, and a user holds at most a fair share of them (``user_concurrency``).
 
 The job id is recorded by the same compare-and-set that moves the task to ``ai_processing``,
 guarded by the lease and the attempt, so a step that lost its lease while submitting cancels its
@@ -17,10 +20,11 @@ from typing import Any, Final
 import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
-from callbacks.provider import Outcome, Provider, Submission
+from callbacks.provider import Limits, Outcome, Provider, Submission
 from service.blobs.base import BlobStore
+from service.media.budget import MemoryBudget, run_within
 from service.media.fetch import FetchError, SafeFetcher
-from service.media.images import prepare_input, sniff_content_type
+from service.media.images import plan_decode, prepare_input, sniff_content_type
 from service.steps.outcomes import OutcomeApplier
 from service.steps.runner import Lease
 from service.styles import Catalogue
@@ -37,7 +41,8 @@ log = structlog.get_logger()
 
 SUBMIT_TRIES: Final = 3
 DATA_URI_MAX_BYTES: Final = 256_000
-QUEUE_RECHECK_S: Final = 1.0  # a pending task over its provider's limit is offered again after this
+QUEUE_RECHECK_S: Final = 1.0  # a task waiting for a slot of its provider is offered again after
+USER_RECHECK_S: Final = 5.0  # ... for a slot its owner may take: behind other users' tasks
 
 
 class ProcessingStep:
@@ -55,6 +60,8 @@ class ProcessingStep:
         *,
         public_url: str,
         provider_concurrency: int,
+        user_concurrency: int,
+        budget: MemoryBudget | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -66,28 +73,62 @@ class ProcessingStep:
         self.input_fetcher = input_fetcher
         self.public_url = public_url.rstrip("/")
         self.provider_concurrency = provider_concurrency
+        self.user_concurrency = user_concurrency
+        self.budget = budget  # shared by every fetch and decode of the process
+        # one slot check-and-take at a time per provider in this process: no overshoot here
+        self._slot_locks: dict[str, asyncio.Lock] = {}
         self.rng = rng or random.Random()
 
     async def ready(self, task: Task, now: float) -> bool:
-        """Not while a retry's backoff runs; a pending task waits while its provider is full."""
+        """Not while a retry's backoff runs; a pending task waits while no slot is free for it."""
         if task.state not in (State.PENDING, State.PROCESSING):
             return False
         backing_off = task.deadline is not None and task.deadline > now
         if task.state is State.PROCESSING and not task.lease_held(now) and backing_off:
             return False  # the dispatcher's timer or the reaper comes back at the deadline
-        return not (task.state is State.PENDING and await self._provider_full(task, now))
-
-    async def _provider_full(self, task: Task, now: float) -> bool:
-        """True if the task's provider has its limit of jobs in flight; the task then stays
-        pending with a near deadline, so the reaper offers it again (oldest deadline first).
-
-        Counted in the store, so the cap holds across processes, give or take tasks started in
-        the same instant by two processes."""
-        limit = self.provider_concurrency
-        if limit <= 0 or await self.store.count_active(task.provider) < limit:
+        if task.state is State.PENDING and (wait := await self._no_slot(task)) is not None:
+            await lifecycle.update(self.store, task, now, deadline=now + wait)
             return False
-        await lifecycle.update(self.store, task, now, deadline=now + QUEUE_RECHECK_S)
         return True
+
+    async def _no_slot(self, task: Task) -> float | None:
+        """How long the task should wait before it is offered again, or None when a slot is
+        free: its provider's (``provider_concurrency`` jobs in flight) and its owner's share of
+        them (``user_concurrency``), so one user's backlog cannot hold every slot. A task over its
+        owner's share waits longer than one waiting for the provider, behind other users' tasks.
+
+        Counted in the store (jobs in ai_processing, and processing tasks that took a slot), so
+        the caps hold across processes, give or take tasks that take a slot in the same instant in
+        two processes."""
+        if self.provider_concurrency <= 0:
+            return None
+        if await self.store.count_active(task.provider) >= self.provider_concurrency:
+            return QUEUE_RECHECK_S
+        mine = await self.store.count_active(task.provider, task.owner)
+        if self.user_concurrency > 0 and mine >= self.user_concurrency:
+            return USER_RECHECK_S
+        return None
+
+    async def _take_slot(self, lease: Lease) -> bool:
+        """With the inputs ready, take a provider slot for the submit, or hand the task back to
+        wait for one (slow inputs never hold a slot). The check and the take are one step per
+        provider in this process; across processes, two may take the last slot in one instant."""
+        task = lease.task
+        lock = self._slot_locks.setdefault(task.provider, asyncio.Lock())
+        async with lock:
+            wait = await self._no_slot(task)
+            if wait is None:
+                now = self.outcomes.now()
+
+                def taken(t: Task) -> Task | lifecycle.Refused:
+                    if not lease.holds(t) or t.state is not State.PROCESSING:
+                        return lifecycle.Refused(t, "the lease is no longer held")
+                    return t.with_changes(version=t.version + 1, updated_at=now, holds_slot=True)
+
+                result = await lifecycle.race(self.store, task.id, taken)
+                return not isinstance(result, lifecycle.Refused)
+        await lease.runner.hand_back(lease, "no provider slot", delay_s=wait, counted=False)
+        return False
 
     async def run(self, lease: Lease) -> None:
         claimed = lease.task
@@ -101,6 +142,8 @@ class ProcessingStep:
             return
         try:
             submission = await self._submission(claimed, provider)
+            if not await self._take_slot(lease):
+                return
             job_id = await self._submit(provider, submission)
         except FetchError as exc:
             code = "input_unavailable" if exc.retryable else exc.code
@@ -148,11 +191,12 @@ class ProcessingStep:
             fetched = await self.input_fetcher.fetch(item["url"])
             data = fetched.data
         limits = provider.limits
-        prepared = await asyncio.to_thread(
-            prepare_input, data, max_side=limits.max_side, formats=limits.formats, data_uri=False
-        )
+        prepared = await self._prepare(data, limits)
         if limits.accepts_data_uri and len(prepared) <= DATA_URI_MAX_BYTES:
-            return await asyncio.to_thread(
+            plan = await asyncio.to_thread(plan_decode, prepared, fit=limits.max_side)
+            return await run_within(
+                self.budget,
+                plan.peak_bytes,
                 prepare_input,
                 prepared,
                 max_side=limits.max_side,
@@ -162,6 +206,19 @@ class ProcessingStep:
         key = f"inputs/{task.id}/{index}"
         await self.blobs.put(key, prepared, sniff_content_type(prepared) or "image/jpeg")
         return await self.blobs.url(key, int(self.timings.for_task(task).ai_hard_cap_s))
+
+    async def _prepare(self, data: bytes, limits: Limits) -> bytes:
+        """The input as the provider accepts it, decoded with its peak memory reserved."""
+        plan = await asyncio.to_thread(plan_decode, data, fit=limits.max_side, shrink=True)
+        return await run_within(
+            self.budget,
+            plan.peak_bytes,
+            prepare_input,
+            data,
+            max_side=limits.max_side,
+            formats=limits.formats,
+            data_uri=False,
+        )
 
     async def _submit(self, provider: Provider, submission: Submission) -> str:
         """Submit, retrying transient failures inside the step (honouring Retry-After)."""

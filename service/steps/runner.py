@@ -206,26 +206,37 @@ class StepRunner:
         else:
             await lease.failed(code or exc.code, exc.message, retryable=False)
 
-    async def hand_back(self, lease: Lease, reason: str) -> None:
-        """Give up the lease with a backoff as the task's deadline; the reaper runs the step again
-        then (the result may be paid for already: a flaky file host must not throw it away)."""
+    async def hand_back(
+        self, lease: Lease, reason: str, *, delay_s: float | None = None, counted: bool = True
+    ) -> bool:
+        """Give up the lease with a backoff (or ``delay_s``) as the task's deadline; the reaper runs
+        the step again then (the result may be paid for already: a flaky file host must not throw
+        it away). A ``counted`` hand-back spends one of the step's ``MAX_HAND_BACKS``; waiting
+        for a provider slot does not. False if the lease was no longer this runner's."""
         now = self.now()
-        delay = backoff_s(lease.task.step_retries + 1, self.retry_backoff_s, self.rng.random())
+        if delay_s is None:
+            delay_s = backoff_s(
+                lease.task.step_retries + 1, self.retry_backoff_s, self.rng.random()
+            )
+        wait = delay_s
 
         def released(task: Task) -> Task | lifecycle.Refused:
             if not lease.holds(task) or task.state is not lease.task.state:
                 return lifecycle.Refused(task, "the lease is no longer held")
-            handed = release(task, now, now + delay)
-            return handed.with_changes(step_retries=task.step_retries + 1)
+            handed = release(task, now, now + wait)
+            return handed.with_changes(step_retries=task.step_retries + 1) if counted else handed
 
         try:
             result = await lifecycle.race(
                 self.store, lease.task.id, released, tries=HAND_BACK_TRIES
             )
         except (Conflict, NotFound):
-            return  # the record keeps moving under us: the lease is not ours to give
-        if not isinstance(result, lifecycle.Refused):
-            log.warning("step_handed_back", reason=reason, retry_in_s=round(delay, 2))
+            return False  # the record keeps moving under us: the lease is not ours to give
+        if isinstance(result, lifecycle.Refused):
+            return False
+        if counted:
+            log.warning("step_handed_back", reason=reason, retry_in_s=round(wait, 2))
+        return True
 
     # --- stopping --------------------------------------------------------------------------------
 

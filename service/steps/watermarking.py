@@ -17,7 +17,9 @@ from typing import Final
 from callbacks.errors import ProviderError
 from callbacks.provider import Provider
 from service.blobs.base import BlobStore, output_key
+from service.media.budget import MemoryBudget, run_within
 from service.media.fetch import FetchError, SafeFetcher
+from service.media.images import plan_decode
 from service.media.watermark import WatermarkConfig, apply_watermark
 from service.steps.runner import Lease
 from service.timings import Timings
@@ -44,6 +46,7 @@ class WatermarkingStep:
         watermark: WatermarkConfig,
         *,
         public_fetcher: SafeFetcher,
+        budget: MemoryBudget | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -52,6 +55,7 @@ class WatermarkingStep:
         self.timings = timings
         self.output_fetchers = output_fetchers
         self.public_fetcher = public_fetcher  # for a provider with no output hosts of its own
+        self.budget = budget  # shared by every fetch and decode of the process
         self.watermark = watermark
         self.rng = rng or random.Random()
 
@@ -89,7 +93,11 @@ class WatermarkingStep:
         outputs: list[Output] = []
         for index, url in enumerate(task.provider_outputs):
             data = await self._download(task, provider, url, index)
-            rendered = await asyncio.to_thread(apply_watermark, data, self.watermark)
+            cfg = self.watermark
+            plan = await asyncio.to_thread(
+                plan_decode, data, max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels
+            )
+            rendered = await run_within(self.budget, plan.peak_bytes, apply_watermark, data, cfg)
             key = output_key(task.id, index, rendered.content_type.split("/")[-1])
             await self.blobs.put(key, rendered.data, rendered.content_type)
             outputs.append(Output(key, rendered.width, rendered.height, rendered.content_type))

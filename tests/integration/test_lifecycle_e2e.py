@@ -200,7 +200,8 @@ async def test_late_success_of_a_timed_out_attempt_is_adopted_once(tmp_path: Pat
 async def test_tasks_over_the_provider_limit_wait_pending_and_run_as_slots_free(
     tmp_path: Path,
 ) -> None:
-    async with running_hookline(tmp_path, provider_concurrency=2) as hl:
+    # one user may take every slot here (user_concurrency): this is about the provider's limit
+    async with running_hookline(tmp_path, provider_concurrency=2, user_concurrency=2) as hl:
         manual = await install_manual_provider(hl)
         key = await hl.create_user("alice", credits=100)
         ids = [(await hl.create_task(key, provider="manual"))["id"] for _ in range(4)]
@@ -208,7 +209,11 @@ async def test_tasks_over_the_provider_limit_wait_pending_and_run_as_slots_free(
             while len(manual.jobs) < 2:
                 await asyncio.sleep(0.01)
         counts = await hl.store.count_by_state(None)
-        assert counts[State.AI_PROCESSING] == 2 and counts[State.PENDING] == 2
+        # the two over the limit wait without a slot: pending, or processing with their inputs
+        # checked (issue 13: inputs are checked before a slot is taken)
+        assert counts[State.AI_PROCESSING] == 2
+        assert counts[State.PENDING] + counts[State.PROCESSING] == 2
+        assert await hl.store.count_active("manual") == 2 and len(manual.jobs) == 2
         for job_id in list(manual.jobs):
             manual.finish(job_id)
             await manual.deliver(job_id)
