@@ -7,6 +7,7 @@ output gets the same errors (service/media/errors.py) as a hostile upload.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -29,6 +30,7 @@ POSITIONS: tuple[Position, ...] = ("top-left", "top-right", "bottom-left", "bott
 
 _MEASURE_SIZE = 100  # font size at which text is measured before scaling to the target width
 _TILE_GAP = 0.5  # gap between tiles, as a fraction of the mark's size
+MARK_CACHE_SIZE = 64  # rendered marks kept per process, by (settings, image width, mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,7 @@ class RenderedImage:
 def apply_watermark(data: bytes, cfg: WatermarkConfig) -> RenderedImage:
     """Decode ``data`` (safely), mark it as ``cfg`` says, and encode it in ``cfg.output_format``."""
     img = open_image(data, max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels).image
-    mark = render_mark(cfg, img.width)
+    mark = _mark_for(cfg, img.width, img.mode)
     if mark is not None:
         spots = (
             _tile_positions(img.size, mark.size)
@@ -113,6 +115,31 @@ def apply_watermark(data: bytes, cfg: WatermarkConfig) -> RenderedImage:
         height=img.height,
         content_type=CONTENT_TYPES[cfg.output_format],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """A rendered mark ready to composite onto images of one mode: its pixels in that mode and
+    its alpha (for RGBA images, the RGBA mark itself)."""
+
+    colour: Image.Image
+    alpha: Image.Image
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.colour.size
+
+
+@functools.lru_cache(maxsize=MARK_CACHE_SIZE)
+def _mark_for(cfg: WatermarkConfig, image_width: int, mode: str) -> _Mark | None:
+    """The mark for images ``image_width`` wide in ``mode``, rendered once per (settings, width,
+    mode): outputs of one model come in a few sizes, and drawing text is the costly part. The
+    cached images are only ever read (composited from), never changed."""
+    mark = render_mark(cfg, image_width)
+    if mark is None:
+        return None
+    colour = mark if mode == "RGBA" else mark.convert(mode)
+    return _Mark(colour, mark.getchannel("A"))
 
 
 def render_mark(cfg: WatermarkConfig, image_width: int) -> Image.Image | None:
@@ -192,17 +219,17 @@ def _tile_positions(size: tuple[int, int], mark: tuple[int, int]) -> list[tuple[
     return positions
 
 
-def _blend(img: Image.Image, mark: Image.Image, spots: list[tuple[int, int]]) -> None:
+def _blend(img: Image.Image, mark: _Mark, spots: list[tuple[int, int]]) -> None:
     """Composite ``mark`` onto ``img`` in place at each spot, clipped to the image."""
     if img.mode == "RGBA":
+        width, height = mark.size
         for x, y in spots:
             left, top = max(0, x), max(0, y)
-            right, bottom = min(img.width, x + mark.width), min(img.height, y + mark.height)
+            right, bottom = min(img.width, x + width), min(img.height, y + height)
             if right > left and bottom > top:
-                piece = mark.crop((left - x, top - y, right - x, bottom - y))
+                piece = mark.colour.crop((left - x, top - y, right - x, bottom - y))
                 img.alpha_composite(piece, (left, top))
         return
     # RGB / L: paste through the mark's alpha (a blend), cheaper than an RGBA round trip.
-    colour, alpha = mark.convert(img.mode), mark.getchannel("A")
     for spot in spots:
-        img.paste(colour, spot, alpha)
+        img.paste(mark.colour, spot, mark.alpha)
