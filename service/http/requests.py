@@ -40,7 +40,10 @@ from statemachine.task import Task
 M = TypeVar("M", bound=BaseModel)
 
 MAX_FAILING_ADDRESSES: Final = 10_000  # addresses whose failed authentications are remembered
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string runs to its closing quote or, unterminated, to the end of the body: possessive and with
+# the closing quote optional, so no quote is ever scanned twice (a body of unterminated strings
+# would otherwise cost quadratic time).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _ALL_SQUARE = bytes.maketrans(b"{}", b"[]")
 

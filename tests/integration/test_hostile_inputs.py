@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from service.http.ratelimit import RateLimiter, client_address
-from service.http.requests import nests_deeper
+from service.http.requests import _JSON_STRING, nests_deeper
 from tests.integration.test_api import (
     account,
     all_tasks,
@@ -131,6 +131,19 @@ def test_the_depth_check_counts_arrays_and_objects_but_not_brackets_in_strings()
     assert nests_deeper(b"[{[{[{}]}]}]", 5)  # alternating kinds count one level each
     assert not nests_deeper(b"[{[{[{}]}]}]", 6)
     assert nests_deeper(b"[" * 100_000 + b"]" * 100_000, 32)
+
+
+def test_an_unterminated_string_is_blanked_to_the_end_so_no_quote_is_scanned_twice() -> None:
+    """A body of unterminated strings (``"\\"\\"\\"…``) once cost quadratic time: each quote
+    started a string that ran to the end, failed for want of a closing quote, and the scan began
+    again at the next quote (64 KB took 25 s of CPU). A string now ends at its closing quote or at
+    the end of the body, so one pass blanks it all."""
+    hostile = b'"' + b'\\"' * 32_000
+    match = _JSON_STRING.match(hostile)
+    assert match is not None and match.end() == len(hostile)
+    assert _JSON_STRING.sub(b"", b'[1, "a\\"b", "open [[[') == b"[1, , "
+    assert not nests_deeper(hostile, 400)
+    assert nests_deeper(b"[" * 401 + hostile, 400)
 
 
 # --- failed authentication, per client address ---------------------------------------------------
