@@ -67,6 +67,7 @@ BENCHES: tuple[Spec, ...] = (
     Spec("plots", "Task creation vs client concurrency", 50, 20, repeats=1),
     Spec("seed_compare", "The seed's architecture vs hookline", 270, 45, repeats=1),
     Spec("bench_hostile", "Hostile inputs: bombs, refused requests, large uploads", 90, 35),
+    Spec("bench_e2e", "End to end on the real path: starts, webhooks, image work", 150, 75, 1),
 )
 
 
@@ -125,6 +126,17 @@ GOALS: dict[str, dict[str, Goal]] = {
         "bomb_rss_growth_mb": Goal("≤", 50, "MB", "fetching 16 GiB bombs"),
         "bomb_pss_growth_mb": Goal("≤", 50, "MB"),
         "normal_task_after_bombs_completed": Goal("≥", 1, "", "the process survived"),
+    },
+    "bench_e2e": {
+        "starts_per_s": Goal("≥", 2500, "tasks/s", "POST /v1/tasks acked, 32 concurrent"),
+        "all_waiting_after_last_ack_s": Goal("≤", 2, "s", "all submitted and ai_processing"),
+        "completions_per_s": Goal("≥", 1000, "tasks/s", "download, watermark, store included"),
+        "callback_to_completed_p50_ms": Goal("≤", 50, "ms"),
+        "callback_to_completed_p99_ms": Goal("≤", 250, "ms"),
+        "pss_per_waiting_task_kib": Goal("≤", 4, "KiB", "hookline PSS growth"),
+        "hookline_cpu_ms_per_task": Goal("≤", 3, "ms", "hookline CPU, both phases"),
+        "tasks_not_completed": Goal("≤", 0, "tasks"),
+        "outputs_not_stored": Goal("≤", 0, "outputs", "every output watermarked and stored"),
     },
     "seed_compare": {
         "no_loss.hookline.first_try_success_rate": Goal("≥", 0.999, "%"),
