@@ -3,8 +3,9 @@
 Adapters live beside this module: ``local.LocalBlobStore`` (files under ``var/``, served by
 hookline through signed expiring URLs) and ``s3.S3BlobStore`` (S3 / MinIO via the ``minio``
 SDK); service/runtime.py picks one from ``HOOKLINE_BLOB_URL``. Keys are deterministic
-(``uploads/<owner>/<digest>.<ext>``, ``outputs/<task>/<n>.<ext>``) so a retried step overwrites
-what an earlier attempt wrote instead of leaving a second copy.
+(``uploads/<owner>/<digest>.<ext>``, ``outputs/<task>/<n>.<ext>``, ``derived/<variant>/<source>``)
+so a retried step overwrites what an earlier attempt wrote instead of leaving a second copy, and
+an upload is prepared for a provider once, not once per task.
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ def output_key(task_id: str, index: int, ext: str) -> str:
     if index < 0:
         raise InvalidBlobKey("output index must be >= 0", details=index)
     return f"outputs/{_segment(task_id, 'task id')}/{index}.{_extension(ext)}"
+
+
+def derived_key(source_key: str, variant: str, ext: str) -> str:
+    """``derived/<variant>/<source key>.<ext>``: the one prepared copy of a stored blob for a
+    ``variant`` (a provider's input limits, say); the same source and variant land on one key."""
+    stem = validate_key(source_key).rpartition(".")[0] or source_key
+    return validate_key(f"derived/{_segment(variant, 'variant')}/{stem}.{_extension(ext)}")
 
 
 def content_type_for_key(key: str) -> str:

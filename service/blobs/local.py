@@ -70,13 +70,13 @@ class LocalBlobStore:
 
     def _put_sync(self, path: Path, data: bytes) -> None:
         for attempt in range(3):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
+            try:  # the directory usually exists: it is made only when it does not
                 fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
                 break
             except FileNotFoundError:
                 if attempt == 2:  # a concurrent delete_prefix removed the emptied directory
                     raise
+                path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

@@ -228,6 +228,19 @@ class SafeFetcher:
             raise FetchError("only https URLs can be fetched from this host", code="url_forbidden")
         return parsed
 
+    def reachable_by_anyone(self, url: str) -> bool:
+        """Whether ``url`` is an https URL on a host not in ``allow_hosts`` (those may be private
+        or loopback, out of a provider's reach): a fetch of it checked that every address the
+        host resolves to is public."""
+        try:
+            parsed = httpx.URL(url)
+            literal = _parse_ip(_ascii_host(parsed))
+        except (httpx.InvalidURL, UnicodeError):
+            return False
+        if literal is not None and not is_public_address(literal):
+            return False
+        return parsed.scheme == "https" and bool(parsed.host) and not self._allowed(parsed)
+
     def _allowed(self, url: httpx.URL) -> bool:
         host = _ascii_host(url).rstrip(".")
         port = url.port or (443 if url.scheme == "https" else 80)

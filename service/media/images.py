@@ -197,6 +197,38 @@ def plan_decode(
     return _plan(_checked_header(data, max_bytes), len(data), max_pixels, fit, shrink)
 
 
+def conforms(
+    data: bytes,
+    *,
+    max_side: int,
+    formats: tuple[str, ...],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> bool:
+    """Whether ``data`` can go to a provider exactly as it is, judged from its header alone
+    (nothing decoded): a still image in one of ``formats``, at most ``max_side`` on its longer
+    side, in 8-bit L/RGB/RGBA, with no EXIF block (so no rotation and no camera metadata) and no
+    colour profile. What ``prepare_input`` would return for it is then only a re-encoding.
+    A header that cannot be read is not conforming (``prepare_input`` says why)."""
+    try:
+        img = _checked_header(data, max_bytes)
+    except (InvalidImage, ImageTooLarge, UnsupportedImage):
+        return False
+    info = img.info
+    return (
+        str(img.format) in {f.upper() for f in formats}
+        and max(img.size) <= max_side
+        and img.mode in _NORMAL_MODES
+        and "exif" not in info
+        and "icc_profile" not in info
+        and not getattr(img, "is_animated", False)
+    )
+
+
+def expected_format(mode: str, formats: tuple[str, ...]) -> str:
+    """The format ``prepare_input`` encodes a normalised image of ``mode`` in (L, RGB, RGBA)."""
+    return _pick_format(mode, tuple(f.upper() for f in formats))
+
+
 def open_image(
     data: bytes,
     *,
@@ -465,18 +497,18 @@ def prepare_input(
     img = opened.image
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    fmt = _pick_format(img, tuple(f.upper() for f in formats))
+    fmt = _pick_format(img.mode, tuple(f.upper() for f in formats))
     out = encode(img, fmt, UPLOAD_JPEG_QUALITY)
     if not data_uri:
         return out
     return f"data:{CONTENT_TYPES[fmt]};base64,{base64.b64encode(out).decode('ascii')}"
 
 
-def _pick_format(img: Image.Image, formats: tuple[str, ...]) -> str:
+def _pick_format(mode: str, formats: tuple[str, ...]) -> str:
     usable = [f for f in formats if f in ("JPEG", "PNG", "WEBP")]
     if not usable:
         raise ValueError(f"none of {formats} can be produced; use JPEG, PNG or WEBP")
-    preferred = ("PNG", "WEBP", "JPEG") if img.mode == "RGBA" else ("JPEG", "WEBP", "PNG")
+    preferred = ("PNG", "WEBP", "JPEG") if mode == "RGBA" else ("JPEG", "WEBP", "PNG")
     return next(f for f in preferred if f in usable)
 
 

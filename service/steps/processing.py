@@ -13,18 +13,27 @@ calling back from inside ``submit``) was deferred onto the task and is applied r
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import random
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
 from callbacks.provider import Limits, Outcome, Provider, Submission
-from service.blobs.base import BlobStore
+from service.blobs.base import BlobStore, derived_key
 from service.media.budget import MemoryBudget, run_within
 from service.media.fetch import FetchError, SafeFetcher
-from service.media.images import plan_decode, prepare_input, sniff_content_type
+from service.media.images import (
+    CONTENT_TYPES,
+    conforms,
+    expected_format,
+    plan_decode,
+    prepare_input,
+    sniff_content_type,
+)
 from service.steps.outcomes import OutcomeApplier
 from service.steps.runner import Lease
 from service.styles import Catalogue
@@ -32,7 +41,7 @@ from service.timings import Timings
 from statemachine import lifecycle
 from statemachine.attempts import attempt_of, open_attempt
 from statemachine.decide import backoff_s
-from statemachine.errors import HooklineError, StoreError, Unavailable
+from statemachine.errors import HooklineError, NotFound, StoreError, Unavailable
 from statemachine.states import Event, State
 from statemachine.store import TaskStore
 from statemachine.task import Task
@@ -77,6 +86,7 @@ class ProcessingStep:
         self.budget = budget  # shared by every fetch and decode of the process
         # one slot check-and-take at a time per provider in this process: no overshoot here
         self._slot_locks: dict[str, asyncio.Lock] = {}
+        self._preparing = KeyedLocks()  # one decode per derived input at a time
         self.rng = rng or random.Random()
 
     async def ready(self, task: Task, now: float) -> bool:
@@ -184,28 +194,45 @@ class ProcessingStep:
     async def _input_ref(
         self, task: Task, index: int, item: dict[str, str], provider: Provider
     ) -> str:
-        """A reference to the input the provider can use: a data URI or a signed URL."""
-        if "upload" in item:
-            data = await self.blobs.get(item["upload"])
-        else:
-            fetched = await self.input_fetcher.fetch(item["url"])
-            data = fetched.data
+        """A reference to the input the provider can use: a data URI, a signed URL of a stored
+        copy, or the user's own URL when what it serves already conforms to the provider's
+        limits (nothing decoded then)."""
         limits = provider.limits
-        prepared = await self._prepare(data, limits)
-        if limits.accepts_data_uri and len(prepared) <= DATA_URI_MAX_BYTES:
-            plan = await asyncio.to_thread(plan_decode, prepared, fit=limits.max_side)
-            return await run_within(
-                self.budget,
-                plan.peak_bytes,
-                prepare_input,
-                prepared,
-                max_side=limits.max_side,
-                formats=limits.formats,
-                data_uri=True,
-            )
-        key = f"inputs/{task.id}/{index}"
-        await self.blobs.put(key, prepared, sniff_content_type(prepared) or "image/jpeg")
+        if "upload" in item:
+            key, data = await self._upload_for(item["upload"], limits)
+        else:
+            url = item["url"]
+            fetched = await self.input_fetcher.fetch(url)
+            fits = await asyncio.to_thread(_conforms, fetched.data, limits)
+            if fits and fetched.final_url == url and self.input_fetcher.reachable_by_anyone(url):
+                return url  # the provider fetches it itself, as we just did
+            data = await self._prepare(fetched.data, limits)
+            key = f"inputs/{task.id}/{index}.{_extension(data)}"
+            await self.blobs.put(key, data, _content_type(data))
+        if limits.accepts_data_uri and len(data) <= DATA_URI_MAX_BYTES:
+            return f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
         return await self.blobs.url(key, int(self.timings.for_task(task).ai_hard_cap_s))
+
+    async def _upload_for(self, upload: str, limits: Limits) -> tuple[str, bytes]:
+        """An upload as the provider accepts it: the upload itself when it conforms (uploads are
+        normalised when they arrive: no metadata, upright), else its one prepared copy for these
+        limits (``derived/…``), made by the first task that needs it and reused by every other,
+        in this process and the next. Two tasks preparing the same copy at once in this process
+        wait for one decode; in two processes, both write the same bytes to the same key."""
+        data = await self.blobs.get(upload)
+        if await asyncio.to_thread(_conforms, data, limits):
+            return upload, data
+        plan = await asyncio.to_thread(plan_decode, data, fit=limits.max_side, shrink=True)
+        fmt = expected_format(plan.mode, limits.formats)
+        key = derived_key(upload, _variant(limits), CONTENT_TYPES[fmt].split("/")[-1])
+        async with self._preparing.hold(key):
+            try:
+                return key, await self.blobs.get(key)
+            except NotFound:
+                pass
+            prepared = await self._prepare(data, limits)
+            await self.blobs.put(key, prepared, _content_type(prepared))
+            return key, prepared
 
     async def _prepare(self, data: bytes, limits: Limits) -> bytes:
         """The input as the provider accepts it, decoded with its peak memory reserved."""
@@ -291,3 +318,41 @@ class ProcessingStep:
             guard=lambda t: lease.holds(t) and t.attempts == task.attempts,
         )
         return None if isinstance(result, lifecycle.Refused) else early
+
+
+def _conforms(data: bytes, limits: Limits) -> bool:
+    return conforms(data, max_side=limits.max_side, formats=limits.formats)
+
+
+def _variant(limits: Limits) -> str:
+    """The name of a provider's input limits in a derived key: ``2048-jpeg-png-webp``."""
+    return "-".join([str(limits.max_side), *(f.lower() for f in limits.formats)])
+
+
+def _content_type(data: bytes) -> str:
+    return sniff_content_type(data) or "image/jpeg"
+
+
+def _extension(data: bytes) -> str:
+    return _content_type(data).split("/")[-1]
+
+
+class KeyedLocks:
+    """One ``asyncio.Lock`` per key while anyone holds or waits for it (the table stays small)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
