@@ -48,6 +48,7 @@ from callbacks.http import (
     expect_object,
     model_input,
     output_urls,
+    parse_json,
     path_segments,
     request_json,
     url_path,
@@ -213,7 +214,7 @@ class BflProvider:
     async def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> Delivery:
         """A trigger: parse the id (and status, for the delivery id), return no outcome."""
         try:
-            parsed = json.loads(body)
+            parsed = parse_json(body)
         except (ValueError, RecursionError) as exc:  # too deep is malformed too
             raise WebhookRejected("body is not JSON", code="malformed_body") from exc
         job_id = parsed.get("id") if isinstance(parsed, dict) else None

@@ -48,6 +48,7 @@ from callbacks.http import (
     is_input_error,
     model_input,
     output_urls,
+    parse_json,
     path_segments,
     request_json,
     url_path,
@@ -317,7 +318,7 @@ def _any_key_verifies(keys: tuple[Ed25519PublicKey, ...], signature: bytes, mess
 
 def _parse_body(body: bytes, request_id: str) -> dict[str, Any]:
     try:
-        parsed = json.loads(body)
+        parsed = parse_json(body)
     except (ValueError, RecursionError) as exc:  # too deep is malformed too
         raise WebhookRejected("body is not JSON", code="malformed_body") from exc
     if not isinstance(parsed, dict) or parsed.get("status") not in ("OK", "ERROR"):

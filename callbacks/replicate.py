@@ -24,7 +24,6 @@ retryable failures.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,6 +45,7 @@ from callbacks.http import (
     is_input_error,
     model_input,
     output_urls,
+    parse_json,
     path_segments,
     request_json,
     url_path,
@@ -128,7 +128,7 @@ def prediction_outcome(prediction: Mapping[str, Any]) -> Outcome:
 def parse_prediction(body: bytes) -> dict[str, Any]:
     """A webhook body as a prediction object, or ``WebhookRejected(malformed_body)``."""
     try:
-        prediction = json.loads(body)
+        prediction = parse_json(body)
     except (ValueError, RecursionError) as exc:  # too deep is malformed too
         raise WebhookRejected("body is not JSON", code="malformed_body") from exc
     if not (

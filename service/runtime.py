@@ -320,6 +320,8 @@ def _build_runner(
         retry_backoff_s=timings.base.retry_backoff_s,
         max_lost_leases=settings.max_lost_leases,
         now=now,
+        concurrency=settings.step_concurrency,
+        backlog=settings.step_backlog,
         rng=rng,
     )
 

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     # a step whose worker dies (its lease expires unreleased) this many times fails the task
     # with a refund (``worker_lost``) instead of being run again: no poison loops
     max_lost_leases: int = Field(default=3, ge=1)
+    # steps (input preparation and submit, watermarking) running at once in one process; more
+    # offers wait as task ids in a backlog of at most step_backlog, beyond it in the store (the
+    # reaper finds them by their deadlines)
+    step_concurrency: int = Field(default=32, ge=1, le=10_000)
+    step_backlog: int = Field(default=10_000, ge=0, le=1_000_000)
     # Per provider or provider:model, as JSON, e.g.
     # {"replicate": {"ai_deadline_s": 300}, "fal:fal-ai/flux/dev": {"expected_latency_s": 20}}
     provider_timings: dict[str, ProviderTiming] = Field(default_factory=dict)

@@ -10,6 +10,12 @@ task fails (``worker_lost``), so an input that kills the process cannot loop for
 shutdown running steps get a grace period (a submit cut short would be paid for twice), then are
 cancelled.
 
+At most ``concurrency`` steps run at once (``HOOKLINE_STEP_CONCURRENCY``), each on a driver that
+takes the next task id from a bounded backlog when its step ends; an offer beyond the backlog
+(``HOOKLINE_STEP_BACKLOG``) is dropped, and the task waits in the store until the reaper finds it
+by its deadline. A burst of 2,000 creates is then 32 steps in flight and 1,968 ids, not 2,000
+steps each holding its inputs in memory.
+
 Who offers work: the dispatcher (the change feed) and the reaper (the backstop), nobody else; see
 service/steps/dispatcher.py.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -92,6 +99,7 @@ class StepRunner:
         max_lost_leases: int,
         now: Callable[[], float],
         concurrency: int = 32,
+        backlog: int = 10_000,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -103,19 +111,28 @@ class StepRunner:
         self.max_lost_leases = max_lost_leases
         self.now = now
         self.rng = rng or random.Random()
-        self.work = Background("step", concurrency)
+        self.concurrency = max(1, concurrency)
+        self.backlog_limit = backlog
+        self.work = Background("step")  # the drivers: at most ``concurrency`` of them
+        self._drivers = 0
+        # Task ids offered while every driver is busy, oldest first: a few dozen bytes each, no
+        # coroutine, no record. Beyond ``backlog`` an offer is dropped: the task waits in the
+        # store, where the reaper finds it by its deadline.
+        self._backlog: OrderedDict[str, None] = OrderedDict()
+        self.dropped = 0  # offers dropped on a full backlog (the reaper picks those tasks up)
         self._timers: set[asyncio.TimerHandle] = set()
         self._stepping: set[str] = set()  # tasks with a step running in this process
 
     @property
     def busy(self) -> int:
-        return self.work.busy
+        """Steps running and task ids waiting for a driver."""
+        return self._drivers + len(self._backlog)
 
     # --- being offered work ----------------------------------------------------------------------
 
     def start(self, task_id: str) -> None:
-        """Run the step the stored task needs, in the background, now."""
-        self.work.spawn(self.run(task_id))
+        """Run the step the stored task needs, in the background, as soon as a driver is free."""
+        self._enqueue(task_id, None)
 
     def start_at(self, when: float, task_id: str) -> None:
         """Run the step the task needs at ``when`` (after a retry's backoff). Timers are not
@@ -135,7 +152,38 @@ class StepRunner:
         """The reaper's way in: start the task's step in the background (unless this process is
         already running one for it) and return at once, so a slow step never holds up a pass."""
         if task.id not in self._stepping:
-            self.work.spawn(self.run(task.id, known=task))
+            self._enqueue(task.id, task)
+
+    def _enqueue(self, task_id: str, known: Task | None) -> None:
+        """Hand the task to a free driver, else to the backlog (by id: the record is read again
+        when its turn comes), else drop the offer: the task is safe in the store."""
+        if self.work.closing or task_id in self._backlog:
+            return
+        if self._drivers < self.concurrency:
+            self._drivers += 1
+            self.work.spawn(self._drive(task_id, known))
+        elif len(self._backlog) < self.backlog_limit:
+            self._backlog[task_id] = None
+        else:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning("step_backlog_full", backlog=self.backlog_limit, dropped=self.dropped)
+
+    async def _drive(self, task_id: str, known: Task | None) -> None:
+        """One driver: run the task's step, then the backlog's oldest, until the backlog is empty
+        (or the runner closes: what is left waits in the store)."""
+        try:
+            while True:
+                try:
+                    await self.run(task_id, known=known)
+                except Exception as exc:
+                    log.exception("step_crashed", task_id=task_id, error=repr(exc))
+                if not self._backlog or self.work.closing:
+                    return
+                task_id, _ = self._backlog.popitem(last=False)
+                known = None
+        finally:
+            self._drivers -= 1
 
     # --- running -------------------------------------------------------------------------------
 
@@ -248,6 +296,7 @@ class StepRunner:
         """Drop pending timers (the reaper finds those tasks), give running steps ``grace_s``,
         then cancel them."""
         self.work.closing = True
+        self._backlog.clear()  # the reaper finds those tasks by their deadlines
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()

@@ -97,8 +97,8 @@ class World:
     async def task(self, **changes: Any) -> Task:
         """A stored task with the given fields (default: pending, due in handoff_s)."""
         now = self.clock()
+        changes.setdefault("id", f"tsk_{len(self.later)}_{now}")
         task = make_task(
-            id=f"tsk_{len(self.later)}_{now}",
             now=now,
             provider="manual",
             prompt="a cat",
@@ -716,3 +716,32 @@ async def test_a_store_blip_does_not_stop_the_lease_heartbeat(
     finally:
         beat.cancel()
     assert not blips  # the blip happened, and a later beat still renewed the lease
+
+
+async def test_steps_beyond_the_concurrency_wait_as_ids_then_in_the_store(tmp_path: Path) -> None:
+    """Two steps at once, three task ids in the backlog; the other offers are dropped and those
+    tasks wait in the store until the reaper finds them by their deadlines."""
+    async with make_world(tmp_path, step_concurrency=2, step_backlog=3) as w:
+        gate = asyncio.Event()
+
+        async def held(job: Any) -> None:
+            await gate.wait()
+
+        w.provider.on_submit = held
+        tasks = [await w.task(id=f"tsk_burst_{i}") for i in range(7)]
+        for task in tasks:
+            w.runner.start(task.id)
+        w.runner.start(tasks[3].id)  # already in the backlog: not twice
+        async with asyncio.timeout(10):
+            while len(w.provider.jobs) < 2:
+                await asyncio.sleep(0.01)
+        assert w.runner.work.busy == 2  # two drivers: no coroutine per waiting task
+        assert w.runner.busy == 5 and w.runner.dropped == 2
+        gate.set()
+        await w.runtime.drain()
+        states = [(await w.get(t.id)).state for t in tasks]
+        assert states == [State.AI_PROCESSING] * 5 + [State.PENDING] * 2
+        w.clock.advance(DEADLINES.handoff_s + 1)
+        await w.reap()
+        assert {(await w.get(t.id)).state for t in tasks} == {State.AI_PROCESSING}
+        assert len(w.provider.jobs) == 7
