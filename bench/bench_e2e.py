@@ -26,7 +26,8 @@ stored, watermarked (a sample decoded) and served.
 
 ``--profile`` samples every hookline process with ``py-spy`` during phases A and B (from the
 ``bench`` extra) and writes speedscope files, folded stacks and a summary of the top
-self-time and cumulative frames into a directory it prints. Speed is reported, never asserted.
+self-time and cumulative frames into a directory it prints (``BENCH_PY_SPY_ARGS=--gil``: only
+the thread holding the GIL is sampled). Speed is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -615,7 +616,8 @@ def start_spies(
     for (name, _roles, _port), pid in zip(procs, pids, strict=True):
         path = out_dir / f"{name}.speedscope.json"
         cmd = [spy, "record", "--pid", str(pid), "--rate", "100", "--format", "speedscope",
-               "--nonblocking", "--output", str(path)]  # fmt: skip
+               "--nonblocking", "--output", str(path),
+               *os.environ.get("BENCH_PY_SPY_ARGS", "").split()]  # fmt: skip
         spies.append((subprocess.Popen(cmd, stdout=log, stderr=log), path))
     log.close()
     time.sleep(1.5)  # attached before the first request

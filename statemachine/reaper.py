@@ -34,8 +34,9 @@ def plan(task: Task, now: float) -> Plan:
 
 
 class ReaperActions(Protocol):
-    async def dispatch(self, task: Task) -> None:
-        """Run the task's step now (it claims its own lease)."""
+    async def dispatch(self, task: Task) -> bool:
+        """Run the task's step now (it claims its own lease); False when this process already
+        has it in hand (running, or waiting for a free step), so nothing new was started."""
 
     async def reconcile(self, task: Task, now: float) -> None:
         """An ai_processing task past its deadline: claim it, poll, adopt/extend/retry/fail."""
@@ -62,7 +63,8 @@ class Reaper:
         self._slots = asyncio.Semaphore(concurrency)
 
     async def run_pass(self) -> int:
-        """One pass; returns how many overdue tasks were handed to an action."""
+        """One pass; returns how many overdue tasks were handed to an action (a task this
+        process already has in hand is not counted: a backlog of them is no reason to loop)."""
         now = self.now()
         try:
             repaired = await self.store.reconcile(now)
@@ -72,28 +74,21 @@ class Reaper:
         if repaired:
             log.warning("reaper_repaired_half_done_writes", count=repaired)
         tasks = await self.store.overdue(now, self.batch)
-        handled = 0
-        jobs = []
-        for task in tasks:
-            what = plan(task, now)
-            if what == "skip":
-                continue
-            handled += 1
-            jobs.append(self._act(what, task, now))
-        if jobs:
-            await asyncio.gather(*jobs)
-        return handled
+        jobs = [self._act(what, task, now) for task in tasks if (what := plan(task, now)) != "skip"]
+        return sum(await asyncio.gather(*jobs)) if jobs else 0
 
-    async def _act(self, what: Plan, task: Task, now: float) -> None:
+    async def _act(self, what: Plan, task: Task, now: float) -> bool:
+        """Whether the action started something (a dispatch of a task already in hand did not)."""
         async with self._slots:
             structlog.contextvars.bind_contextvars(task_id=task.id)
             try:
                 if what == "dispatch":
-                    await self.actions.dispatch(task)
-                else:
-                    await self.actions.reconcile(task, now)
+                    return await self.actions.dispatch(task)
+                await self.actions.reconcile(task, now)
+                return True
             except Exception as exc:
                 log.exception("reaper_action_failed", action=what, error=repr(exc))
+                return True
             finally:
                 structlog.contextvars.unbind_contextvars("task_id")
 

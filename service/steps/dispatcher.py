@@ -45,8 +45,8 @@ class Backstop:
         self.runner = runner
         self.outcomes = outcomes
 
-    async def dispatch(self, task: Task) -> None:
-        self.runner.offer(task)
+    async def dispatch(self, task: Task) -> bool:
+        return self.runner.offer(task)
 
     async def reconcile(self, task: Task, now: float) -> None:
         await self.outcomes.reconcile(task, now)

@@ -148,17 +148,17 @@ class StepRunner:
         handle = asyncio.get_running_loop().call_later(delay, fire)
         self._timers.add(handle)
 
-    def offer(self, task: Task) -> None:
+    def offer(self, task: Task) -> bool:
         """The reaper's way in: start the task's step in the background (unless this process is
         already running one for it) and return at once, so a slow step never holds up a pass."""
-        if task.id not in self._stepping:
-            self._enqueue(task.id, task)
+        return task.id not in self._stepping and self._enqueue(task.id, task)
 
-    def _enqueue(self, task_id: str, known: Task | None) -> None:
+    def _enqueue(self, task_id: str, known: Task | None) -> bool:
         """Hand the task to a free driver, else to the backlog (by id: the record is read again
-        when its turn comes), else drop the offer: the task is safe in the store."""
+        when its turn comes), else drop the offer: the task is safe in the store. False if
+        nothing new was queued (already in the backlog, closing, or dropped)."""
         if self.work.closing or task_id in self._backlog:
-            return
+            return False
         if self._drivers < self.concurrency:
             self._drivers += 1
             self.work.spawn(self._drive(task_id, known))
@@ -168,6 +168,8 @@ class StepRunner:
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 log.warning("step_backlog_full", backlog=self.backlog_limit, dropped=self.dropped)
+            return False
+        return True
 
     async def _drive(self, task_id: str, known: Task | None) -> None:
         """One driver: run the task's step, then the backlog's oldest, until the backlog is empty
