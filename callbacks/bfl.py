@@ -53,7 +53,7 @@ from callbacks.http import (
     request_json,
     url_path,
 )
-from callbacks.provider import Delivery, Limits, Outcome, Submission
+from callbacks.provider import Arrival, Delivery, Limits, Outcome, Quota, Submission
 
 log = structlog.get_logger()
 
@@ -164,6 +164,8 @@ class BflProvider:
     ) -> None:
         self.name = name
         self.limits = limits
+        self.arrival: Arrival = "trigger"
+        self.quota = Quota()
         self._http = http
         self._base = base_url.rstrip("/")
         self._auth = {"x-key": api_key}

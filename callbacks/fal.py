@@ -53,7 +53,7 @@ from callbacks.http import (
     request_json,
     url_path,
 )
-from callbacks.provider import Delivery, Limits, Outcome, Submission
+from callbacks.provider import Arrival, Delivery, Limits, Outcome, Quota, Submission
 from callbacks.standard_webhooks import get_header
 
 DEFAULT_BASE_URL = "https://queue.fal.run"
@@ -176,6 +176,8 @@ class FalProvider:
     ) -> None:
         self.name = name
         self.limits = limits
+        self.arrival: Arrival = "webhook"
+        self.quota = Quota()
         self._http = http
         self._user_id = user_id  # our fal account (None: not checked)
         self._base = base_url.rstrip("/")

@@ -1,25 +1,43 @@
 """The Provider port: submit with a callback URL, verify and parse a webhook, poll, cancel.
 
-Adapters (replicate.py, fal.py, bfl.py) translate each provider's HTTP contract
-(shared/PROVIDERS.md) into these types and raise the errors of callbacks/errors.py.
+Adapters (replicate.py, fal.py, bfl.py, openai.py, dashscope.py, kling.py, hunyuan.py,
+seedream.py) translate each provider's HTTP contract (shared/PROVIDERS.md) into these types and
+raise the errors of callbacks/errors.py.
+
+How an outcome arrives is a property of the provider (``Provider.arrival``), and one lifecycle
+serves all four:
+
+    webhook   a signed webhook carries the outcome (Replicate, fal); polls only reconcile
+    trigger   a callback only says "ask me" (BFL, Kling, OpenAI's thin events): confirmed by poll
+    poll      no callback at all (DashScope, Hunyuan): the reaper polls on a schedule
+    sync      the submit's answer is the outcome (Seedream): ``SyncProvider.generate``
+
+``Provider.quota`` carries the provider's published request limits, the defaults an operator
+may override per provider.
+
+An output is an https URL to download, or a ``data:<type>;base64,…`` URI when the provider
+answers with the bytes (OpenAI): the service stores those bytes at once and keeps a reference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from statemachine.outcome import Outcome, OutcomeStatus
 
 __all__ = [
+    "Arrival",
     "Delivery",
     "Limits",
     "ModelGrammar",
     "Outcome",
     "OutcomeStatus",
     "Provider",
+    "Quota",
     "Submission",
+    "SyncProvider",
     "checked_model",
 ]
 
@@ -58,11 +76,27 @@ class Limits:
     accepts_data_uri: bool = True
 
 
+Arrival = Literal["webhook", "trigger", "poll", "sync"]
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A provider's published request limits, as defaults (0: none published, no limit):
+    submits and polls per second for the operator's account, and jobs in flight at once (the
+    service's ``provider_concurrency`` is lowered to it)."""
+
+    submits_per_s: float = 0.0
+    polls_per_s: float = 0.0
+    concurrency: int = 0
+
+
 class Provider(Protocol):
     """An AI image provider. Every base URL is configurable, so a faithful fake can stand in."""
 
     name: str
     limits: Limits
+    arrival: Arrival
+    quota: Quota
 
     async def submit(self, submission: Submission) -> str:
         """Start a job that will call ``submission.callback_url``; return the provider job id."""
@@ -78,6 +112,16 @@ class Provider(Protocol):
 
     def fetch_headers(self, url: str) -> dict[str, str]:
         """Headers needed to download an output URL (e.g. Replicate's Authorization)."""
+
+
+@runtime_checkable
+class SyncProvider(Protocol):
+    """A provider whose answer to the request is the outcome (``arrival`` "sync"): no job id, no
+    callback. The processing step makes this call under its lease, with heartbeats."""
+
+    async def generate(self, submission: Submission) -> Outcome:
+        """Make the images now: a final outcome (its ``job_id`` one the adapter names, unique per
+        call, e.g. the provider's request id) or a ``ProviderError``."""
 
 
 @runtime_checkable

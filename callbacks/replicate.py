@@ -50,7 +50,7 @@ from callbacks.http import (
     request_json,
     url_path,
 )
-from callbacks.provider import Delivery, Limits, Outcome, Submission
+from callbacks.provider import Arrival, Delivery, Limits, Outcome, Quota, Submission
 
 DEFAULT_BASE_URL = "https://api.replicate.com/v1"
 DELIVERY_HOST = "replicate.delivery"
@@ -166,6 +166,8 @@ class ReplicateProvider:
     ) -> None:
         self.name = name
         self.limits = limits
+        self.arrival: Arrival = "webhook"
+        self.quota = Quota()
         self._http = http
         self._base = base_url.rstrip("/")
         self._api = httpx.URL(self._base)

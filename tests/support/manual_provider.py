@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from callbacks.errors import PermanentProviderError, WebhookRejected
-from callbacks.provider import Delivery, Limits, Outcome, Submission
+from callbacks.provider import Arrival, Delivery, Limits, Outcome, Quota, Submission
 
 
 @dataclass
@@ -35,6 +35,8 @@ class ManualProvider:
     output_url: str = ""
     name: str = "manual"
     limits: Limits = field(default_factory=lambda: Limits(accepts_data_uri=True))
+    arrival: Arrival = "webhook"
+    quota: Quota = field(default_factory=Quota)
     jobs: dict[str, ManualJob] = field(default_factory=dict)
     cancels: list[str] = field(default_factory=list)
     polls: list[str] = field(default_factory=list)
