@@ -49,7 +49,15 @@ once a poll gave the job's final outcome, the marker ``trigger:<job id>`` in the
 answers every later trigger for that job ``duplicate``; and in this process one poller per job
 coalesces the triggers that arrive while it polls, or within ``trigger_cooldown_s`` after a poll
 that was not final, into at most one more poll per cooldown. A thousand triggers for a finished
-job cost one poll.
+job cost one poll. Every poll first waits for the provider's poll quota (``pace``).
+
+**Project-level webhooks** (``handle_project``; OpenAI's, configured once per project): the URL
+names no task and carries no token, so the signature is the whole authentication and comes
+first; the delivery's job is then mapped to its task through the stored job id
+(``TaskStore.task_by_job``: the task's current job). A job no task holds is 404 ``unknown_job``
+(the provider retries; a job recorded a moment later is found then, and the reaper's poll is the
+backstop). Events the adapter does not act on (``WebhookRejected`` code ``ignored_event``) are
+acknowledged with 200 so the provider stops sending them.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -156,6 +164,8 @@ class WebhookReceiver:
         on_rejected: Callable[[str, str], None] | None = None,
         hold_max_s: float = HOLD_MAX_S,
         trigger_cooldown_s: float = TRIGGER_COOLDOWN_S,
+        pace: Callable[[str], Awaitable[None]] | None = None,
+        project_level: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.providers = providers
@@ -165,6 +175,8 @@ class WebhookReceiver:
         self.on_rejected = on_rejected
         self.hold_max_s = hold_max_s
         self.trigger_cooldown_s = trigger_cooldown_s
+        self.pace = pace  # waits for a poll token of the named provider
+        self.project_level = project_level  # providers with project-level webhooks
         self._held: dict[tuple[str, str], _Held] = {}
         self._held_per_task: Counter[str] = Counter()
         # (provider, job) -> another trigger came while its poller was busy or cooling down
@@ -184,6 +196,43 @@ class WebhookReceiver:
             if self.on_rejected:
                 self.on_rejected(provider_name, exc.code)
             raise
+
+    async def handle_project(
+        self, provider_name: str, headers: Mapping[str, str], body: bytes
+    ) -> Receipt:
+        """Handle one project-level delivery (module docstring); raises as ``handle``."""
+        try:
+            return await self._handle_project(provider_name, headers, body)
+        except WebhookRejected as exc:
+            if exc.code == "ignored_event":
+                return Receipt(200, {"status": "ignored"})
+            log.warning(
+                "webhook_rejected", provider=provider_name, reason=exc.code, error=exc.message
+            )
+            if self.on_rejected:
+                self.on_rejected(provider_name, exc.code)
+            raise
+        except NotFound as exc:
+            log.warning(
+                "webhook_rejected", provider=provider_name, reason=exc.code, error=exc.message
+            )
+            if self.on_rejected:
+                self.on_rejected(provider_name, exc.code)
+            raise
+
+    async def _handle_project(
+        self, provider_name: str, headers: Mapping[str, str], body: bytes
+    ) -> Receipt:
+        provider = self.providers.get(provider_name)
+        if provider is None or provider_name not in self.project_level:
+            raise NotFound(f"unknown provider {provider_name!r}", code="unknown_provider")
+        delivery = await provider.verify(headers, body, self.now())
+        if delivery.outcome is not None and delivery.outcome.job_id != delivery.job_id:
+            raise WebhookRejected("the outcome names another job", code="malformed_body")
+        task = await self.store.task_by_job(provider_name, delivery.job_id)
+        if task is None:
+            raise NotFound(f"job {delivery.job_id!r} is no task's", code="unknown_job")
+        return await self._accept(provider_name, provider, task, delivery)
 
     async def _handle(
         self, provider_name: str, task_id: str, token: str, headers: Mapping[str, str], body: bytes
@@ -332,6 +381,8 @@ class WebhookReceiver:
         """The provider's answer about the job (None: it could not be had; the reaper is the
         backstop). Transient failures are tried again a few times."""
         for attempt in range(POLL_TRIES):
+            if self.pace is not None:
+                await self.pace(provider.name)
             try:
                 outcome = await provider.poll(job_id, model)
             except PermanentProviderError as exc:

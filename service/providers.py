@@ -11,6 +11,7 @@ URL, its S3 blob host) and ``HOOKLINE_INPUT_HOSTS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 
 import httpx
@@ -18,7 +19,7 @@ from pydantic import SecretStr
 
 from callbacks.bfl import BflProvider
 from callbacks.fal import FalProvider
-from callbacks.provider import Provider
+from callbacks.provider import Provider, Quota
 from callbacks.replicate import ReplicateProvider
 from callbacks.simulator import FetchInput, InputImageError
 from callbacks.simulator.config import (
@@ -29,6 +30,12 @@ from callbacks.simulator.config import (
 from service.blobs.s3 import split_endpoint
 from service.media.fetch import FetchError, SafeFetcher
 from service.settings import Settings
+from service.steps.pacing import Pacing
+
+# Providers whose webhooks are configured once per account or project, not per request: they
+# arrive at ``/v1/callbacks/<provider>`` without a task in the URL, authenticated by their
+# signature alone, and name a job that is mapped to its task through the stored job id.
+PROJECT_WEBHOOKS: frozenset[str] = frozenset({"openai"})
 
 # The built-in simulator speaks Replicate's contract under ``/sim/v1``.
 SIM_PATH = "/sim/v1"
@@ -203,6 +210,20 @@ def build_providers(
             http, api_key=settings.bfl_api_key.get_secret_value(), base_url=settings.bfl_base_url
         )
     return providers
+
+
+def build_pacing(
+    settings: Settings, providers: Mapping[str, Provider], *, now: Callable[[], float]
+) -> Pacing:
+    """The process's pacing: each adapter's published quota unless ``provider_quotas`` replaces
+    it, the in-flight cap from ``provider_concurrency``."""
+    overrides = {
+        name: Quota(q.submits_per_s, q.polls_per_s, q.concurrency)
+        for name, q in settings.provider_quotas.items()
+    }
+    return Pacing(
+        providers, overrides=overrides, concurrency=settings.provider_concurrency, now=now
+    )
 
 
 def default_output_hosts(name: str, *, sim_base_url: str | None = None) -> tuple[str, ...]:

@@ -38,10 +38,17 @@ from service.media.fetch import SafeFetcher
 from service.media.watermark import WatermarkConfig
 from service.ops.live import live_watchers
 from service.ops.metrics import Metrics
-from service.providers import build_providers, default_output_hosts, sim_base_url_for
+from service.providers import (
+    PROJECT_WEBHOOKS,
+    build_pacing,
+    build_providers,
+    default_output_hosts,
+    sim_base_url_for,
+)
 from service.settings import Settings
 from service.steps.dispatcher import Backstop, Dispatcher
 from service.steps.outcomes import OutcomeApplier
+from service.steps.pacing import Pacing
 from service.steps.processing import ProcessingStep
 from service.steps.runner import StepRunner
 from service.steps.watermarking import WatermarkingStep
@@ -88,6 +95,7 @@ class Runtime:
     output_fetchers: dict[str, SafeFetcher]
     runner: StepRunner | None
     media_budget: MemoryBudget
+    pacing: Pacing
     simulator: Simulator | None = None
     now: Callable[[], float] = clock.now
     _loops: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -190,7 +198,8 @@ def build_runtime(
         sim_secret = simulator.config.webhook_secret if simulator is not None else None
         providers = build_providers(settings, http, sim_base_url=sim_base, sim_secret=sim_secret)
     catalogue = Catalogue.load(settings.styles_path)
-    timings = Timings(settings)
+    timings = Timings(settings, {name: p.arrival for name, p in providers.items()})
+    pacing = build_pacing(settings, providers, now=now)
     background = Background("background")
     outcomes = OutcomeApplier(
         store,
@@ -202,9 +211,18 @@ def build_runtime(
         default_model=settings.default_model,
         now=now,
         rng=rng,
+        pacing=pacing,
     )
     broadcaster = Broadcaster()
-    receiver = WebhookReceiver(store, providers, outcomes, now=now, spawn=background.spawn)
+    receiver = WebhookReceiver(
+        store,
+        providers,
+        outcomes,
+        now=now,
+        spawn=background.spawn,
+        pace=lambda name: pacing.take(name, "poll"),
+        project_level=PROJECT_WEBHOOKS,
+    )
     metrics = Metrics(
         store,
         providers,
@@ -236,6 +254,7 @@ def build_runtime(
             catalogue=catalogue,
             timings=timings,
             outcomes=outcomes,
+            pacing=pacing,
             input_fetcher=input_fetcher,
             output_fetchers=output_fetchers,
             media_budget=media_budget,
@@ -261,6 +280,7 @@ def build_runtime(
         output_fetchers=output_fetchers,
         runner=runner,
         media_budget=media_budget,
+        pacing=pacing,
         simulator=simulator,
         now=now,
     )
@@ -275,6 +295,7 @@ def _build_runner(
     catalogue: Catalogue,
     timings: Timings,
     outcomes: OutcomeApplier,
+    pacing: Pacing,
     input_fetcher: SafeFetcher,
     output_fetchers: dict[str, SafeFetcher],
     media_budget: MemoryBudget,
@@ -291,8 +312,9 @@ def _build_runner(
         outcomes,
         input_fetcher,
         public_url=settings.public_url,
-        provider_concurrency=settings.provider_concurrency,
-        user_concurrency=settings.user_concurrency_limit(),
+        pacing=pacing,
+        user_concurrency=settings.user_concurrency,
+        sync_calls=settings.sync_calls,
         budget=media_budget,
         rng=rng,
     )

@@ -12,7 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from callbacks import bfl, fal, replicate
 from statemachine.decide import Deadlines
 
-ProviderName = Literal["sim", "replicate", "fal", "bfl"]
+ProviderName = Literal[
+    "sim", "replicate", "fal", "bfl", "openai", "dashscope", "kling", "hunyuan", "seedream"
+]
 
 # The model the "sim" provider is asked for when nothing names one (the simulator runs any).
 SIM_MODEL: Final = "hookline/sim"
@@ -35,6 +37,19 @@ class ProviderTiming(BaseModel):
     ai_deadline_s: float | None = Field(default=None, gt=0)
     ai_hard_cap_s: float | None = Field(default=None, gt=0)
     max_attempts: int | None = Field(default=None, ge=1)
+    poll_interval_s: float | None = Field(default=None, gt=0)
+    poll_max_interval_s: float | None = Field(default=None, gt=0)
+
+
+class ProviderQuotaSetting(BaseModel):
+    """One provider's request limits (``HOOKLINE_PROVIDER_QUOTAS``), replacing the adapter's
+    published defaults: submits and polls per second (0: no limit) and jobs in flight (0: the
+    process's ``provider_concurrency``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    submits_per_s: float = Field(default=0.0, ge=0)
+    polls_per_s: float = Field(default=0.0, ge=0)
+    concurrency: int = Field(default=0, ge=0)
 
 
 class Settings(BaseSettings):
@@ -122,6 +137,18 @@ class Settings(BaseSettings):
     # Per provider or provider:model, as JSON, e.g.
     # {"replicate": {"ai_deadline_s": 300}, "fal:fal-ai/flux/dev": {"expected_latency_s": 20}}
     provider_timings: dict[str, ProviderTiming] = Field(default_factory=dict)
+    # The poll schedule of providers whose outcomes must be asked for (poll-only, trigger): the
+    # first poll at the expected latency (``provider_timings``' expected_latency_s, else
+    # poll_first_s), then poll_interval_s doubling with jitter up to poll_max_interval_s.
+    poll_first_s: float = Field(default=20.0, gt=0)
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    poll_max_interval_s: float = Field(default=60.0, gt=0)
+    # Per provider, as JSON, replacing the adapter's published limits, e.g.
+    # {"dashscope": {"submits_per_s": 2, "polls_per_s": 10, "concurrency": 2}}
+    provider_quotas: dict[str, ProviderQuotaSetting] = Field(default_factory=dict)
+    # synchronous provider calls (Seedream) one process makes at once per provider: the one
+    # place a worker waits on the AI, holding a step
+    sync_calls: int = Field(default=8, ge=1, le=1_000)
 
     # HTTP edges
     max_body_bytes: int = 1_000_000  # JSON bodies
@@ -176,10 +203,20 @@ class Settings(BaseSettings):
             max_attempts=self.max_attempts,
         )
 
-    def deadlines_for(self, provider: str, model: str, base: Deadlines | None = None) -> Deadlines:
+    def deadlines_for(
+        self, provider: str, model: str, base: Deadlines | None = None, *, polled: bool = False
+    ) -> Deadlines:
         """``base`` (default: these settings' timings) refined by ``provider_timings``: the
-        provider's entry, then the model's."""
+        provider's entry, then the model's. A ``polled`` provider (its outcomes are asked for)
+        gets the poll schedule, its first poll at the expected latency."""
         deadlines = base or self.deadlines()
+        if polled:
+            deadlines = dataclasses.replace(
+                deadlines,
+                first_poll_s=self.poll_first_s,
+                poll_interval_s=self.poll_interval_s,
+                poll_max_interval_s=self.poll_max_interval_s,
+            )
         for key in (provider, f"{provider}:{model}"):
             timing = self.provider_timings.get(key)
             if timing is None:
@@ -188,6 +225,11 @@ class Settings(BaseSettings):
             expected = changes.pop("expected_latency_s", None)
             if expected is not None and "ai_deadline_s" not in changes:
                 changes["ai_deadline_s"] = 2 * expected
+            if expected is not None and polled:
+                changes["first_poll_s"] = expected
+            if not polled:
+                changes.pop("poll_interval_s", None)
+                changes.pop("poll_max_interval_s", None)
             deadlines = dataclasses.replace(deadlines, **changes)
         return deadlines
 

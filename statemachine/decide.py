@@ -23,6 +23,17 @@ class Deadlines:
     ai_hard_cap_s: float = 1800.0  # ai_processing: the most an attempt may run, polls included
     retry_backoff_s: float = 2.0  # base of the exponential backoff between attempts
     max_attempts: int = 3
+    # A provider whose outcomes must be asked for (poll-only, or a trigger that may be lost) is
+    # polled on a schedule: first ``first_poll_s`` after the submit (its expected latency), then
+    # ``poll_interval_s`` doubling with jitter up to ``poll_max_interval_s``, within the hard cap.
+    # None: a webhook provider, looked at only at ``ai_deadline_s``.
+    first_poll_s: float | None = None
+    poll_interval_s: float = 5.0
+    poll_max_interval_s: float = 60.0
+
+    @property
+    def polled(self) -> bool:
+        return self.first_poll_s is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +87,8 @@ def default_deadline(state: State, now: float, deadlines: Deadlines) -> float | 
     if state in TERMINAL:
         return None
     if state is State.AI_PROCESSING:
+        if deadlines.first_poll_s is not None:
+            return now + min(deadlines.first_poll_s, deadlines.ai_deadline_s)
         return now + deadlines.ai_deadline_s
     if state is State.PROCESSING:
         return now + deadlines.lease_s
@@ -159,6 +172,14 @@ def release(task: Task, now: float, deadline: float) -> Task:
         deadline=deadline,
         holds_slot=False,
     )
+
+
+def poll_delay_s(polls: int, deadlines: Deadlines, jitter: float) -> float:
+    """The wait before the next poll of a job already polled ``polls`` times and still running:
+    ``poll_interval_s`` doubling per poll, spread ±50 % by ``jitter`` in [0, 1), at most
+    ``poll_max_interval_s``."""
+    grown = deadlines.poll_interval_s * (2 ** min(max(polls - 1, 0), 30))
+    return float(min(grown, deadlines.poll_max_interval_s) * (0.5 + jitter))
 
 
 def backoff_s(attempt: int, base_s: float, jitter: float) -> float:

@@ -220,6 +220,11 @@ class MongoStore:
             [("provider", ASCENDING), ("state", ASCENDING), ("owner", ASCENDING)],
             name="active_owner",
         )
+        await tasks.create_index(
+            [("provider_job_id", ASCENDING), ("provider", ASCENDING)],
+            name="job",
+            partialFilterExpression={"provider_job_id": {"$type": "string"}},
+        )
         with contextlib.suppress(OperationFailure):  # its prefix, from before owners were counted
             await tasks.drop_index("active")
         await tasks.create_index(
@@ -512,6 +517,17 @@ class MongoStore:
     @_translated
     async def get_task(self, task_id: str) -> Task | None:
         doc = await self._tasks.find_one({"_id": task_id})
+        return _task(doc) if doc else None
+
+    @_translated
+    async def task_by_job(self, provider: str, job_id: str) -> Task | None:
+        doc = await self._tasks.find_one(
+            {
+                "provider_job_id": job_id,
+                "provider": provider,
+                "state": {"$in": _NON_TERMINAL_VALUES},
+            }
+        )
         return _task(doc) if doc else None
 
     @_translated

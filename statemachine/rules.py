@@ -21,6 +21,8 @@ and the decision one of
              the failure was the provider's
     Fail     failed, refunded (by the same compare-and-set)
     Extend   ai_processing waits on, with a new deadline within the hard cap
+    PollLater  a polled provider's job still runs: the next poll is scheduled (a quiet write: no
+             history entry, no feed event, so a job polled a hundred times stays one record)
     Ignore   nothing to change: still running, stale (about a job or a lease that is no longer
              current), after a terminal state, already deferred
 
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from statemachine.attempts import attempt_of, close_attempt
-from statemachine.decide import Deadlines, NotAllowed, apply, backoff_s, decide
+from statemachine.decide import Deadlines, NotAllowed, apply, backoff_s, decide, poll_delay_s
 from statemachine.outcome import Outcome
 from statemachine.states import Event, State, next_state
 from statemachine.task import Task, TaskFailure
@@ -134,11 +136,17 @@ class Extend:
 
 
 @dataclass(frozen=True, slots=True)
+class PollLater:
+    delay_s: float
+    word: str = "poll_scheduled"
+
+
+@dataclass(frozen=True, slots=True)
 class Ignore:
     word: Literal["running", "stale", "after_terminal", "already_deferred", "ignored"]
 
 
-Decision = Adopt | Defer | Retry | Fail | Extend | Ignore
+Decision = Adopt | Defer | Retry | Fail | Extend | PollLater | Ignore
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +247,8 @@ def _overdue(
     if now - started >= timings.ai_hard_cap_s:
         return _timeout(task, "no result within the hard cap", timings, choices)
     remaining = started + timings.ai_hard_cap_s - now
+    if timings.polled:
+        return PollLater(min(poll_delay_s(task.polls + 1, timings, choices.jitter), remaining))
     detail = "provider still running" if news.answer is not None else "poll failed; waiting"
     return Extend(min(timings.ai_deadline_s, remaining), detail)
 
@@ -306,6 +316,13 @@ def record(task: Task, decision: Decision, now: float, timings: Deadlines) -> Ta
     is stored without one."""
     if isinstance(decision, Ignore):
         return None
+    if isinstance(decision, PollLater):
+        return task.with_changes(
+            version=task.version + 1,
+            updated_at=now,
+            deadline=now + decision.delay_s,
+            polls=task.polls + 1,
+        )
     if isinstance(decision, Defer):
         changes: dict[str, Any] = {"early_outcome": decision.early}
         if decision.due_now:
@@ -352,6 +369,7 @@ def record(task: Task, decision: Decision, now: float, timings: Deadlines) -> Ta
             error=failure,
             attempt_log=ended_log,
             lost_leases=0,  # a new attempt is a new processing step
+            polls=0,
         )
     return _moved(
         task, Event.FAIL, now, timings, detail=detail, error=failure, attempt_log=ended_log

@@ -52,6 +52,7 @@ _ACTIVE_SQL: Final = (
     "(state = 'ai_processing' OR (state = 'processing' AND json_extract(doc, '$.holds_slot')))"
 )
 _PROVIDER_SQL: Final = "json_extract(doc, '$.provider')"
+_JOB_SQL: Final = "json_extract(doc, '$.provider_job_id')"
 
 _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS users (
@@ -91,6 +92,8 @@ DROP INDEX IF EXISTS tasks_active_provider;
 DROP INDEX IF EXISTS tasks_active;
 CREATE INDEX IF NOT EXISTS tasks_in_flight ON tasks ({_PROVIDER_SQL}, owner) WHERE {_ACTIVE_SQL};
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at, id);
+CREATE INDEX IF NOT EXISTS tasks_job ON tasks ({_JOB_SQL}, {_PROVIDER_SQL})
+    WHERE {_NON_TERMINAL_SQL};
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -142,6 +145,11 @@ _QUERIES: Final[dict[str, tuple[str, tuple[Any, ...]]]] = {
         f"SELECT {_FEED_COLUMNS} FROM feed_events WHERE task_id = ? AND seq > ?"
         " ORDER BY seq LIMIT ?",
         ("t", 0, 1),
+    ),
+    "task_by_job": (
+        f"SELECT doc FROM tasks WHERE {_NON_TERMINAL_SQL} AND {_JOB_SQL} = ?"
+        f" AND {_PROVIDER_SQL} = ? LIMIT 1",
+        ("job", "sim"),
     ),
     "count_active": (
         f"SELECT count(*) FROM tasks WHERE {_ACTIVE_SQL} AND {_PROVIDER_SQL} = ?",
@@ -458,6 +466,15 @@ class SqliteStore:
     async def get_task(self, task_id: str) -> Task | None:
         def op(c: sqlite3.Connection) -> Task | None:
             row = c.execute("SELECT doc FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return _load(row[0]) if row else None
+
+        return await self._read(op)
+
+    async def task_by_job(self, provider: str, job_id: str) -> Task | None:
+        sql = _QUERIES["task_by_job"][0]
+
+        def op(c: sqlite3.Connection) -> Task | None:
+            row = c.execute(sql, (job_id, provider)).fetchone()
             return _load(row[0]) if row else None
 
         return await self._read(op)

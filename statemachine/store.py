@@ -108,6 +108,10 @@ class TaskStore(Protocol):
 
     async def get_task(self, task_id: str) -> Task | None: ...
 
+    async def task_by_job(self, provider: str, job_id: str) -> Task | None:
+        """The non-terminal task whose current job on ``provider`` is ``job_id`` (a provider's
+        project-level webhook names only the job), through an index; None if there is none."""
+
     async def list_tasks(
         self, owner: str | None, state: State | None, limit: int, cursor: str | None
     ) -> Page:

@@ -119,6 +119,8 @@ class Task:
     # provider's (and its owner's) slots, like every task in ai_processing. A processing task
     # still preparing its inputs, or backing off, holds none.
     holds_slot: bool = False
+    # polls of the current job that found it still running (the poll schedule's backoff)
+    polls: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -169,6 +171,7 @@ class TaskDoc(TypedDict):
     step_retries: int
     lost_leases: int
     holds_slot: bool
+    polls: int
 
 
 def to_doc(task: Task) -> TaskDoc:
@@ -206,6 +209,7 @@ def to_doc(task: Task) -> TaskDoc:
         step_retries=task.step_retries,
         lost_leases=task.lost_leases,
         holds_slot=task.holds_slot,
+        polls=task.polls,
     )
 
 
@@ -263,4 +267,5 @@ def from_doc(doc: TaskDoc | dict[str, Any]) -> Task:
         step_retries=doc.get("step_retries", 0),
         lost_leases=doc.get("lost_leases", 0),
         holds_slot=doc.get("holds_slot", False),
+        polls=doc.get("polls", 0),
     )

@@ -10,6 +10,7 @@ an upload is prepared for a provider once, not once per task.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Protocol
 
@@ -132,6 +133,16 @@ def output_key(task_id: str, index: int, ext: str) -> str:
     if index < 0:
         raise InvalidBlobKey("output index must be >= 0", details=index)
     return f"outputs/{_segment(task_id, 'task id')}/{index}.{_extension(ext)}"
+
+
+def provider_output_key(task_id: str, job_id: str, index: int, ext: str) -> str:
+    """``outputs/<task_id>/provider/<job digest>-<index>.<ext>``: the bytes a provider answered
+    with (OpenAI), kept until the watermarking step reads them (and removed with the task's
+    outputs). The job id is digested: it comes from the provider."""
+    if index < 0:
+        raise InvalidBlobKey("output index must be >= 0", details=index)
+    job = hashlib.sha256(job_id.encode()).hexdigest()[:16]
+    return f"outputs/{_segment(task_id, 'task id')}/provider/{job}-{index}.{_extension(ext)}"
 
 
 def derived_key(source_key: str, variant: str, ext: str) -> str:

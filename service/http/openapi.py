@@ -273,6 +273,27 @@ def _operations() -> dict[tuple[str, str], Op]:
                 }
             },
         ),
+        ("/v1/callbacks/{provider}", "POST"): Op(
+            "providerProjectWebhook",
+            "A provider's project-level webhook (OpenAI's; called by the provider)",
+            "providers",
+            body="WebhookReceipt",
+            errors=(400, 401, 404, 413, 503),
+            auth=False,
+            params=webhook_headers,
+            request={"required": True, "content": {"application/json": {"schema": {}}}},
+            description="For providers whose webhooks are configured once per project rather "
+            "than per request (`openai`): authenticated by the Standard Webhooks signature alone "
+            "(`HOOKLINE_OPENAI_WEBHOOK_SECRET`); the event names a response id, mapped to its "
+            "task through the stored job id, and the response is then fetched. An event type "
+            "hookline does not act on is acknowledged with 200 `ignored`.",
+            extra={
+                "202": {
+                    "description": "The outcome is fetched from the provider.",
+                    "content": _json("WebhookReceipt"),
+                }
+            },
+        ),
         ("/healthz", "GET"): Op(
             "healthz", "Liveness", "operations", body="Status", auth=False, errors=()
         ),

@@ -1,6 +1,9 @@
 """``POST /v1/callbacks/{provider}/{task_id}?token=…``: a provider's webhook, handed to the
 receiver (callbacks/receiver.py), which authenticates, de-duplicates and applies it and answers in
-milliseconds."""
+milliseconds.
+
+``POST /v1/callbacks/{provider}``: a provider's project-level webhook (OpenAI's: configured once
+per project, naming only a job), authenticated by its signature alone."""
 
 from __future__ import annotations
 
@@ -32,5 +35,15 @@ async def webhook(request: Request) -> Response:
     return JSONResponse(receipt.body, status_code=receipt.status)
 
 
+async def project_webhook(request: Request) -> Response:
+    receiver = runtime(request).receiver
+    body = await read_body(request, WEBHOOK_MAX_BYTES)
+    receipt = await receiver.handle_project(request.path_params["provider"], request.headers, body)
+    return JSONResponse(receipt.body, status_code=receipt.status)
+
+
 def routes() -> list[Route]:
-    return [Route("/v1/callbacks/{provider}/{task_id}", webhook, methods=["POST"])]
+    return [
+        Route("/v1/callbacks/{provider}", project_webhook, methods=["POST"]),
+        Route("/v1/callbacks/{provider}/{task_id}", webhook, methods=["POST"]),
+    ]

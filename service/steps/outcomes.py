@@ -7,19 +7,36 @@ the change feed does (the dispatcher) and the reaper is the backstop, so a proce
 serves the API never runs one. Nothing here makes an outbound call on a webhook's request path
 either: cleanups (cancelling a superseded or timed-out job, deleting a failed task's outputs) go
 to the background after the write.
+
+**Polls** are reaper work (``reconcile``): a polled provider's job is asked about when its
+deadline comes — the poll schedule of statemachine/rules.py — and only when the provider's poll
+quota has a token (service/steps/pacing.py); without one the task's next look is put off to when
+there will be one, a quiet write, so nothing waits in memory. A 429 pauses that provider's polls
+for its ``Retry-After``.
+
+**Bytes in an outcome** (a ``data:`` URI output: OpenAI answers with the image itself) are stored
+at once under ``outputs/<task>/provider/`` and the outcome carries ``blob:<key>`` instead, so the
+task record stays small and the watermarking step reads the blob.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import dataclasses
 import random
 from collections.abc import Callable, Mapping
+from typing import Final
 
 import structlog
 
-from callbacks.errors import PermanentProviderError, ProviderError
+from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
 from callbacks.provider import Outcome, Provider
 from service.background import Background
-from service.blobs.base import BlobStore
+from service.blobs.base import BlobStore, provider_output_key
+from service.media.images import sniff_content_type
+from service.steps.pacing import Pacing
 from service.styles import Catalogue
 from service.timings import Timings
 from statemachine import lifecycle
@@ -42,6 +59,10 @@ from statemachine.task import Task
 
 log = structlog.get_logger()
 
+BLOB_REF: Final = "blob:"  # an output already stored by hookline (the provider sent the bytes)
+MAX_OUTPUT_BYTES: Final = 50_000_000
+POLL_TOKEN_WAIT_S: Final = 0.5  # a reaper poll waits this long for a token, else is put off
+
 
 class OutcomeApplier:
     """Persists the outcome rules' decisions for one process."""
@@ -58,8 +79,12 @@ class OutcomeApplier:
         default_model: Callable[[str], str],
         now: Callable[[], float],
         rng: random.Random | None = None,
+        pacing: Pacing | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
     ) -> None:
         self.store = store
+        self.pacing = pacing
+        self.max_output_bytes = max_output_bytes
         self.providers = providers
         self.catalogue = catalogue
         self.timings = timings
@@ -73,7 +98,31 @@ class OutcomeApplier:
     async def apply(self, task_id: str, outcome: Outcome, task: Task | None = None) -> str:
         """Apply a provider outcome (a webhook, or a poll made for one); say what happened.
         ``task`` is the record if the caller has just read it (the webhook receiver has)."""
+        try:
+            outcome = await self.kept(task_id, outcome)
+        except ProviderError as exc:
+            outcome = Outcome("failed", outcome.job_id, reason=exc.message)
         return await self.settle(task_id, outcome, task)
+
+    async def kept(self, task_id: str, outcome: Outcome) -> Outcome:
+        """``outcome`` with every ``data:`` output stored as a blob and named ``blob:<key>``
+        (a malformed or oversized one is a ``ProviderError``: the provider's answer was bad)."""
+        if not outcome.succeeded or not any(o.startswith("data:") for o in outcome.outputs):
+            return outcome
+        kept: list[str] = []
+        for index, output in enumerate(outcome.outputs):
+            if not output.startswith("data:"):
+                kept.append(output)
+                continue
+            data = _data_uri_bytes(output, self.max_output_bytes)
+            content_type = sniff_content_type(data)
+            if content_type is None:
+                raise ProviderError("the provider's image is not a JPEG, PNG or WebP")
+            ext = content_type.split("/")[-1]
+            key = provider_output_key(task_id, outcome.job_id, index, ext)
+            await self.blobs.put(key, data, content_type)
+            kept.append(BLOB_REF + key)
+        return dataclasses.replace(outcome, outputs=tuple(kept))
 
     async def step_failed(
         self, task: Task, code: str, message: str, *, retryable: bool, owner: str
@@ -87,18 +136,34 @@ class OutcomeApplier:
         poll the provider, then judge what it said: adopt a success, extend while it runs within
         the hard cap, otherwise retry (or fail after the last attempt)."""
         timing = self.timings.for_task(task)
+        provider = self.providers.get(task.provider)
+        job = task.provider_job_id
+        wait = 0.0
+        if self.pacing is not None and provider is not None and job is not None:
+            reserved = self.pacing.reserve(task.provider, "poll", POLL_TOKEN_WAIT_S)
+            if reserved is None:  # no poll token soon: look again when there will be one
+                later = now + self.pacing.wait_s(task.provider, "poll") + self.rng.random()
+                await lifecycle.update(self.store, task, now, deadline=later)
+                return
+            wait = reserved
         claimed = await lifecycle.update(self.store, task, now, deadline=now + timing.lease_s)
         if claimed is None:
             return  # another reaper or a webhook got there first
         job = claimed.provider_job_id
         news = Overdue(job)
-        provider = self.providers.get(claimed.provider)
         if job is not None and provider is not None:
+            if wait:
+                await asyncio.sleep(wait)
             try:
-                news = Overdue(job, answer=await provider.poll(job, claimed.model))
+                answer = await provider.poll(job, claimed.model)
+                news = Overdue(job, answer=await self.kept(claimed.id, answer))
             except PermanentProviderError as exc:
                 log.warning("poll_refused", error=exc.message)
                 news = Overdue(job, gone=exc.message)
+            except ProviderRateLimited as exc:
+                log.warning("poll_rate_limited", retry_after_s=exc.retry_after_s)
+                if self.pacing is not None and exc.retry_after_s:
+                    self.pacing.pause(claimed.provider, "poll", exc.retry_after_s)
             except ProviderError as exc:
                 log.warning("poll_failed", error=exc.message)
         if news.answer is not None and news.answer.final:
@@ -167,3 +232,16 @@ class OutcomeApplier:
             await provider.cancel(job_id, model)
         except ProviderError as exc:
             log.info("provider_cancel_failed", job_id=job_id, error=exc.message)
+
+
+def _data_uri_bytes(uri: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:<type>;base64,<data>`` URI, at most ``max_bytes`` of them."""
+    head, sep, payload = uri.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise ProviderError("the provider's image is not a base64 data URI")
+    if len(payload) > (max_bytes * 4) // 3 + 4:
+        raise ProviderError(f"the provider's image is over {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProviderError("the provider's image is not valid base64") from exc

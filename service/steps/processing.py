@@ -4,6 +4,20 @@ take a provider slot, submit the job with a callback URL, record the provider's 
 Inputs are fetched and checked before a slot is taken (``holds_slot``): a slow input holds no
 slot of its provider, and a user holds at most a fair share of them (``user_concurrency``).
 
+Submits are paced by the provider's submit quota (service/steps/pacing.py): a token free within
+``SUBMIT_TOKEN_WAIT_S`` is waited for; otherwise the task is handed back (uncounted) until there
+will be one, so a backlog for a slow-quota provider waits in the store, not in memory.
+
+**Synchronous providers** (``arrival`` "sync", Seedream): the provider's answer to the request is
+the outcome, so the step makes the call itself, under its lease (heartbeats keep it while the
+call runs, tens of seconds), at most ``sync_calls`` at once per provider in this process (and
+within the provider's slots, like any job). This is the one place where a worker waits on the
+AI: there is no job to come back to and nothing would call back. The call's answer is recorded
+(processing → ai_processing with the adapter's job id) and applied at once (→ watermarking). A
+crash mid-call loses the call: its lease expires and the step runs again (the provider may have
+made, and billed, an image nobody receives; a crash between the record and the apply leaves the
+task in ai_processing until its deadline, when the timeout retries it).
+
 The job id is recorded by the same compare-and-set that moves the task to ``ai_processing``,
 guarded by the lease and the attempt, so a step that lost its lease while submitting cancels its
 orphaned job instead of recording it. An outcome that raced ahead of that write (a fast provider
@@ -22,7 +36,7 @@ from typing import Any, Final
 import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
-from callbacks.provider import Limits, Outcome, Provider, Submission
+from callbacks.provider import Limits, Outcome, Provider, Submission, SyncProvider
 from service.blobs.base import BlobStore, derived_key
 from service.media.budget import MemoryBudget, run_within
 from service.media.fetch import FetchError, SafeFetcher
@@ -35,6 +49,7 @@ from service.media.images import (
     sniff_content_type,
 )
 from service.steps.outcomes import OutcomeApplier
+from service.steps.pacing import Pacing
 from service.steps.runner import Lease
 from service.styles import Catalogue
 from service.timings import Timings
@@ -50,6 +65,7 @@ log = structlog.get_logger()
 
 SUBMIT_TRIES: Final = 3
 DATA_URI_MAX_BYTES: Final = 256_000
+SUBMIT_TOKEN_WAIT_S: Final = 2.0  # a submit waits this long for a quota token, else hands back
 QUEUE_RECHECK_S: Final = 1.0  # a task waiting for a slot of its provider is offered again after
 USER_RECHECK_S: Final = 5.0  # ... for a slot its owner may take: behind other users' tasks
 
@@ -68,8 +84,9 @@ class ProcessingStep:
         input_fetcher: SafeFetcher,
         *,
         public_url: str,
-        provider_concurrency: int,
-        user_concurrency: int,
+        pacing: Pacing,
+        user_concurrency: int = 0,
+        sync_calls: int = 8,
         budget: MemoryBudget | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -81,8 +98,10 @@ class ProcessingStep:
         self.outcomes = outcomes
         self.input_fetcher = input_fetcher
         self.public_url = public_url.rstrip("/")
-        self.provider_concurrency = provider_concurrency
-        self.user_concurrency = user_concurrency
+        self.pacing = pacing
+        self.user_concurrency = user_concurrency  # 0: a quarter of the provider's slots
+        self.sync_calls = sync_calls
+        self._sync_slots: dict[str, asyncio.Semaphore] = {}
         self.budget = budget  # shared by every fetch and decode of the process
         # one slot check-and-take at a time per provider in this process: no overshoot here
         self._slot_locks: dict[str, asyncio.Lock] = {}
@@ -110,12 +129,13 @@ class ProcessingStep:
         Counted in the store (jobs in ai_processing, and processing tasks that took a slot), so
         the caps hold across processes, give or take tasks that take a slot in the same instant in
         two processes."""
-        if self.provider_concurrency <= 0:
+        slots = self.pacing.concurrency(task.provider)
+        if slots <= 0:
             return None
-        if await self.store.count_active(task.provider) >= self.provider_concurrency:
+        if await self.store.count_active(task.provider) >= slots:
             return QUEUE_RECHECK_S
-        mine = await self.store.count_active(task.provider, task.owner)
-        if self.user_concurrency > 0 and mine >= self.user_concurrency:
+        share = self.user_concurrency or max(1, slots // 4)
+        if await self.store.count_active(task.provider, task.owner) >= share:
             return USER_RECHECK_S
         return None
 
@@ -152,9 +172,14 @@ class ProcessingStep:
             return
         try:
             submission = await self._submission(claimed, provider)
-            if not await self._take_slot(lease):
+            if not await self._take_slot(lease) or not await self._paced(lease):
                 return
-            job_id = await self._submit(provider, submission)
+            if provider.arrival == "sync" and isinstance(provider, SyncProvider):
+                outcome = await self._generate(provider, submission)
+                job_id = outcome.job_id
+            else:
+                outcome = None
+                job_id = await self._submit(provider, submission)
         except FetchError as exc:
             code = "input_unavailable" if exc.retryable else exc.code
             await lease.failed(code, exc.message, retryable=exc.retryable)
@@ -167,7 +192,42 @@ class ProcessingStep:
         except HooklineError as exc:
             await lease.failed(exc.code, exc.message, retryable=False)
         else:
-            await self._submitted(lease, provider, job_id)
+            if outcome is None:
+                await self._submitted(lease, provider, job_id)
+            else:
+                await self._answered(lease, outcome)
+
+    async def _paced(self, lease: Lease) -> bool:
+        """A submit token of the task's provider, now or within ``SUBMIT_TOKEN_WAIT_S``; else
+        the task is handed back until there will be one (uncounted: nothing failed)."""
+        name = lease.task.provider
+        wait = self.pacing.reserve(name, "submit", SUBMIT_TOKEN_WAIT_S)
+        if wait is None:
+            delay = self.pacing.wait_s(name, "submit") + self.rng.random()
+            await lease.runner.hand_back(lease, "submit quota", delay_s=delay, counted=False)
+            return False
+        if wait:
+            await asyncio.sleep(wait)
+        return True
+
+    async def _generate(self, provider: SyncProvider, submission: Submission) -> Outcome:
+        """A synchronous provider's call, at most ``sync_calls`` at once per provider."""
+        name = getattr(provider, "name", "sync")
+        slots = self._sync_slots.setdefault(name, asyncio.Semaphore(self.sync_calls))
+        async with slots:
+            try:
+                return await provider.generate(submission)
+            except ProviderRateLimited as exc:
+                if exc.retry_after_s:
+                    self.pacing.pause(name, "submit", exc.retry_after_s)
+                raise
+
+    async def _answered(self, lease: Lease, outcome: Outcome) -> None:
+        """A synchronous call's outcome: recorded as the attempt's job, then applied."""
+        task = lease.task
+        detail = f"{task.provider} answered {outcome.status} ({outcome.job_id})"
+        if await self._record_job(lease, outcome.job_id, detail, new_job=True) is not None:
+            await self.outcomes.apply(task.id, outcome)
 
     async def _submission(self, task: Task, provider: Provider) -> Submission:
         style = self.catalogue.get(task.style)
@@ -260,6 +320,7 @@ class ProcessingStep:
                 wait = backoff_s(attempt, 0.5, self.rng.random())
                 if isinstance(exc, ProviderRateLimited) and exc.retry_after_s:
                     wait = min(exc.retry_after_s, 30.0)
+                    self.pacing.pause(provider.name, "submit", exc.retry_after_s)
                 log.warning("submit_retry", error=exc.message, wait_s=round(wait, 2))
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
@@ -305,6 +366,7 @@ class ProcessingStep:
                 "early_outcome": None,
                 "step_retries": 0,  # the hand-back and lost-lease budgets are per step
                 "lost_leases": 0,
+                "polls": 0,  # the poll schedule starts again for a new job
             }
 
         result = await lifecycle.advance(

@@ -21,6 +21,7 @@ from service.media.budget import MemoryBudget, run_within
 from service.media.fetch import FetchError, SafeFetcher
 from service.media.images import plan_decode
 from service.media.watermark import WatermarkConfig, apply_watermark
+from service.steps.outcomes import BLOB_REF
 from service.steps.runner import Lease
 from service.timings import Timings
 from statemachine import lifecycle
@@ -104,7 +105,10 @@ class WatermarkingStep:
         return outputs
 
     async def _download(self, task: Task, provider: Provider | None, url: str, index: int) -> bytes:
-        """Fetch one output with retries; an expired URL is refreshed once by polling the job."""
+        """Fetch one output with retries; an expired URL is refreshed once by polling the job.
+        An output the provider sent as bytes was stored when it arrived (``blob:<key>``)."""
+        if url.startswith(BLOB_REF):
+            return await self.blobs.get(url.removeprefix(BLOB_REF))
         fetcher = self.output_fetchers.get(task.provider) or self.public_fetcher
         headers = provider.fetch_headers(url) if provider else {}
         refreshed = False

@@ -404,6 +404,29 @@ async def test_overdue_goes_through_the_partial_deadline_index(sqlite_store: Sql
     assert "TEMP B-TREE" not in plan, plan  # the index gives the order too
 
 
+async def test_task_by_job_finds_the_live_task_holding_a_job(store: TaskStore) -> None:
+    owner = await user_with(store, 1000)
+    task, _ = await store.create_task(new_task(owner, cost=1))
+    started = step(task, Event.START, T0)
+    assert await store.transition(started, State.PENDING, 1)
+    submitted = step(started, Event.SUBMITTED, T0 + 1).with_changes(
+        provider="openai", provider_job_id="resp_1"
+    )
+    assert await store.transition(submitted, State.PROCESSING, 2)
+    found = await store.task_by_job("openai", "resp_1")
+    assert found is not None and found.id == task.id
+    assert await store.task_by_job("sim", "resp_1") is None  # another provider's job
+    assert await store.task_by_job("openai", "resp_2") is None
+    failed = step(submitted, Event.FAIL, T0 + 2)
+    assert await store.transition(failed, State.AI_PROCESSING, 3)
+    assert await store.task_by_job("openai", "resp_1") is None  # only live tasks
+
+
+async def test_task_by_job_goes_through_an_index(sqlite_store: SqliteStore) -> None:
+    plan = " | ".join(await sqlite_store.explain("task_by_job"))
+    assert "USING INDEX tasks_job" in plan, plan
+
+
 # webhook deliveries
 
 
