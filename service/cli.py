@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import math
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from service.http.auth import hash_key, new_api_key
+from service.http.auth import KEY_CACHE_TTL_S, hash_key, new_api_key
 from service.settings import Settings
 from statemachine import clock
 from statemachine.errors import HooklineError
-from statemachine.store import TaskStore
+from statemachine.store import TaskStore, User
 
 T = TypeVar("T")
 USER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -37,6 +38,42 @@ def _with_store(settings: Settings, action: Callable[[TaskStore], Awaitable[T]])
     return asyncio.run(run())
 
 
+def rate_arg(text: str) -> float:
+    """``--rate``: requests a second, a finite number >= 0 (0: no limit)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not math.isfinite(rate) or rate < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate: give requests a second, a finite number >= 0 (0: no limit)"
+        )
+    return rate
+
+
+def burst_arg(text: str) -> int:
+    """``--burst``: requests at once, an integer >= 1."""
+    try:
+        burst = int(text)
+    except ValueError:
+        burst = 0
+    if burst < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a burst: give requests at once, an integer >= 1"
+        )
+    return burst
+
+
+def describe_limits(settings: Settings, user: User) -> str:
+    """The request limits of ``user``'s keys, as one line; "(default)" marks the process's."""
+    rate, burst = user.rate_limit_per_s, user.rate_limit_burst
+    rate_text = f"{settings.rate_limit_per_s:g}/s (default)" if rate is None else f"{rate:g}/s"
+    burst_text = f"{settings.rate_limit_burst} (default)" if burst is None else str(burst)
+    if (settings.rate_limit_per_s if rate is None else rate) <= 0:
+        return f"rate limit: none (rate {rate_text})"
+    return f"rate limit: {rate_text}, burst {burst_text} per API key"
+
+
 def cmd_users_create(settings: Settings, args: argparse.Namespace) -> int:
     if not USER_NAME.fullmatch(args.name):
         print("error: a user name is 1-64 of A-Z a-z 0-9 _ -", file=sys.stderr)
@@ -46,15 +83,35 @@ def cmd_users_create(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     key = new_api_key()
 
-    async def create(store: TaskStore) -> None:
-        await store.create_user(
-            args.name, args.credits, is_admin=args.admin, key_hash=hash_key(key), now=clock.now()
+    async def create(store: TaskStore) -> User:
+        return await store.create_user(
+            args.name,
+            args.credits,
+            is_admin=args.admin,
+            key_hash=hash_key(key),
+            now=clock.now(),
+            rate_limit_per_s=args.rate,
+            rate_limit_burst=args.burst,
         )
 
-    _with_store(settings, create)
+    user = _with_store(settings, create)
     role = "admin" if args.admin else "user"
-    print(f"created {role} {args.name} with {args.credits} credits; API key:")
+    print(f"created {role} {args.name} with {args.credits} credits")
+    print(describe_limits(settings, user))
+    print("API key:")
     print(key)
+    return 0
+
+
+def cmd_users_limits(settings: Settings, args: argparse.Namespace) -> int:
+    async def change(store: TaskStore) -> User:
+        return await store.set_user_limits(
+            args.name, rate_limit_per_s=args.rate, rate_limit_burst=args.burst
+        )
+
+    user = _with_store(settings, change)
+    print(f"{user.name}: {describe_limits(settings, user)}")
+    print(f"(running servers apply them within {KEY_CACHE_TTL_S:g} s: they cache keys that long)")
     return 0
 
 
@@ -199,6 +256,19 @@ def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def _limit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rate",
+        type=rate_arg,
+        help="requests a second per API key, 0: no limit (default: HOOKLINE_RATE_LIMIT_PER_S)",
+    )
+    p.add_argument(
+        "--burst",
+        type=burst_arg,
+        help="requests at once per API key (default: HOOKLINE_RATE_LIMIT_BURST)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hookline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -231,7 +301,15 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--credits", type=int, default=0)
     create.add_argument("--admin", action="store_true")
+    _limit_arguments(create)
     create.set_defaults(func=cmd_users_create)
+    limits = users.add_parser(
+        "limits",
+        help="set a user's request limits per API key; an omitted one becomes the default",
+    )
+    limits.add_argument("name")
+    _limit_arguments(limits)
+    limits.set_defaults(func=cmd_users_limits)
 
     credits = sub.add_parser("credits", help="manage credits").add_subparsers(
         dest="action", required=True

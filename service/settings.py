@@ -162,8 +162,11 @@ class Settings(BaseSettings):
     max_json_depth: int = Field(default=32, ge=1)  # nesting of JSON bodies; deeper answers 400
     max_inputs: int = 4
     max_prompt_chars: int = 2000
-    rate_limit_per_s: float = 50.0
-    rate_limit_burst: int = 200
+    # requests per API key: a second, and at once (rate 0: no limit). One backend key may serve
+    # all of a product's users, so a burst of 2,000 creates passes; a user's own limits
+    # (``users create --rate --burst``) replace these for that user's keys
+    rate_limit_per_s: float = Field(default=200.0, ge=0)
+    rate_limit_burst: int = Field(default=2500, ge=1)
     # failed authentications per client address (a real key is never locked out by them)
     auth_failure_rate_per_s: float = 1.0
     auth_failure_burst: int = 20

@@ -102,7 +102,14 @@ _IN_FLIGHT: Final[Doc] = {
         {"state": State.PROCESSING.value, "holds_slot": True},
     ]
 }
-_USER_FIELDS: Final = {"name": 1, "balance": 1, "is_admin": 1, "created_at": 1}
+_USER_FIELDS: Final = {
+    "name": 1,
+    "balance": 1,
+    "is_admin": 1,
+    "created_at": 1,
+    "rate_limit_per_s": 1,
+    "rate_limit_burst": 1,
+}
 
 
 def _translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -139,7 +146,16 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 def _user(doc: Doc) -> User:
-    return User(doc["name"], int(doc["balance"]), bool(doc["is_admin"]), doc["created_at"])
+    """A user document as a ``User``; limits an older document lacks read None (the defaults)."""
+    rate, burst = doc.get("rate_limit_per_s"), doc.get("rate_limit_burst")
+    return User(
+        doc["name"],
+        int(doc["balance"]),
+        bool(doc["is_admin"]),
+        doc["created_at"],
+        None if rate is None else float(rate),
+        None if burst is None else int(burst),
+    )
 
 
 def _task(doc: Doc) -> Task:
@@ -294,7 +310,15 @@ class MongoStore:
 
     @_translated
     async def create_user(
-        self, name: str, credits: int, *, is_admin: bool, key_hash: str, now: float
+        self,
+        name: str,
+        credits: int,
+        *,
+        is_admin: bool,
+        key_hash: str,
+        now: float,
+        rate_limit_per_s: float | None = None,
+        rate_limit_burst: int | None = None,
     ) -> User:
         """The key document first: if the user insert then fails (or the process dies), an
         orphan key that names no user is harmless."""
@@ -309,6 +333,8 @@ class MongoStore:
             "balance": credits,
             "is_admin": is_admin,
             "created_at": now,
+            "rate_limit_per_s": rate_limit_per_s,
+            "rate_limit_burst": rate_limit_burst,
             "seq": 1 if marker else 0,
             "pending": [marker] if marker else [],
         }
@@ -320,7 +346,21 @@ class MongoStore:
         if marker is not None:
             self._step("grant.credited")
             await self._settle_grant(name, marker, seq=1)
-        return User(name, credits, is_admin, now)
+        return User(name, credits, is_admin, now, rate_limit_per_s, rate_limit_burst)
+
+    @_translated
+    async def set_user_limits(
+        self, name: str, *, rate_limit_per_s: float | None, rate_limit_burst: int | None
+    ) -> User:
+        doc = await self._users.find_one_and_update(
+            {"_id": name},
+            {"$set": {"rate_limit_per_s": rate_limit_per_s, "rate_limit_burst": rate_limit_burst}},
+            projection=_USER_FIELDS,
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            raise NotFound(f"no user {name!r}", code="user_not_found")
+        return _user(doc)
 
     @_translated
     async def add_api_key(self, name: str, key_hash: str, now: float) -> None:

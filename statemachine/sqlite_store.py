@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     balance INTEGER NOT NULL,
     is_admin INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    rate_limit_per_s REAL,
+    rate_limit_burst INTEGER
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT PRIMARY KEY,
@@ -120,6 +122,12 @@ CREATE TABLE IF NOT EXISTS watcher_positions (
     position TEXT NOT NULL
 );
 """
+
+# Columns added to ``users`` after its first release: ``open`` adds those an older file lacks (its
+# rows then read NULL, the process's defaults). An older version's ``users create`` cannot insert
+# into the wider table (its INSERT names no columns): upgrade the CLI together with the servers.
+_ADDED_USER_COLUMNS: Final = (("rate_limit_per_s", "REAL"), ("rate_limit_burst", "INTEGER"))
+_USER_COLUMNS: Final = "name, balance, is_admin, created_at, rate_limit_per_s, rate_limit_burst"
 
 _TASK_INSERT: Final = (
     "INSERT INTO tasks (id, owner, state, version, deadline, created_at, idempotency_key, doc)"
@@ -208,7 +216,15 @@ def _feed_event(row: tuple[Any, ...]) -> FeedEvent:
 
 
 def _user(row: tuple[Any, ...]) -> User:
-    return User(row[0], row[1], bool(row[2]), row[3])
+    return User(row[0], row[1], bool(row[2]), row[3], row[4], row[5])
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring the ``users`` table of a file made by an older version up to ``_SCHEMA``."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
+    for name, kind in _ADDED_USER_COLUMNS:
+        if name not in present:
+            conn.execute(f"ALTER TABLE users ADD COLUMN {name} {kind}")
 
 
 def encode_cursor(created_at: float, task_id: str) -> str:
@@ -283,6 +299,7 @@ class SqliteStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                _add_missing_columns(conn)
                 conn.execute("COMMIT")
             finally:
                 conn.close()
@@ -343,7 +360,15 @@ class SqliteStore:
     # users, keys, credits
 
     async def create_user(
-        self, name: str, credits: int, *, is_admin: bool, key_hash: str, now: float
+        self,
+        name: str,
+        credits: int,
+        *,
+        is_admin: bool,
+        key_hash: str,
+        now: float,
+        rate_limit_per_s: float | None = None,
+        rate_limit_burst: int | None = None,
     ) -> User:
         def op(tx: Tx) -> User:
             c = tx.conn
@@ -351,11 +376,29 @@ class SqliteStore:
                 raise Conflict(f"user {name!r} exists", code="user_exists")
             if c.execute("SELECT 1 FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone():
                 raise Conflict("API key exists", code="key_exists")
-            c.execute("INSERT INTO users VALUES (?, ?, ?, ?)", (name, credits, int(is_admin), now))
+            c.execute(
+                f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, credits, int(is_admin), now, rate_limit_per_s, rate_limit_burst),
+            )
             c.execute("INSERT INTO api_keys VALUES (?, ?, ?)", (key_hash, name, now))
             if credits:
                 c.execute(_LEDGER_INSERT, (name, None, "grant", credits, now))
-            return User(name, credits, is_admin, now)
+            return User(name, credits, is_admin, now, rate_limit_per_s, rate_limit_burst)
+
+        return await self._write(op)
+
+    async def set_user_limits(
+        self, name: str, *, rate_limit_per_s: float | None, rate_limit_burst: int | None
+    ) -> User:
+        def op(tx: Tx) -> User:
+            row = tx.conn.execute(
+                "UPDATE users SET rate_limit_per_s = ?, rate_limit_burst = ? WHERE name = ?"
+                f" RETURNING {_USER_COLUMNS}",
+                (rate_limit_per_s, rate_limit_burst, name),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no user {name!r}", code="user_not_found")
+            return _user(row)
 
         return await self._write(op)
 
@@ -373,8 +416,8 @@ class SqliteStore:
     async def user_by_key_hash(self, key_hash: str) -> User | None:
         def op(c: sqlite3.Connection) -> User | None:
             row = c.execute(
-                "SELECT u.name, u.balance, u.is_admin, u.created_at FROM api_keys k"
-                " JOIN users u ON u.name = k.user WHERE k.key_hash = ?",
+                f"SELECT {_USER_COLUMNS} FROM users"
+                " WHERE name = (SELECT user FROM api_keys WHERE key_hash = ?)",
                 (key_hash,),
             ).fetchone()
             return _user(row) if row else None
@@ -383,9 +426,7 @@ class SqliteStore:
 
     async def get_user(self, name: str) -> User | None:
         def op(c: sqlite3.Connection) -> User | None:
-            row = c.execute(
-                "SELECT name, balance, is_admin, created_at FROM users WHERE name = ?", (name,)
-            ).fetchone()
+            row = c.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
             return _user(row) if row else None
 
         return await self._read(op)

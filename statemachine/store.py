@@ -31,10 +31,15 @@ LedgerKind = Literal["grant", "debit", "refund"]
 
 @dataclass(frozen=True, slots=True)
 class User:
+    """An account. ``rate_limit_per_s`` and ``rate_limit_burst`` are the user's own request
+    limits per API key (``rate_limit_per_s`` 0: no limit); None: the process's defaults."""
+
     name: str
     balance: int
     is_admin: bool
     created_at: float
+    rate_limit_per_s: float | None = None
+    rate_limit_burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +85,24 @@ class TaskStore(Protocol):
 
     # users, keys, credits
     async def create_user(
-        self, name: str, credits: int, *, is_admin: bool, key_hash: str, now: float
+        self,
+        name: str,
+        credits: int,
+        *,
+        is_admin: bool,
+        key_hash: str,
+        now: float,
+        rate_limit_per_s: float | None = None,
+        rate_limit_burst: int | None = None,
     ) -> User:
-        """Create a user with one API key (stored as its hash). ``Conflict`` if the name exists."""
+        """Create a user with one API key (stored as its hash) and its own request limits (None:
+        the process's defaults). ``Conflict`` if the name exists."""
+
+    async def set_user_limits(
+        self, name: str, *, rate_limit_per_s: float | None, rate_limit_burst: int | None
+    ) -> User:
+        """Replace the user's own request limits (None: the process's defaults); the user as
+        stored now. ``NotFound``."""
 
     async def add_api_key(self, name: str, key_hash: str, now: float) -> None: ...
 

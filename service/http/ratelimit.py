@@ -1,7 +1,8 @@
 """Limits on how much one caller may ask of a process, per process:
 
-- ``RateLimiter``: a token bucket per key — requests per API key (``rate_limit_per_s``), failed
-  authentications per client address (``auth_failure_rate_per_s``, ``client_address``);
+- ``RateLimiter``: a token bucket per key — requests per API key (``rate_limit_per_s``, or the
+  user's own limits), failed authentications per client address (``auth_failure_rate_per_s``,
+  ``client_address``);
 - ``Slots``: at most N at once per key — concurrent uploads per user (``upload_decodes_per_user``).
 
 Both keep a bounded table and raise ``RateLimited`` (429 with ``Retry-After``) when a key is over
@@ -30,8 +31,8 @@ class _Bucket:
 
 class RateLimiter:
     """``rate_per_s`` requests a second per key with bursts up to ``burst`` (``rate_per_s`` 0:
-    no limit). The ``max_keys`` least recently seen keys are remembered (a forgotten key starts
-    again with a full bucket)."""
+    no limit); a call may give its key's own rate and burst instead. The ``max_keys`` least
+    recently seen keys are remembered (a forgotten key starts again with a full bucket)."""
 
     def __init__(
         self,
@@ -49,27 +50,35 @@ class RateLimiter:
         self.code = code
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
-    def check(self, key: str, now: float) -> None:
+    def check(
+        self, key: str, now: float, *, rate_per_s: float | None = None, burst: int | None = None
+    ) -> None:
         """Take one token for ``key`` or raise ``RateLimited`` with the wait in seconds."""
-        wait = self.take(key, now)
+        wait = self.take(key, now, rate_per_s=rate_per_s, burst=burst)
         if wait > 0:
             raise RateLimited(self.message, retry_after_s=wait, code=self.code)
 
-    def take(self, key: str, now: float) -> float:
-        """Take one token for ``key``: 0.0 if there was one, else the seconds until there is."""
-        if self.rate <= 0:
+    def take(
+        self, key: str, now: float, *, rate_per_s: float | None = None, burst: int | None = None
+    ) -> float:
+        """Take one token for ``key``: 0.0 if there was one, else the seconds until there is.
+        ``rate_per_s`` and ``burst``, when given, replace the limiter's own for this key (a
+        bucket left fuller by a larger burst is cut down to the new one)."""
+        rate = self.rate if rate_per_s is None else rate_per_s
+        capacity = self.burst if burst is None else float(burst)
+        if rate <= 0:
             return 0.0
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(self.burst, now)
+            bucket = self._buckets[key] = _Bucket(capacity, now)
             if len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(key)
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
+            bucket.tokens = min(capacity, bucket.tokens + (now - bucket.at) * rate)
             bucket.at = now
         if bucket.tokens < 1.0:
-            return (1.0 - bucket.tokens) / self.rate
+            return (1.0 - bucket.tokens) / rate
         bucket.tokens -= 1.0
         return 0.0
 

@@ -81,18 +81,22 @@ def guards(request: Request) -> Guards:
 
 async def caller(request: Request) -> User:
     """Authenticate and rate-limit the request; the calling user. Its ``balance`` may be a few
-    seconds old (keys are cached): read the user again to show it."""
+    seconds old (keys are cached): read the user again to show it.
+
+    The limit is per key, with the user's own rate and burst where set (``users create --rate
+    --burst``; rate 0: none), else the process's. It is taken after authentication, which is
+    cached, so a user's limits are known; failed authentications have their own limit."""
     state = web(request)
     now = state.runtime.now()
     try:
         key_hash = hash_key(bearer_key(request))
+        user = await authenticate_hash(state.runtime.store, key_hash, state.keys, now)
     except AuthError as exc:
         raise _refusal(request, exc, now) from None
-    state.limiter.check(key_hash, now)
-    try:
-        return await authenticate_hash(state.runtime.store, key_hash, state.keys, now)
-    except AuthError as exc:
-        raise _refusal(request, exc, now) from None
+    state.limiter.check(
+        key_hash, now, rate_per_s=user.rate_limit_per_s, burst=user.rate_limit_burst
+    )
+    return user
 
 
 def _refusal(request: Request, failure: AuthError, now: float) -> AuthError | RateLimited:

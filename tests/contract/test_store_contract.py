@@ -312,6 +312,97 @@ async def test_a_user_without_credits_has_an_empty_ledger(store: TaskStore) -> N
     assert await store.ledger("carol") == []
 
 
+async def test_a_users_own_rate_limits_round_trip_and_none_means_the_defaults(
+    store: TaskStore,
+) -> None:
+    plain = await store.create_user("alice", 5, is_admin=False, key_hash=key_hash("a"), now=T0)
+    assert (plain.rate_limit_per_s, plain.rate_limit_burst) == (None, None)
+    limited = await store.create_user(
+        "bob",
+        5,
+        is_admin=False,
+        key_hash=key_hash("b"),
+        now=T0,
+        rate_limit_per_s=1.5,
+        rate_limit_burst=3,
+    )
+    # rate 0 (no limit) is a value of its own, not the default; a burst alone leaves the rate
+    unlimited = await store.create_user(
+        "carol", 5, is_admin=False, key_hash=key_hash("c"), now=T0, rate_limit_per_s=0.0
+    )
+    burst_only = await store.create_user(
+        "dave", 5, is_admin=False, key_hash=key_hash("d"), now=T0, rate_limit_burst=7
+    )
+    expected = {
+        "alice": (None, None),
+        "bob": (1.5, 3),
+        "carol": (0.0, None),
+        "dave": (None, 7),
+    }
+    for user, key in ((plain, "a"), (limited, "b"), (unlimited, "c"), (burst_only, "d")):
+        assert (user.rate_limit_per_s, user.rate_limit_burst) == expected[user.name]
+        assert await store.get_user(user.name) == user
+        assert await store.user_by_key_hash(key_hash(key)) == user
+
+
+async def test_a_users_limits_are_replaced_and_reset_to_the_defaults(store: TaskStore) -> None:
+    await store.create_user(
+        "alice", 5, is_admin=True, key_hash=key_hash("a"), now=T0, rate_limit_per_s=1.0
+    )
+    changed = await store.set_user_limits("alice", rate_limit_per_s=20.0, rate_limit_burst=40)
+    assert (changed.rate_limit_per_s, changed.rate_limit_burst) == (20.0, 40)
+    assert (changed.name, changed.balance, changed.is_admin) == ("alice", 5, True)
+    assert await store.user_by_key_hash(key_hash("a")) == changed
+    reset = await store.set_user_limits("alice", rate_limit_per_s=None, rate_limit_burst=None)
+    assert (reset.rate_limit_per_s, reset.rate_limit_burst) == (None, None)
+    assert await store.get_user("alice") == reset
+    with pytest.raises(NotFound):
+        await store.set_user_limits("bob", rate_limit_per_s=1.0, rate_limit_burst=1)
+    assert await store.get_user("bob") is None
+
+
+async def test_a_sqlite_file_of_the_version_before_opens_and_its_users_read_the_defaults(
+    tmp_path: Path,
+) -> None:
+    """A database made before users had their own limits gains the columns on ``open``; its rows
+    read None (the process's defaults) and take limits from then on."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE users (name TEXT PRIMARY KEY, balance INTEGER NOT NULL,
+                                is_admin INTEGER NOT NULL, created_at REAL NOT NULL);
+            CREATE TABLE api_keys (key_hash TEXT PRIMARY KEY, user TEXT NOT NULL,
+                                   created_at REAL NOT NULL);
+            """
+        )
+        conn.execute("INSERT INTO users VALUES ('old', 7, 0, ?)", (T0,))
+        conn.execute("INSERT INTO api_keys VALUES (?, 'old', ?)", (key_hash("old"), T0))
+    conn.close()
+    for _ in range(2):  # opening again finds the columns there and adds nothing
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            old = await store.user_by_key_hash(key_hash("old"))
+            assert old is not None and (old.name, old.balance) == ("old", 7)
+            assert (old.rate_limit_per_s, old.rate_limit_burst) == (None, None)
+            assert await store.get_user("old") == old
+        finally:
+            await store.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        new = await store.create_user(
+            "new", 0, is_admin=False, key_hash=key_hash("new"), now=T0, rate_limit_burst=9
+        )
+        assert await store.get_user("new") == new
+        changed = await store.set_user_limits("old", rate_limit_per_s=2.0, rate_limit_burst=None)
+        assert await store.user_by_key_hash(key_hash("old")) == changed
+        assert (changed.rate_limit_per_s, changed.balance) == (2.0, 7)
+    finally:
+        await store.close()
+
+
 # listing
 
 

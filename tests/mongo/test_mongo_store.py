@@ -16,7 +16,7 @@ from statemachine.errors import BadRequest, Conflict, InsufficientCredits, Store
 from statemachine.mongo_store import MongoStore
 from statemachine.states import Event, State
 from statemachine.task import Task
-from tests.contract.conftest import T0, new_task, step, user_with
+from tests.contract.conftest import T0, key_hash, new_task, step, user_with
 from tests.mongo.conftest import Crash, books_balance, crash_at, real_server
 
 LATER = T0 + 3600  # past the repair grace period of every marker written at T0
@@ -270,6 +270,22 @@ async def test_open_drops_the_active_index_of_the_version_before(mock_db: object
     store = MongoStore(mock_db)  # type: ignore[arg-type]
     await store.open()
     assert "active" not in await store.db["tasks"].index_information()
+
+
+async def test_a_user_document_of_the_version_before_reads_the_default_limits(
+    store: MongoStore,
+) -> None:
+    """Documents written before users had their own request limits lack the fields: None, the
+    process's defaults."""
+    old = {"_id": "old", "name": "old", "balance": 7, "is_admin": False, "created_at": T0}
+    await store.db["users"].insert_one({**old, "seq": 0, "pending": []})
+    await store.db["api_keys"].insert_one({"_id": key_hash("old"), "user": "old", "created_at": T0})
+    user = await store.user_by_key_hash(key_hash("old"))
+    assert user is not None and (user.name, user.balance) == ("old", 7)
+    assert (user.rate_limit_per_s, user.rate_limit_burst) == (None, None)
+    changed = await store.set_user_limits("old", rate_limit_per_s=3.0, rate_limit_burst=None)
+    assert (changed.rate_limit_per_s, changed.rate_limit_burst, changed.balance) == (3.0, None, 7)
+    assert await store.get_user("old") == changed
 
 
 async def test_an_unreachable_server_is_unavailable() -> None:
