@@ -235,11 +235,13 @@ def hookline_env(
 def effective_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """What hookline makes of ``env`` for the settings that shape this workload."""
     from service.settings import Settings
+    from service.steps.pacing import fair_share
 
     with mock.patch.dict(os.environ, dict(env), clear=True):
         settings = Settings(_env_file=None)  # type: ignore[call-arg]
     shown: dict[str, Any] = {name: getattr(settings, name) for name in SHOWN_SETTINGS}
-    shown["user_concurrency"] = settings.user_concurrency_limit()  # the fair share, computed
+    # the fair share, computed
+    shown["user_concurrency"] = fair_share(settings.provider_concurrency, settings.user_concurrency)
     return shown
 
 

@@ -37,7 +37,6 @@ import structlog
 
 from callbacks.errors import (
     InvalidJobId,
-    InvalidModel,
     PermanentProviderError,
     RetryableProviderError,
     WebhookRejected,
@@ -47,9 +46,9 @@ from callbacks.http import (
     checked_job_id,
     expect_object,
     model_input,
+    model_name,
     output_urls,
     parse_json,
-    path_segments,
     request_json,
     url_path,
 )
@@ -78,13 +77,7 @@ _URL_CHARS = re.compile(r"[A-Za-z0-9._~:/?&=-]+")
 def validate_model(model: str, *, provider: str = "bfl") -> str:
     """``model`` if the grammar takes it (module docstring), else ``InvalidModel`` (pure: the
     HTTP layer may call it when a task is created, to refuse such a model with 422)."""
-    if isinstance(model, str) and len(model) > MODEL_MAX_CHARS:
-        raise InvalidModel(
-            f"{provider}: model {model[:MODEL_MAX_CHARS]!r}… is too long",
-            details={"provider": provider},
-        )
-    path_segments(model, provider=provider, segment=MODEL)
-    return model
+    return model_name(model, provider=provider, segment=MODEL, max_chars=MODEL_MAX_CHARS)
 
 
 def trusted_polling_url(url: object, job_id: str, base_url: str) -> str | None:

@@ -78,7 +78,6 @@ import httpx
 import structlog
 
 from callbacks.errors import (
-    InvalidModel,
     PermanentProviderError,
     ProviderError,
     ProviderRateLimited,
@@ -92,8 +91,8 @@ from callbacks.http import (
     error_status,
     expect_object,
     is_input_error,
+    model_name,
     parse_json,
-    path_segments,
     request_json,
     url_path,
 )
@@ -142,13 +141,7 @@ _REFUSED_PREFIXES = ("InvalidParameter", "InvalidURL", "InvalidFile", "InvalidIm
 
 def validate_model(model: str, *, provider: str = "dashscope") -> str:
     """``model`` if the grammar takes it (module docstring), else ``InvalidModel`` (pure)."""
-    if isinstance(model, str) and len(model) > MODEL_MAX_CHARS:
-        raise InvalidModel(
-            f"{provider}: model {model[:MODEL_MAX_CHARS]!r}… is too long",
-            details={"provider": provider},
-        )
-    path_segments(model, provider=provider, segment=MODEL)
-    return model
+    return model_name(model, provider=provider, segment=MODEL, max_chars=MODEL_MAX_CHARS)
 
 
 def is_i2i(model: str) -> bool:

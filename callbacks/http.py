@@ -97,6 +97,19 @@ def path_segments(
     return parts
 
 
+def model_name(model: object, *, provider: str, segment: re.Pattern[str], max_chars: int) -> str:
+    """``model`` if it is at most ``max_chars`` long and one path segment matching ``segment``,
+    else ``InvalidModel`` (the grammar of an adapter whose model is one segment)."""
+    if isinstance(model, str) and len(model) > max_chars:
+        raise InvalidModel(
+            f"{provider}: model {model[:max_chars]!r}… is too long",
+            details={"provider": provider},
+        )
+    path_segments(model, provider=provider, segment=segment)
+    assert isinstance(model, str)
+    return model
+
+
 def url_path(*segments: str) -> str:
     """``/a/b/c`` from already checked segments, each percent-encoded (a no-op for the grammar's
     characters; a second line of defence should a grammar ever widen)."""

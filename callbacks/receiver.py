@@ -190,11 +190,7 @@ class WebhookReceiver:
         try:
             return await self._handle(provider_name, task_id, token, headers, body)
         except (WebhookRejected, NotFound) as exc:
-            log.warning(
-                "webhook_rejected", provider=provider_name, reason=exc.code, error=exc.message
-            )
-            if self.on_rejected:
-                self.on_rejected(provider_name, exc.code)
+            self._rejected(provider_name, exc)
             raise
 
     async def handle_project(
@@ -203,22 +199,17 @@ class WebhookReceiver:
         """Handle one project-level delivery (module docstring); raises as ``handle``."""
         try:
             return await self._handle_project(provider_name, headers, body)
-        except WebhookRejected as exc:
+        except (WebhookRejected, NotFound) as exc:
             if exc.code == "ignored_event":
                 return Receipt(200, {"status": "ignored"})
-            log.warning(
-                "webhook_rejected", provider=provider_name, reason=exc.code, error=exc.message
-            )
-            if self.on_rejected:
-                self.on_rejected(provider_name, exc.code)
+            self._rejected(provider_name, exc)
             raise
-        except NotFound as exc:
-            log.warning(
-                "webhook_rejected", provider=provider_name, reason=exc.code, error=exc.message
-            )
-            if self.on_rejected:
-                self.on_rejected(provider_name, exc.code)
-            raise
+
+    def _rejected(self, provider_name: str, exc: WebhookRejected | NotFound) -> None:
+        """Log and count a refused delivery."""
+        log.warning("webhook_rejected", provider=provider_name, reason=exc.code, error=exc.message)
+        if self.on_rejected:
+            self.on_rejected(provider_name, exc.code)
 
     async def _handle_project(
         self, provider_name: str, headers: Mapping[str, str], body: bytes

@@ -59,7 +59,6 @@ import httpx
 import orjson
 
 from callbacks.errors import (
-    InvalidModel,
     PermanentProviderError,
     ProviderError,
     ProviderRateLimited,
@@ -71,9 +70,9 @@ from callbacks.http import (
     IMAGES_KEY_PARAM,
     JOB_ID,
     expect_object,
+    model_name,
     output_urls,
     parse_json,
-    path_segments,
     status_error,
     url_path,
 )
@@ -112,13 +111,7 @@ _REFUSED = ("InvalidParameter", "MissingParameter", "InvalidEndpointOrModel", "I
 
 def validate_model(model: str, *, provider: str = "seedream") -> str:
     """``model`` if the grammar takes it (module docstring), else ``InvalidModel`` (pure)."""
-    if isinstance(model, str) and len(model) > MODEL_MAX_CHARS:
-        raise InvalidModel(
-            f"{provider}: model {model[:MODEL_MAX_CHARS]!r}… is too long",
-            details={"provider": provider},
-        )
-    path_segments(model, provider=provider, segment=MODEL)
-    return model
+    return model_name(model, provider=provider, segment=MODEL, max_chars=MODEL_MAX_CHARS)
 
 
 def ark_error(

@@ -261,12 +261,6 @@ class Settings(BaseSettings):
         """Hosts besides this hookline the simulator may post webhooks to."""
         return frozenset(split_csv(self.sim_webhook_hosts))
 
-    def user_concurrency_limit(self) -> int:
-        """Jobs in flight one user may hold per provider (0 when the provider is unlimited)."""
-        if self.provider_concurrency <= 0:
-            return 0
-        return self.user_concurrency or max(1, self.provider_concurrency // 4)
-
     def cors_origin_list(self) -> list[str]:
         """Origins allowed by CORS (``cors_origins``), in order; empty: CORS is off."""
         return list(split_csv(self.cors_origins))

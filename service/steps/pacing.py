@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +30,15 @@ from typing import Literal
 from callbacks.provider import Provider, Quota
 
 Kind = Literal["submit", "poll"]
+
+
+def fair_share(slots: int, user_concurrency: int) -> int:
+    """Jobs in flight one user may hold of a provider's ``slots``: ``user_concurrency``, or by
+    default a quarter of them (at least 1), so one user's backlog cannot take every slot; 0 when
+    the provider is unlimited."""
+    if slots <= 0:
+        return 0
+    return user_concurrency or max(1, slots // 4)
 
 
 @dataclass(slots=True)
@@ -87,8 +95,6 @@ class Pacing:
         self._quotas: dict[str, Quota] = {}
         self._buckets: dict[tuple[str, Kind], Bucket] = {}
         self._concurrency: dict[str, int] = {}
-        self.calls: Counter[tuple[str, Kind]] = Counter()  # tokens taken, for the metrics
-        self.waits: Counter[tuple[str, Kind]] = Counter()  # calls put off for want of a token
         for name, provider in providers.items():
             quota = (overrides or {}).get(name) or provider.quota
             self._quotas[name] = quota
@@ -117,10 +123,7 @@ class Pacing:
 
     def reserve(self, provider: str, kind: Kind, max_wait: float = 0.0) -> float | None:
         """A token within ``max_wait`` s: the wait before the call (0.0: now), or None."""
-        wait = self._bucket(provider, kind).reserve(self.now(), max_wait)
-        self.calls[(provider, kind)] += wait is not None
-        self.waits[(provider, kind)] += wait is None
-        return wait
+        return self._bucket(provider, kind).reserve(self.now(), max_wait)
 
     def wait_s(self, provider: str, kind: Kind) -> float:
         """Seconds until a token is free (nothing taken)."""
@@ -130,7 +133,6 @@ class Pacing:
     async def take(self, provider: str, kind: Kind) -> None:
         """Wait for a token and take it."""
         wait = self._bucket(provider, kind).reserve(self.now(), math.inf)
-        self.calls[(provider, kind)] += 1
         if wait:
             await asyncio.sleep(wait)
 

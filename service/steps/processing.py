@@ -49,7 +49,7 @@ from service.media.images import (
     sniff_content_type,
 )
 from service.steps.outcomes import OutcomeApplier
-from service.steps.pacing import Pacing
+from service.steps.pacing import Pacing, fair_share
 from service.steps.runner import Lease
 from service.styles import Catalogue
 from service.timings import Timings
@@ -134,7 +134,7 @@ class ProcessingStep:
             return None
         if await self.store.count_active(task.provider) >= slots:
             return QUEUE_RECHECK_S
-        share = self.user_concurrency or max(1, slots // 4)
+        share = fair_share(slots, self.user_concurrency)
         if await self.store.count_active(task.provider, task.owner) >= share:
             return USER_RECHECK_S
         return None
@@ -175,7 +175,7 @@ class ProcessingStep:
             if not await self._take_slot(lease) or not await self._paced(lease):
                 return
             if provider.arrival == "sync" and isinstance(provider, SyncProvider):
-                outcome = await self._generate(provider, submission)
+                outcome = await self._generate(provider.name, provider, submission)
                 job_id = outcome.job_id
             else:
                 outcome = None
@@ -210,9 +210,8 @@ class ProcessingStep:
             await asyncio.sleep(wait)
         return True
 
-    async def _generate(self, provider: SyncProvider, submission: Submission) -> Outcome:
+    async def _generate(self, name: str, provider: SyncProvider, submission: Submission) -> Outcome:
         """A synchronous provider's call, at most ``sync_calls`` at once per provider."""
-        name = getattr(provider, "name", "sync")
         slots = self._sync_slots.setdefault(name, asyncio.Semaphore(self.sync_calls))
         async with slots:
             try:

@@ -13,7 +13,7 @@ import pytest
 from callbacks.provider import Quota
 from service.settings import ProviderQuotaSetting, ProviderTiming, Settings
 from service.steps.pacing import Bucket, Pacing
-from statemachine.decide import Deadlines, decide, default_deadline, poll_delay_s
+from statemachine.decide import Deadlines, Transition, decide, default_deadline, poll_delay_s
 from statemachine.outcome import Outcome
 from statemachine.rules import Adopt, Extend, Overdue, PollLater, Retry, judge, record
 from statemachine.states import Event, State
@@ -55,7 +55,7 @@ def test_the_first_poll_comes_at_the_expected_latency() -> None:
     assert default_deadline(State.AI_PROCESSING, SUBMITTED, WEBHOOK) == SUBMITTED + 600
     processing = waiting().with_changes(state=State.PROCESSING, provider_job_id=None)
     moved = decide(processing, Event.SUBMITTED, SUBMITTED, POLLED)
-    assert not isinstance(moved, type(None)) and getattr(moved, "deadline", None) == SUBMITTED + 30
+    assert isinstance(moved, Transition) and moved.deadline == SUBMITTED + 30
 
 
 @pytest.mark.parametrize(
