@@ -18,9 +18,14 @@ import httpx
 from pydantic import SecretStr
 
 from callbacks.bfl import BflProvider
+from callbacks.dashscope import DashScopeProvider
 from callbacks.fal import FalProvider
+from callbacks.hunyuan import HunyuanProvider
+from callbacks.kling import KlingProvider
+from callbacks.openai import OpenAiProvider
 from callbacks.provider import Provider, Quota
 from callbacks.replicate import ReplicateProvider
+from callbacks.seedream import SeedreamProvider
 from callbacks.simulator import FetchInput, InputImageError
 from callbacks.simulator.config import (
     DEFAULT_REORDER_WITH_DELAY,
@@ -62,6 +67,18 @@ _OUTPUT_HOSTS: dict[str, tuple[str, ...]] = {
         "delivery-us.bfl.ai",
         "bfldeliverysc.blob.core.windows.net",
     ),
+    # OpenAI answers with the image itself: nothing to download.
+    # DashScope: its result buckets on Alibaba OSS (Beijing, Singapore, Ulanqab), as seen in
+    # answers. Kling: cdn.klingai.com as seen in answers, h1.inkwai.com in its docs. Hunyuan's
+    # and Seedream's result hosts (Tencent COS, Volcengine TOS pre-signed URLs) are not
+    # documented: set HOOKLINE_OUTPUT_HOSTS from a real answer.
+    "dashscope": (
+        "dashscope-result-bj.oss-cn-beijing.aliyuncs.com",
+        "dashscope-result-sgp.oss-ap-southeast-1.aliyuncs.com",
+        "dashscope-result-wlcb.oss-cn-wulanchabu.aliyuncs.com",
+    ),
+    "kling": ("cdn.klingai.com", "h1.inkwai.com"),
+    "seedream": ("ark-content-generation-v2-cn-beijing.tos-cn-beijing.volces.com",),
 }
 
 
@@ -208,6 +225,42 @@ def build_providers(
     if settings.bfl_api_key is not None:
         providers["bfl"] = BflProvider(
             http, api_key=settings.bfl_api_key.get_secret_value(), base_url=settings.bfl_base_url
+        )
+    if settings.openai_api_key is not None:
+        secret = settings.openai_webhook_secret
+        providers["openai"] = OpenAiProvider(
+            http,
+            api_key=settings.openai_api_key.get_secret_value(),
+            webhook_secret=secret.get_secret_value() if secret is not None else None,
+            base_url=settings.openai_base_url,
+            responses_model=settings.openai_responses_model,
+        )
+    if settings.dashscope_api_key is not None:
+        providers["dashscope"] = DashScopeProvider(
+            http,
+            api_key=settings.dashscope_api_key.get_secret_value(),
+            base_url=settings.dashscope_base_url,
+        )
+    if settings.kling_access_key is not None and settings.kling_secret_key is not None:
+        providers["kling"] = KlingProvider(
+            http,
+            access_key=settings.kling_access_key.get_secret_value(),
+            secret_key=settings.kling_secret_key.get_secret_value(),
+            base_url=settings.kling_base_url,
+        )
+    if settings.hunyuan_secret_id is not None and settings.hunyuan_secret_key is not None:
+        providers["hunyuan"] = HunyuanProvider(
+            http,
+            secret_id=settings.hunyuan_secret_id.get_secret_value(),
+            secret_key=settings.hunyuan_secret_key.get_secret_value(),
+            base_url=settings.hunyuan_base_url,
+            region=settings.hunyuan_region,
+        )
+    if settings.seedream_api_key is not None:
+        providers["seedream"] = SeedreamProvider(
+            http,
+            api_key=settings.seedream_api_key.get_secret_value(),
+            base_url=settings.seedream_base_url,
         )
     return providers
 

@@ -9,7 +9,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from callbacks import bfl, fal, replicate
+from callbacks import bfl, dashscope, fal, hunyuan, kling, openai, replicate, seedream
 from statemachine.decide import Deadlines
 
 ProviderName = Literal[
@@ -94,6 +94,31 @@ class Settings(BaseSettings):
     bfl_api_key: SecretStr | None = None
     bfl_base_url: str = bfl.DEFAULT_BASE_URL
     bfl_model: str = "flux-pro-1.1"
+    # OpenAI: the Responses API in background mode with the image_generation tool; its webhooks
+    # are configured once per project and arrive at /v1/callbacks/openai
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str = openai.DEFAULT_BASE_URL
+    openai_model: str = openai.DEFAULT_MODEL  # the image tool's model
+    openai_responses_model: str = openai.DEFAULT_RESPONSES_MODEL  # the model that runs the tool
+    openai_webhook_secret: SecretStr | None = None  # whsec_…
+    # Alibaba DashScope (Wan), polled; the key is per region, as the base URL is
+    dashscope_api_key: SecretStr | None = None
+    dashscope_base_url: str = dashscope.DEFAULT_BASE_URL
+    dashscope_model: str = dashscope.DEFAULT_MODEL
+    # Kling: JWT from the access and secret keys; its callback is a trigger
+    kling_access_key: SecretStr | None = None
+    kling_secret_key: SecretStr | None = None
+    kling_base_url: str = kling.DEFAULT_BASE_URL
+    kling_model: str = kling.DEFAULT_MODEL
+    # Tencent Hunyuan: TC3-signed submit and query, polled
+    hunyuan_secret_id: SecretStr | None = None
+    hunyuan_secret_key: SecretStr | None = None
+    hunyuan_base_url: str = hunyuan.DEFAULT_BASE_URL
+    hunyuan_region: str = hunyuan.DEFAULT_REGION
+    # Volcengine Ark Seedream: synchronous
+    seedream_api_key: SecretStr | None = None
+    seedream_base_url: str = seedream.DEFAULT_BASE_URL
+    seedream_model: str = seedream.DEFAULT_MODEL
     output_hosts: str | None = None  # comma-separated; None = the provider's own defaults
     input_hosts: str = ""  # comma-separated hosts input image URLs may name
     provider_concurrency: int = 64  # jobs in flight per provider; beyond it tasks stay pending
@@ -239,7 +264,16 @@ class Settings(BaseSettings):
     def default_model(self, provider: str) -> str:
         """The model for ``provider`` when neither the request nor its style names one: its
         ``*_model`` setting; ``SIM_MODEL`` for "sim" (and any name without such a setting)."""
-        models = {"replicate": self.replicate_model, "fal": self.fal_model, "bfl": self.bfl_model}
+        models = {
+            "replicate": self.replicate_model,
+            "fal": self.fal_model,
+            "bfl": self.bfl_model,
+            "openai": self.openai_model,
+            "dashscope": self.dashscope_model,
+            "kling": self.kling_model,
+            "hunyuan": hunyuan.MODEL,
+            "seedream": self.seedream_model,
+        }
         return models.get(provider, SIM_MODEL)
 
     def role_set(self) -> frozenset[str]:

@@ -337,8 +337,11 @@ async def test_the_default_catalogue_prices_its_styles_by_output_and_size(tmp_pa
         alice = await new_caller(hl, "alice", credits=1000)
         listed = await hl.client.get("/v1/styles", headers=hl.auth(alice.key))
         costs = {s["name"]: s["cost"] for s in listed.json()["items"]}
-        assert costs == {"portrait": 10, "anime": 8, "vintage": 5}
+        assert costs == {"portrait": 10, "anime": 8, "vintage": 5, "ink": 6}
         assert listed.json()["plain"]["cost"] == 5
+        # ink runs on DashScope, which this hookline has no credentials for: a clear refusal
+        unconfigured = await post_task(hl, alice, body_for(alice, style="ink"))
+        assert_error(unconfigured, 422, "unknown_provider")
         shipped: list[tuple[dict[str, Any], int]] = [
             ({"style": "anime"}, 8),
             ({"style": "anime", "params": {"width": 2048, "height": 2048}}, 20),

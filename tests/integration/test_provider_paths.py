@@ -24,12 +24,17 @@ import pytest
 from callbacks import standard_webhooks
 from callbacks.bfl import BflProvider, trusted_polling_url
 from callbacks.bfl import validate_model as bfl_model
+from callbacks.dashscope import DashScopeProvider
 from callbacks.errors import InvalidJobId, InvalidModel, WebhookRejected
 from callbacks.fal import FalProvider
 from callbacks.fal import validate_model as fal_model
+from callbacks.hunyuan import HunyuanProvider
+from callbacks.kling import KlingProvider
+from callbacks.openai import OpenAiProvider
 from callbacks.provider import Provider, Submission, checked_model
 from callbacks.replicate import ReplicateProvider
 from callbacks.replicate import validate_model as replicate_model
+from callbacks.seedream import SeedreamProvider
 from statemachine.states import State
 from tests.fakes import RecordedRequest
 from tests.fakes.bfl_fake import BflFake
@@ -429,8 +434,22 @@ def test_checked_model_applies_each_adapters_grammar(http: httpx.AsyncClient) ->
         "replicate": ReplicateProvider(http, api_token="t"),
         "fal": FalProvider(http, key="k"),
         "bfl": BflProvider(http, api_key="k"),
+        "openai": OpenAiProvider(http, api_key="k"),
+        "dashscope": DashScopeProvider(http, api_key="k"),
+        "kling": KlingProvider(http, access_key="a", secret_key="s"),
+        "hunyuan": HunyuanProvider(http, secret_id="i", secret_key="k"),
+        "seedream": SeedreamProvider(http, api_key="k"),
     }
-    good = {"replicate": "acme/painter", "fal": "fal-ai/flux/dev", "bfl": "flux-pro-1.1"}
+    good = {
+        "replicate": "acme/painter",
+        "fal": "fal-ai/flux/dev",
+        "bfl": "flux-pro-1.1",
+        "openai": "gpt-image-1",
+        "dashscope": "wan2.2-t2i-flash",
+        "kling": "kling-v2-1",
+        "hunyuan": "hunyuan-image",
+        "seedream": "doubao-seedream-4-0-250828",
+    }
     for name, provider in providers.items():
         assert checked_model(provider, good[name]) == good[name]
         for model in ("../../v1/credits", good[name] + "?x=1", good[name] + "/.."):

@@ -151,15 +151,18 @@ def world_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def make_world(tmp_path: Path, **overrides: Any) -> AsyncIterator[World]:
-    """A runtime on a real SQLite store and a fake clock, its only provider driven by hand; no
+async def make_world(
+    tmp_path: Path, *, provider: ManualProvider | None = None, **overrides: Any
+) -> AsyncIterator[World]:
+    """A runtime on a real SQLite store and a fake clock, its only provider driven by hand
+    (``provider``: one set up by the test, e.g. with another ``arrival`` or ``quota``); no
     background loops run (the test runs reaper passes and steps itself)."""
     store = SqliteStore(tmp_path / "t.db")
     await store.open()
     await store.create_user("alice", 100, is_admin=False, key_hash="h", now=0)
     clock = FakeClock()
-    http = httpx.AsyncClient()
-    provider = ManualProvider(http=http, output_url="https://outputs.example/1.png")
+    http = provider.http if provider is not None else httpx.AsyncClient()
+    provider = provider or ManualProvider(http=http, output_url="https://outputs.example/1.png")
     fetcher: Any = StaticFetcher()
     runtime = build_runtime(
         world_settings(tmp_path, **overrides),

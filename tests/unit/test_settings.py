@@ -112,3 +112,23 @@ def test_comma_separated_settings_come_from_the_environment(
     s = Settings(_env_file=None)  # type: ignore[call-arg]
     assert s.output_host_set() == frozenset({"a.example", "b.example"})
     assert s.role_set() == {"dispatcher"}
+
+
+def test_env_example_names_real_settings_and_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """.env.example stays true: every variable it shows is a setting, and with every line
+    uncommented the settings load."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    pairs = re.findall(r"^# (HOOKLINE_[A-Z0-9_]+)=(.*)$", text, flags=re.MULTILINE)
+    assert len(pairs) > 40
+    fields = set(Settings.model_fields)
+    assert [n for n, _ in pairs if n.removeprefix("HOOKLINE_").lower() not in fields] == []
+    for provider in ("OPENAI", "DASHSCOPE", "KLING", "HUNYUAN", "SEEDREAM"):
+        assert any(n.startswith(f"HOOKLINE_{provider}_") for n, _ in pairs)
+    for name, value in pairs:
+        monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.provider_quotas["dashscope"].submits_per_s == 2
+    assert settings.openai_webhook_secret is not None

@@ -155,8 +155,15 @@ def test_hookline_styles_path_names_the_catalogue(
 
 def test_the_default_catalogue_loads_and_prices_its_own_params() -> None:
     catalogue = Catalogue.load()
-    assert {s.name for s in catalogue.all()} == {"portrait", "anime", "vintage"}
-    assert {s.name: s.cost for s in catalogue.all()} == {"portrait": 10, "anime": 8, "vintage": 5}
+    assert {s.name for s in catalogue.all()} == {"portrait", "anime", "vintage", "ink"}
+    assert {s.name: s.cost for s in catalogue.all()} == {
+        "portrait": 10,
+        "anime": 8,
+        "vintage": 5,
+        "ink": 6,
+    }
+    ink = catalogue.get("ink")  # a Chinese provider's style, falling back to another
+    assert ink.provider == "dashscope" and ink.fallbacks == ("kling",)
     assert catalogue.get(None).cost == DEFAULT_COST
     for style in catalogue.all():
         assert not any(steers_io(name) for name in style.user_params)
