@@ -88,11 +88,11 @@ from callbacks.http import (
     IMAGE_KEY_PARAM,
     IMAGES_KEY_PARAM,
     checked_job_id,
+    error_body,
     error_status,
     expect_object,
     is_input_error,
     model_name,
-    parse_json,
     request_json,
     url_path,
 )
@@ -185,11 +185,7 @@ def dashscope_error(
 
 def _error_body(exc: ProviderError) -> tuple[str | None, str]:
     """DashScope's ``code`` and ``message`` from a translated HTTP error's body snippet."""
-    details = exc.details if isinstance(exc.details, Mapping) else {}
-    try:
-        body = parse_json(str(details.get("body") or "").encode())
-    except (ValueError, RecursionError):
-        return None, ""
+    body = error_body(exc)
     if not isinstance(body, dict) or not isinstance(body.get("code"), str) or not body["code"]:
         return None, ""
     return body["code"], str(body.get("message") or "")

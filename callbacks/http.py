@@ -45,6 +45,8 @@ from callbacks.provider import Submission
 from statemachine import clock
 
 _SNIPPET_CHARS = 500
+_REQUEST_ID_CHARS = 128
+CONNECT_TIMEOUT_S = 10.0  # a call with its own timeout still connects within this
 
 # A failure whose text says the input itself is wrong (or was refused by a safety filter) will
 # fail the same way on a retry; anything else (OOM, timeouts, crashed workers) may not.
@@ -179,6 +181,8 @@ def status_error(response: httpx.Response, *, provider: str, now: float) -> Prov
         "url": _url_without_query(response.request.url),
         "body": response.text[:_SNIPPET_CHARS],
     }
+    if request_id := response.headers.get("x-request-id"):
+        details["request_id"] = request_id[:_REQUEST_ID_CHARS]
     message = f"{provider}: HTTP {status}: {_provider_message(response)}"
     if status == 429:
         retry_after_s = parse_retry_after(response.headers.get("retry-after"), now)
@@ -203,6 +207,29 @@ async def request_json(
 
     Raises only ``ProviderError`` subclasses, each chained to the httpx error behind it.
     """
+    answer, _ = await request_answer(
+        client, method, url, provider=provider, headers=headers, json=json, params=params
+    )
+    return answer
+
+
+async def request_answer(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    provider: str,
+    headers: Mapping[str, str] | None = None,
+    json: Any = None,
+    params: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> tuple[Any, httpx.Headers]:
+    """``request_json`` that also gives the answer's headers (a synchronous provider's request
+    id), and with ``timeout_s`` its own timeout instead of the client's (connect at most
+    ``CONNECT_TIMEOUT_S``)."""
+    timeout: httpx.Timeout | Any = httpx.USE_CLIENT_DEFAULT
+    if timeout_s is not None:
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
     content: AsyncIterator[bytes] | None = None
     if json is not None:  # orjson: a data-URI input makes a body of hundreds of KB
         body = orjson.dumps(json)
@@ -217,7 +244,7 @@ async def request_json(
         # Streamed, so the body read is ours alone: a response holding its content sits in the
         # same kind of reference cycle as its request (see ``_sent_once``).
         async with client.stream(
-            method, url, headers=headers, content=content, params=params
+            method, url, headers=headers, content=content, params=params, timeout=timeout
         ) as response:
             if not response.is_success:
                 await response.aread()
@@ -226,13 +253,15 @@ async def request_json(
                 except httpx.HTTPStatusError as exc:
                     raise status_error(response, provider=provider, now=clock.now()) from exc
             raw = b"".join([part async for part in response.aiter_bytes()])
+            answer_headers = response.headers
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
         raise PermanentProviderError(
             f"{provider}: bad request URL: {exc}", details={"provider": provider}
         ) from exc
     except httpx.TimeoutException as exc:
+        within = f"no answer within {timeout_s:g} s" if timeout_s is not None else "timeout"
         raise RetryableProviderError(
-            f"{provider}: timeout: {type(exc).__name__}", details={"provider": provider}
+            f"{provider}: {within}: {type(exc).__name__}", details={"provider": provider}
         ) from exc
     except httpx.HTTPError as exc:
         raise RetryableProviderError(
@@ -240,9 +269,9 @@ async def request_json(
             details={"provider": provider},
         ) from exc
     if not raw:
-        return None
+        return None, answer_headers
     try:
-        return parse_json(raw)
+        return parse_json(raw), answer_headers
     except ValueError as exc:
         snippet = raw[:_SNIPPET_CHARS].decode("utf-8", "replace")
         raise RetryableProviderError(
@@ -257,6 +286,16 @@ async def _sent_once(parts: list[bytes]) -> AsyncIterator[bytes]:
     for each data-URI submit. Sent once only: provider clients never follow redirects."""
     while parts:
         yield parts.pop()
+
+
+def error_body(exc: ProviderError) -> Any:
+    """The parsed JSON body of a translated HTTP error (the snippet ``status_error`` kept in
+    ``details["body"]``), or None: no body, or one that does not parse (cut short, not JSON)."""
+    details = exc.details if isinstance(exc.details, Mapping) else {}
+    try:
+        return parse_json(str(details.get("body") or "").encode())
+    except (ValueError, RecursionError):
+        return None
 
 
 def parse_json(body: bytes) -> Any:

@@ -76,6 +76,7 @@ from callbacks.http import (
     IMAGE_KEY_PARAM,
     IMAGES_KEY_PARAM,
     checked_job_id,
+    error_body,
     error_status,
     expect_object,
     is_input_error,
@@ -178,11 +179,7 @@ def kling_error(
 
 def _error_body(exc: ProviderError) -> tuple[int | None, str]:
     """Kling's ``code`` and ``message`` from a translated HTTP error's body snippet."""
-    details = exc.details if isinstance(exc.details, Mapping) else {}
-    try:
-        body = parse_json(str(details.get("body") or "").encode())
-    except (ValueError, RecursionError):
-        return None, ""
+    body = error_body(exc)
     if not isinstance(body, dict):
         return None, ""
     return _code(body.get("code")), str(body.get("message") or "")

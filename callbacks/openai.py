@@ -92,6 +92,7 @@ from callbacks.errors import (
 )
 from callbacks.http import (
     checked_job_id,
+    error_body,
     error_status,
     expect_object,
     parse_json,
@@ -202,12 +203,10 @@ def standard_size(width: object, height: object) -> str | None:
 
 def _error_code(exc: ProviderError) -> tuple[str | None, str]:
     """OpenAI's ``error.code`` and ``error.message`` from a translated HTTP error's body."""
-    details = exc.details if isinstance(exc.details, Mapping) else {}
-    text = str(details.get("body") or "")
-    try:
-        body = parse_json(text.encode())
-    except (ValueError, RecursionError):  # a snippet cut short: the code is near the start
-        found = _CODE_IN_TEXT.search(text)
+    body = error_body(exc)
+    if body is None:  # a snippet cut short: the code is near the start
+        details = exc.details if isinstance(exc.details, Mapping) else {}
+        found = _CODE_IN_TEXT.search(str(details.get("body") or ""))
         return (found.group(1) if found else None), ""
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):

@@ -52,11 +52,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import httpx
-import orjson
 
 from callbacks.errors import (
     PermanentProviderError,
@@ -69,21 +68,20 @@ from callbacks.http import (
     IMAGE_KEY_PARAM,
     IMAGES_KEY_PARAM,
     JOB_ID,
+    error_body,
+    error_status,
     expect_object,
     model_name,
     output_urls,
-    parse_json,
-    status_error,
+    request_answer,
     url_path,
 )
 from callbacks.provider import Arrival, Delivery, Limits, Outcome, Quota, Submission
-from statemachine import clock
 
 DEFAULT_BASE_URL = "https://ark.cn-beijing.volces.com/api/v3"
 DEFAULT_MODEL = "doubao-seedream-4-0-250828"
 ROUTE: Final = ("images", "generations")
 DEFAULT_TIMEOUT_S: Final = 120.0
-CONNECT_TIMEOUT_S: Final = 10.0
 MAX_INPUTS: Final = 14
 
 # Inputs: jpeg or png for every Seedream/SeedEdit model (4.0 also takes webp, bmp, tiff, gif), at
@@ -159,13 +157,6 @@ def job_id_for(request_id: str | None, submission: Submission) -> str:
     return f"{base}-{secrets.token_hex(4)}"
 
 
-async def _sent_once(parts: list[bytes]) -> AsyncIterator[bytes]:
-    """A request body let go of once sent (see callbacks/http.py ``_sent_once``: a body httpx's
-    request objects kept would linger with them in a reference cycle)."""
-    while parts:
-        yield parts.pop()
-
-
 class SeedreamProvider:
     """The Provider port (and ``SyncProvider``) over Ark's image generation (module docstring)."""
 
@@ -188,7 +179,6 @@ class SeedreamProvider:
         self._http = http
         self._url = base_url.rstrip("/") + url_path(*ROUTE)
         self._auth = {"Authorization": f"Bearer {api_key}"}
-        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
 
     def validate_model(self, model: str) -> str:
         """``model`` if this adapter's grammar takes it, else ``InvalidModel``."""
@@ -245,67 +235,32 @@ class SeedreamProvider:
         return Outcome("succeeded", job_id_for(request_id, submission), outputs=urls)
 
     async def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-        """One call with this adapter's timeout: the answer object and its ``x-request-id``.
-
-        Translates like callbacks/http.py ``request_json``, which cannot hand back an answer's
-        headers; Ark's error codes on top (module docstring)."""
-        raw = orjson.dumps(body)
-        headers = {
-            **self._auth,
-            "Content-Type": "application/json",
-            "Content-Length": str(len(raw)),
-        }
-        content = _sent_once([raw])
-        del raw
+        """One call with this adapter's timeout: the answer object and its ``x-request-id``;
+        a refusal translated by status, refined by Ark's code (module docstring)."""
         try:
-            async with self._http.stream(
-                "POST", self._url, headers=headers, content=content, timeout=self._timeout
-            ) as response:
-                request_id = response.headers.get("x-request-id")
-                if not response.is_success:
-                    await response.aread()
-                    raise self._refusal(response, request_id)
-                answer = b"".join([part async for part in response.aiter_bytes()])
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-            raise PermanentProviderError(
-                f"{self.name}: bad request URL: {exc}", details={"provider": self.name}
+            answer, headers = await request_answer(
+                self._http,
+                "POST",
+                self._url,
+                provider=self.name,
+                headers=self._auth,
+                json=body,
+                timeout_s=self.timeout_s,
+            )
+        except ProviderError as exc:
+            found = _ark_code(error_body(exc))
+            status = error_status(exc)
+            if found is None or status is None:
+                raise
+            raise ark_error(
+                *found,
+                provider=self.name,
+                status=status,
+                details=exc.details,
+                retry_after_s=getattr(exc, "retry_after_s", None),
             ) from exc
-        except httpx.TimeoutException as exc:
-            raise RetryableProviderError(
-                f"{self.name}: no answer within {self.timeout_s:g} s: {type(exc).__name__}",
-                details={"provider": self.name},
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise RetryableProviderError(
-                f"{self.name}: connection failed: {type(exc).__name__}: {exc}",
-                details={"provider": self.name},
-            ) from exc
-        try:
-            parsed = parse_json(answer)
-        except ValueError as exc:
-            raise RetryableProviderError(
-                f"{self.name}: answer is not JSON", details={"provider": self.name}
-            ) from exc
-        return expect_object(parsed, provider=self.name, what="answer"), request_id
-
-    def _refusal(self, response: httpx.Response, request_id: str | None) -> ProviderError:
-        """The error for a non-2xx answer: callbacks/http.py's by status, refined by Ark's code."""
-        error = status_error(response, provider=self.name, now=clock.now())
-        details = {**(error.details or {}), "request_id": request_id}
-        try:
-            found = _ark_code(parse_json(response.content))
-        except (ValueError, RecursionError):
-            found = None
-        if found is None:
-            error.details = details
-            return error
-        return ark_error(
-            *found,
-            provider=self.name,
-            status=response.status_code,
-            details=details,
-            retry_after_s=getattr(error, "retry_after_s", None),
-        )
+        request_id = headers.get("x-request-id")
+        return expect_object(answer, provider=self.name, what="answer"), request_id
 
     async def submit(self, submission: Submission) -> str:
         raise PermanentProviderError(f"{self.name}: synchronous: use generate")
