@@ -23,7 +23,8 @@ Query ``{"JobId"}``: ``JobStatusCode`` ``"1"`` queued and ``"2"`` running; ``"5"
 retryable unless that code names a refusal (moderation, parameters, the account) or
 ``JobErrorMsg`` an input problem. A job Tencent does not know (``ResourceNotFound``) is a
 retryable failure. ``ResultDetails`` entries other than ``Success`` (images the job could not make)
-are named in the outcome's reason.
+are named in the outcome's reason; a success with fewer images than were asked for is retried by
+the outcome rules (statemachine/rules.py: never fewer images than were paid for).
 
 Errors come as HTTP 200 with ``Response.Error`` (``tencent_error``):
 

@@ -212,6 +212,13 @@ def _adopt(task: Task, outcome: Outcome, timings: Deadlines, choices: Choices) -
         return _retry_or_fail(
             task, "no_outputs", "provider returned no outputs", True, timings, choices
         )
+    if len(outcome.outputs) < task.num_outputs:  # never deliver fewer images than were paid for
+        if late:
+            return Ignore("stale")
+        message = f"provider returned {len(outcome.outputs)} of {task.num_outputs} outputs"
+        if outcome.reason:
+            message = f"{message}: {outcome.reason}"[:DETAIL_CHARS]
+        return _retry_or_fail(task, "too_few_outputs", message, True, timings, choices)
     superseded = task.provider_job_id if late else None
     return Adopt(outcome.job_id, outcome.outputs, late=late, cancel=superseded)
 

@@ -289,6 +289,26 @@ OUTCOME_ROWS = [
         Fail("no_outputs", NO_OUTPUTS),
     ),
     Row(
+        "current job: fewer outputs than were paid for are retried, never delivered",
+        waiting(num_outputs=3),
+        Outcome("succeeded", JOB, OUTPUTS * 2, reason="1 image(s) not made: moderated"),
+        same_retry(
+            "too_few_outputs", "provider returned 2 of 3 outputs: 1 image(s) not made: moderated"
+        ),
+    ),
+    Row(
+        "current job: fewer outputs on the last attempt fail (refunded)",
+        waiting(num_outputs=2, attempts=3),
+        ok(),
+        Fail("too_few_outputs", "provider returned 1 of 2 outputs"),
+    ),
+    Row(
+        "current job: as many outputs as were paid for, or more, are adopted",
+        waiting(num_outputs=2),
+        ok(outputs=OUTPUTS * 3),
+        Adopt(JOB, OUTPUTS * 3),
+    ),
+    Row(
         "current job: retryable failure is retried after the backoff on the fallback provider",
         waiting(),
         bad(),
@@ -342,6 +362,12 @@ OUTCOME_ROWS = [
         "earlier attempt: a late success without outputs is stale",
         waiting_second(),
         ok(JOB, outputs=()),
+        Ignore("stale"),
+    ),
+    Row(
+        "earlier attempt: a late success with too few outputs is stale",
+        waiting_second(num_outputs=2),
+        ok(JOB),
         Ignore("stale"),
     ),
     Row("earlier attempt: a late failure is stale", waiting_second(), bad(JOB), Ignore("stale")),
