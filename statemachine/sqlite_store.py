@@ -331,6 +331,17 @@ class SqliteStore:
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._executor().read(fn)
 
+    # Companion adapters (the outbox, the timeline) keep their own tables in this file and run
+    # their statements through this store's one database thread: the same batching and commits.
+
+    async def run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(conn)`` in the next batch's read snapshot (see ``sqlite_exec``)."""
+        return await self._read(fn)
+
+    async def run_write(self, fn: Callable[[Tx], T]) -> T:
+        """``fn(tx)`` in its own savepoint of the next batch's write transaction."""
+        return await self._write(fn)
+
     @contextlib.contextmanager
     def listen(self) -> Iterator[asyncio.Event]:
         """An event set (thread-safely, on the caller's loop) after every commit in this process

@@ -121,6 +121,11 @@ class Task:
     holds_slot: bool = False
     # polls of the current job that found it still running (the poll schedule's backoff)
     polls: int = 0
+    # The task's own destination for outbound webhooks (``webhook`` on POST /v1/tasks), signed
+    # with its owner's task-webhook secret; None: only the owner's registered endpoints.
+    webhook: str | None = None
+    # The watch link's revision: rotating the link bumps it, and every older link stops working.
+    watch_rev: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -172,6 +177,8 @@ class TaskDoc(TypedDict):
     lost_leases: int
     holds_slot: bool
     polls: int
+    webhook: str | None
+    watch_rev: int
 
 
 def to_doc(task: Task) -> TaskDoc:
@@ -210,6 +217,8 @@ def to_doc(task: Task) -> TaskDoc:
         lost_leases=task.lost_leases,
         holds_slot=task.holds_slot,
         polls=task.polls,
+        webhook=task.webhook,
+        watch_rev=task.watch_rev,
     )
 
 
@@ -268,4 +277,6 @@ def from_doc(doc: TaskDoc | dict[str, Any]) -> Task:
         lost_leases=doc.get("lost_leases", 0),
         holds_slot=doc.get("holds_slot", False),
         polls=doc.get("polls", 0),
+        webhook=doc.get("webhook"),
+        watch_rev=doc.get("watch_rev", 0),
     )
