@@ -21,7 +21,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -38,6 +38,8 @@ from service.media.fetch import SafeFetcher
 from service.media.watermark import WatermarkConfig
 from service.ops.live import live_watchers
 from service.ops.metrics import Metrics
+from service.outbound.deliverer import Deliverer
+from service.outbound.feeder import OutboxFeeder, Render
 from service.providers import (
     PROJECT_WEBHOOKS,
     build_pacing,
@@ -58,10 +60,13 @@ from statemachine import clock
 from statemachine.errors import StoreError, Unavailable
 from statemachine.feed import Broadcaster, Watcher
 from statemachine.mongo_feed import MongoChangeFeed
+from statemachine.mongo_outbox import MongoOutbox
 from statemachine.mongo_store import MongoStore
+from statemachine.outbox import Backoff, Outbox
 from statemachine.reaper import Reaper
 from statemachine.retention import Retention
 from statemachine.sqlite_feed import SqliteFeed
+from statemachine.sqlite_outbox import SqliteOutbox
 from statemachine.sqlite_store import SqliteStore
 from statemachine.states import State
 from statemachine.store import ChangeFeed, TaskStore
@@ -96,6 +101,12 @@ class Runtime:
     runner: StepRunner | None
     media_budget: MemoryBudget
     pacing: Pacing
+    # outbound webhooks: the outbox (None on a store with no outbox adapter), its deliverer (in a
+    # dispatcher process), and how a task looks in a message — the HTTP layer's view, handed over
+    # by create_app; without it this process queues no messages
+    outbox: Outbox | None = None
+    deliverer: Deliverer | None = None
+    render_task: Render | None = None
     simulator: Simulator | None = None
     now: Callable[[], float] = clock.now
     _loops: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -104,7 +115,8 @@ class Runtime:
         """Open the store (a store that is down does not stop the process: readiness is false
         and requests answer 503 until a background retry opens it), then start the loops."""
         settings = self.settings
-        opener = asyncio.create_task(open_store(self.store), name="open-store")
+        companions = [self.outbox] if self.outbox is not None else []
+        opener = asyncio.create_task(open_store(self.store, *companions), name="open-store")
         if not await _opened_soon(opener, settings.store_timeout_s + 1):
             log.error("store_unavailable_at_startup", store=settings.store_url.split("?")[0])
         roles = settings.role_set()
@@ -117,6 +129,15 @@ class Runtime:
                 "dispatcher", self.feed, self.store, dispatcher.handle, start_at_head=True
             )
             loops.append(("dispatcher", _after(opener, watcher.run())))
+        if self.deliverer is not None and self.render_task is not None and self.outbox is not None:
+            feeder = OutboxFeeder(
+                self.store, self.outbox, self.render_task, wake=self.deliverer.wake
+            )
+            # Messages are for changes from now on: an endpoint hears nothing from before it was
+            # registered, and a fresh outbox does not replay the feed's history.
+            watcher = Watcher("outbox", self.feed, self.store, feeder.handle, start_at_head=True)
+            loops.append(("outbox", _after(opener, watcher.run())))
+            loops.append(("deliverer", _after(opener, self.deliverer.run())))
         if self.runner is not None and "reaper" in roles:
             backstop = Backstop(self.runner, self.outcomes)
             reaper = Reaper(
@@ -262,6 +283,12 @@ def build_runtime(
             rng=rng,
             owner=owner or f"{socket.gethostname()}:{os.getpid()}",
         )
+    outbox = build_outbox(store)
+    deliverer = None
+    if outbox is not None and "dispatcher" in settings.role_set():
+        deliverer = build_deliverer(settings, outbox, http, now)
+        deliverer.on_outcome = metrics.on_webhook_outcome
+    metrics.outbox = outbox
     return Runtime(
         settings=settings,
         store=store,
@@ -281,6 +308,8 @@ def build_runtime(
         runner=runner,
         media_budget=media_budget,
         pacing=pacing,
+        outbox=outbox,
+        deliverer=deliverer,
         simulator=simulator,
         now=now,
     )
@@ -365,6 +394,38 @@ def build_store(settings: Settings) -> tuple[TaskStore, ChangeFeed]:
     raise ValueError(f"HOOKLINE_STORE_URL must be sqlite:/// or mongodb://, got {url!r}")
 
 
+def build_outbox(store: TaskStore) -> Outbox | None:
+    """The outbox beside ``store`` (its tables in the same file or database); None for a store
+    with no outbox adapter (a test's stand-in)."""
+    if isinstance(store, SqliteStore):
+        return SqliteOutbox(store)
+    if isinstance(store, MongoStore):
+        return MongoOutbox(store.db)
+    return None
+
+
+def build_deliverer(
+    settings: Settings, outbox: Outbox, http: httpx.AsyncClient, now: Callable[[], float]
+) -> Deliverer:
+    """The outbox's sender: destinations under the input fetches' SSRF rules, plus
+    ``HOOKLINE_WEBHOOK_HOSTS``."""
+    fetcher = SafeFetcher(
+        http,
+        allow_hosts=settings.webhook_host_set(),
+        max_bytes=0,
+        timeout_s=settings.webhook_timeout_s,
+    )
+    return Deliverer(
+        outbox,
+        fetcher,
+        Backoff(settings.webhook_retry_base_s, settings.webhook_retry_horizon_s),
+        lease_s=settings.webhook_lease_s,
+        concurrency=settings.webhook_concurrency,
+        poll_s=settings.webhook_poll_s,
+        now=now,
+    )
+
+
 def build_blob_store(settings: Settings) -> BlobStore:
     """The adapter named by ``settings.blob_url``.
 
@@ -437,15 +498,22 @@ def _host_port(url: str) -> str:
     return f"{parsed.host}:{port}"
 
 
+class Opens(Protocol):
+    async def open(self) -> None: ...
+
+
 async def open_store(
-    store: TaskStore, *, first_wait_s: float = 0.5, max_wait_s: float = 30
+    store: TaskStore, *companions: Opens, first_wait_s: float = 0.5, max_wait_s: float = 30
 ) -> None:
-    """Open the store, retrying with backoff while it is unreachable. Until it opens, requests
-    that need it answer 503 and /readyz says not ready; the watchers retry on their own."""
+    """Open the store, then its companions (the outbox, which keep their tables beside it),
+    retrying with backoff while it is unreachable. Until it opens, requests that need it answer
+    503 and /readyz says not ready; the watchers retry on their own."""
     wait = first_wait_s
     while True:
         try:
             await store.open()
+            for companion in companions:
+                await companion.open()
         except (Unavailable, StoreError) as exc:
             log.warning("store_open_failed", error=exc.message, retry_in_s=wait)
             await asyncio.sleep(wait)

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from callbacks import bfl, dashscope, fal, hunyuan, kling, openai, replicate, seedream
@@ -198,12 +198,29 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     cors_origins: str = ""  # comma-separated; empty = CORS off
     file_url_ttl_s: int = 3600
+    # how long a task's watch link (its GET and event stream without a key) stays valid
+    watch_ttl_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
 
     # retention: feed events and webhook delivery records older than this are pruned in bounded
     # batches (never a feed event a persistent watcher has not passed)
     feed_retention_s: float = Field(default=7 * 86_400.0, gt=0)
     deliveries_retention_s: float = Field(default=7 * 86_400.0, gt=0)
     prune_batch: int = Field(default=1_000, ge=1)
+    # a task's timeline (GET /v1/tasks/{id}/timeline) keeps its newest this many notes
+    timeline_max_notes: int = Field(default=200, ge=1, le=10_000)
+
+    # outbound webhooks (service/outbound/): destinations are public https hosts, plus these
+    # (comma-separated host or host:port), which may be http, loopback or private
+    webhook_hosts: str = ""
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)  # the gap before the second try
+    webhook_retry_horizon_s: float = Field(default=86_400.0, gt=0)  # then the message fails
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)  # per request
+    webhook_concurrency: int = Field(default=16, ge=1, le=1_000)  # requests in flight
+    webhook_lease_s: float = Field(default=120.0, gt=0)  # a claimed message's lease
+    webhook_poll_s: float = Field(default=0.5, gt=0, le=60)  # how often due retries are looked for
+    webhook_secret_overlap_s: float = Field(default=86_400.0, ge=0)  # old secret signs too
+    webhook_max_endpoints: int = Field(default=10, ge=1, le=1_000)  # per user
+    webhook_retention_s: float = Field(default=7 * 86_400.0, gt=0)  # settled messages kept
 
     # watermark
     watermark_text: str = "hookline"
@@ -220,6 +237,14 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     log_format: Literal["console", "json"] = "console"
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_request(self) -> Settings:
+        # a message's lease must outlive the request sending it, or a second deliverer would
+        # claim and send it while the first still waits for the answer
+        if self.webhook_lease_s <= 2 * self.webhook_timeout_s:
+            raise ValueError("webhook_lease_s must be over twice webhook_timeout_s")
+        return self
 
     def deadlines(self) -> Deadlines:
         return Deadlines(
@@ -290,6 +315,10 @@ class Settings(BaseSettings):
         if self.output_hosts is None:
             return None
         return frozenset(split_csv(self.output_hosts))
+
+    def webhook_host_set(self) -> frozenset[str]:
+        """Hosts outbound webhooks may go to besides public https ones (``webhook_hosts``)."""
+        return frozenset(split_csv(self.webhook_hosts))
 
     def sim_webhook_host_set(self) -> frozenset[str]:
         """Hosts besides this hookline the simulator may post webhooks to."""

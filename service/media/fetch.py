@@ -182,6 +182,39 @@ class SafeFetcher:
                 retryable=True,
             ) from None
 
+    async def check_destination(self, url: str) -> None:
+        """Raise ``FetchError`` unless ``url`` may be sent to under the rules above (resolved
+        now: a destination registered for later is checked again when it is used)."""
+        await self._addresses(self._parse(url))
+
+    async def post(
+        self, url: str, content: bytes, headers: Mapping[str, str], *, max_answer_bytes: int
+    ) -> int:
+        """POST ``content`` to ``url`` under the same rules (pinned to the checked address, no
+        redirect followed: a 3xx is the answer) within ``timeout_s``; return the status code.
+        At most ``max_answer_bytes`` of the answer are read, and then dropped."""
+        parsed = self._parse(url)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                response = await self._send(parsed, dict(headers), method="POST", content=content)
+                try:
+                    read = 0
+                    async for chunk in response.aiter_raw():
+                        read += len(chunk)
+                        if read >= max_answer_bytes:
+                            break
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise FetchError(
+                f"no answer within {self.timeout_s:g} s", code="url_timeout", retryable=True
+            ) from None
+        except httpx.TransportError as exc:  # the answer's body broke off: the status stands
+            raise FetchError(
+                f"{parsed.host} failed: {exc}", code="url_unreachable", retryable=True
+            ) from exc
+        return response.status_code
+
     async def _fetch(self, url: str, headers: dict[str, str], accept_image: bool) -> FetchResult:
         current = self._parse(url)
         for _ in range(self.max_redirects + 1):
@@ -276,11 +309,18 @@ class SafeFetcher:
                     )
         return candidates
 
-    async def _send(self, url: httpx.URL, headers: dict[str, str]) -> httpx.Response:
-        """Send a GET to ``url`` pinned to each checked address in turn until one connects."""
+    async def _send(
+        self,
+        url: httpx.URL,
+        headers: dict[str, str],
+        *,
+        method: str = "GET",
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        """Send a request to ``url`` pinned to each checked address in turn until one connects."""
         last: httpx.TransportError | None = None
         for address in await self._addresses(url):
-            request = self._pinned_request(url, address, headers)
+            request = self._pinned_request(url, address, headers, method=method, content=content)
             try:
                 return await self._http.send(request, stream=True, follow_redirects=False)
             except httpx.ConnectError as exc:
@@ -298,7 +338,13 @@ class SafeFetcher:
         ) from last
 
     def _pinned_request(
-        self, url: httpx.URL, address: str, headers: dict[str, str]
+        self,
+        url: httpx.URL,
+        address: str,
+        headers: dict[str, str],
+        *,
+        method: str = "GET",
+        content: bytes | None = None,
     ) -> httpx.Request:
         host_header = url.netloc.decode("ascii")  # the name (and a non-default port) as written
         pinned = url.copy_with(host=address)
@@ -306,7 +352,7 @@ class SafeFetcher:
         # identity: a compressed body could expand past max_bytes inside a single decoded chunk
         request_headers = {"Accept-Encoding": "identity", **headers, "Host": host_header}
         return self._http.build_request(
-            "GET", pinned, headers=request_headers, extensions=extensions
+            method, pinned, headers=request_headers, content=content, extensions=extensions
         )
 
     @staticmethod

@@ -19,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from service.ops.stats import TIMEOUT_OUTCOMES, state_intervals
+from statemachine import clock
+from statemachine.outbox import Outbox
 from statemachine.states import REFUNDED_STATES, TERMINAL, Event, State
 from statemachine.store import FeedEvent, TaskStore
 
@@ -92,6 +94,21 @@ class Metrics:
         self.credits_refunded = Counter(
             "hookline_credits_refunded", "Credits given back on failed/cancelled.", registry=r
         )
+        self.outbound = Counter(
+            "hookline_outbound_deliveries",
+            "Outbound webhook tries by outcome (delivered, retried, failed, gone, undeliverable).",
+            ["outcome"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "hookline_outbox_depth", "Outbound webhook messages not yet settled.", registry=r
+        )
+        self.outbox_oldest = Gauge(
+            "hookline_outbox_oldest_pending_seconds",
+            "Age of the oldest outbound webhook message not yet settled (0: none).",
+            registry=r,
+        )
+        self.outbox: Outbox | None = None  # set by the runtime when the store has one
         r.register(_LiveCollector(reconciliations, sse_clients))
 
     # --- fed by the change feed -----------------------------------------------------------------
@@ -139,6 +156,9 @@ class Metrics:
             if len(self._entered) > MAX_TRACKED_TASKS:
                 self._entered.popitem(last=False)
 
+    def on_webhook_outcome(self, outcome: str) -> None:
+        self.outbound.labels(outcome=outcome).inc()
+
     def on_webhook_rejected(self, provider: str, code: str) -> None:
         """The webhook receiver's ``on_rejected`` callback."""
         self.webhook_rejected.labels(provider=self._provider(provider), code=code[:64]).inc()
@@ -168,6 +188,11 @@ class Metrics:
         self.user_jobs.clear()
         for user, n in busiest.items():
             self.user_jobs.labels(user=user[:64]).set(n)
+        if self.outbox is not None:
+            depth = await self.outbox.depth()
+            self.outbox_depth.set(depth.pending)
+            oldest = depth.oldest_created_at
+            self.outbox_oldest.set(max(0.0, clock.now() - oldest) if oldest is not None else 0.0)
         return generate_latest(self.registry)
 
 
