@@ -58,12 +58,21 @@ first; the delivery's job is then mapped to its task through the stored job id
 (the provider retries; a job recorded a moment later is found then, and the reaper's poll is the
 backstop). Events the adapter does not act on (``WebhookRejected`` code ``ignored_event``) are
 acknowledged with 200 so the provider stops sending them.
+
+**The timeline** (statemachine/timeline.py): every delivery for a task that exists, whose token
+matched (a project-level one: whose job mapped to a task), leaves a note — its delivery id, whether
+it verified, why it was refused, what it said and what became of it, its headers with secrets
+redacted — and so does every poll a trigger makes. A delivery with a wrong token leaves none: it
+proves nothing about who sent it, and whoever knows a task id could otherwise fill its timeline.
+Notes are written in the background (``spawn``), after the answer is decided: no store round trip
+is added in front of the 2xx, and a failing note is logged, never answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -72,11 +81,13 @@ from typing import Any, Final, Protocol
 import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, WebhookRejected
+from callbacks.http import error_status
 from callbacks.provider import Delivery, Outcome, Provider
-from statemachine.errors import NotFound, Unavailable
+from statemachine.errors import HooklineError, NotFound, Unavailable
 from statemachine.states import State
 from statemachine.store import TaskStore
 from statemachine.task import Task
+from statemachine.timeline import Timeline, elapsed_ms, note_quietly, poll_note, redact_headers
 
 log = structlog.get_logger()
 
@@ -140,6 +151,17 @@ def trigger_key(job_id: str) -> str:
 
 
 @dataclass(slots=True)
+class _Seen:
+    """What the checks learnt of one delivery before its answer, for its timeline note: when it
+    arrived, the task (once the token matched), the verified delivery (once the adapter accepted
+    it)."""
+
+    at: float
+    task: Task | None = None
+    delivery: Delivery | None = None
+
+
+@dataclass(slots=True)
 class _Held:
     """Deliveries for a job not yet recorded on their task (the fast-provider race)."""
 
@@ -166,6 +188,7 @@ class WebhookReceiver:
         trigger_cooldown_s: float = TRIGGER_COOLDOWN_S,
         pace: Callable[[str], Awaitable[None]] | None = None,
         project_level: frozenset[str] = frozenset(),
+        timeline: Timeline | None = None,
     ) -> None:
         self.store = store
         self.providers = providers
@@ -177,6 +200,7 @@ class WebhookReceiver:
         self.trigger_cooldown_s = trigger_cooldown_s
         self.pace = pace  # waits for a poll token of the named provider
         self.project_level = project_level  # providers with project-level webhooks
+        self.timeline = timeline  # where deliveries and polls are noted (None: nowhere)
         self._held: dict[tuple[str, str], _Held] = {}
         self._held_per_task: Counter[str] = Counter()
         # (provider, job) -> another trigger came while its poller was busy or cooling down
@@ -187,23 +211,33 @@ class WebhookReceiver:
     ) -> Receipt:
         """Handle one delivery. Raises ``WebhookRejected``/``NotFound`` for bad deliveries (both
         logged and counted), ``Unavailable`` when too many deliveries wait for their job."""
+        seen = _Seen(self.now())
         try:
-            return await self._handle(provider_name, task_id, token, headers, body)
-        except (WebhookRejected, NotFound) as exc:
-            self._rejected(provider_name, exc)
+            receipt = await self._handle(provider_name, task_id, token, headers, body, seen)
+        except HooklineError as exc:
+            if isinstance(exc, WebhookRejected | NotFound):
+                self._rejected(provider_name, exc)
+            self._note_delivery(provider_name, seen, headers, refused=exc)
             raise
+        self._note_delivery(provider_name, seen, headers, receipt=receipt)
+        return receipt
 
     async def handle_project(
         self, provider_name: str, headers: Mapping[str, str], body: bytes
     ) -> Receipt:
         """Handle one project-level delivery (module docstring); raises as ``handle``."""
+        seen = _Seen(self.now())
         try:
-            return await self._handle_project(provider_name, headers, body)
-        except (WebhookRejected, NotFound) as exc:
+            receipt = await self._handle_project(provider_name, headers, body, seen)
+        except HooklineError as exc:
             if exc.code == "ignored_event":
                 return Receipt(200, {"status": "ignored"})
-            self._rejected(provider_name, exc)
+            if isinstance(exc, WebhookRejected | NotFound):
+                self._rejected(provider_name, exc)
+            self._note_delivery(provider_name, seen, headers, refused=exc)
             raise
+        self._note_delivery(provider_name, seen, headers, receipt=receipt)
+        return receipt
 
     def _rejected(self, provider_name: str, exc: WebhookRejected | NotFound) -> None:
         """Log and count a refused delivery."""
@@ -211,8 +245,37 @@ class WebhookReceiver:
         if self.on_rejected:
             self.on_rejected(provider_name, exc.code)
 
+    def _note_delivery(
+        self,
+        provider_name: str,
+        seen: _Seen,
+        headers: Mapping[str, str],
+        *,
+        receipt: Receipt | None = None,
+        refused: HooklineError | None = None,
+    ) -> None:
+        """Note a delivery on its task's timeline, in the background (module docstring)."""
+        if self.timeline is None or seen.task is None:
+            return
+        delivery = seen.delivery
+        said = None
+        if delivery is not None:
+            said = delivery.outcome.status if delivery.outcome is not None else "trigger"
+        data = {
+            "provider": provider_name,
+            "delivery_id": delivery.delivery_id if delivery is not None else None,
+            "job_id": delivery.job_id if delivery is not None else None,
+            "verified": delivery is not None,
+            "status": said,
+            "result": receipt.body.get("status") if receipt is not None else None,
+            "reason": refused.code if refused is not None else None,
+            "message": refused.message if refused is not None else None,
+            "headers": redact_headers(headers),
+        }
+        self.spawn(note_quietly(self.timeline, seen.task.id, "webhook", seen.at, data))
+
     async def _handle_project(
-        self, provider_name: str, headers: Mapping[str, str], body: bytes
+        self, provider_name: str, headers: Mapping[str, str], body: bytes, seen: _Seen
     ) -> Receipt:
         provider = self.providers.get(provider_name)
         if provider is None or provider_name not in self.project_level:
@@ -223,10 +286,17 @@ class WebhookReceiver:
         task = await self.store.task_by_job(provider_name, delivery.job_id)
         if task is None:
             raise NotFound(f"job {delivery.job_id!r} is no task's", code="unknown_job")
+        seen.task, seen.delivery = task, delivery
         return await self._accept(provider_name, provider, task, delivery)
 
     async def _handle(
-        self, provider_name: str, task_id: str, token: str, headers: Mapping[str, str], body: bytes
+        self,
+        provider_name: str,
+        task_id: str,
+        token: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        seen: _Seen,
     ) -> Receipt:
         provider = self.providers.get(provider_name)
         if provider is None:
@@ -236,12 +306,14 @@ class WebhookReceiver:
             raise NotFound(f"unknown task {task_id!r}", code="unknown_task")
         if not hmac.compare_digest(token.encode(), task.callback_token.encode()):
             raise WebhookRejected("callback token does not match the task", code="bad_token")
+        seen.task = task
         used = {task.provider, *(a.provider for a in task.attempt_log)}
         if provider_name not in used:
             raise WebhookRejected(
                 f"task {task_id} never ran on {provider_name}", code="wrong_provider"
             )
         delivery = await provider.verify(headers, body, self.now())
+        seen.delivery = delivery
         if delivery.outcome is not None and delivery.outcome.job_id != delivery.job_id:
             raise WebhookRejected("the outcome names another job", code="malformed_body")
         if not is_tasks_job(task, provider_name, delivery.job_id):
@@ -374,18 +446,41 @@ class WebhookReceiver:
         for attempt in range(POLL_TRIES):
             if self.pace is not None:
                 await self.pace(provider.name)
+            started = time.perf_counter()
             try:
                 outcome = await provider.poll(job_id, model)
             except PermanentProviderError as exc:
+                self._note_poll(task_id, provider.name, job_id, started, error=exc)
                 log.warning("webhook_poll_refused", task_id=task_id, error=exc.message)
                 return None
             except ProviderError as exc:
+                self._note_poll(task_id, provider.name, job_id, started, error=exc)
                 log.warning("webhook_poll_failed", task_id=task_id, error=exc.message)
                 if attempt + 1 < POLL_TRIES:
                     await asyncio.sleep(0.5 * 2**attempt)
                 continue
+            self._note_poll(task_id, provider.name, job_id, started, answer=outcome)
             if outcome.job_id != job_id:
                 log.warning("webhook_poll_other_job", task_id=task_id, job_id=job_id)
                 return None
             return outcome
         return None
+
+    def _note_poll(
+        self,
+        task_id: str,
+        provider_name: str,
+        job_id: str,
+        started: float,
+        *,
+        answer: Outcome | None = None,
+        error: ProviderError | None = None,
+    ) -> None:
+        """Note a trigger's poll and its answer on the task's timeline, in the background."""
+        if self.timeline is None:
+            return
+        status = error_status(error) if error is not None else None
+        data = poll_note(
+            provider_name, job_id, "trigger", elapsed_ms(started), answer, error, status
+        )
+        self.spawn(note_quietly(self.timeline, task_id, "poll", self.now(), data))

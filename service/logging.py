@@ -13,7 +13,7 @@ import structlog
 
 _SECRET_KEYS = re.compile(r"(secret|token|api_key|password|authorization|key_hash|x-key)", re.I)
 _SECRET_VALUES = re.compile(r"(hk_[A-Za-z0-9_\-]{8,}|whsec_[A-Za-z0-9+/=]{8,}|Bearer\s+\S+)")
-_SECRET_PARAMS = re.compile(r"\b(token|sig|key|secret)=[^&\s\"']+")
+_SECRET_PARAMS = re.compile(r"\b(token|sig|key|secret|watch)=[^&\s\"']+")
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -38,7 +38,7 @@ from service.media.fetch import SafeFetcher
 from service.media.watermark import WatermarkConfig
 from service.ops.live import live_watchers
 from service.ops.metrics import Metrics
-from service.outbound.deliverer import Deliverer
+from service.outbound.deliverer import Deliverer, Note
 from service.outbound.feeder import OutboxFeeder, Render
 from service.providers import (
     PROJECT_WEBHOOKS,
@@ -51,7 +51,7 @@ from service.settings import Settings
 from service.steps.dispatcher import Backstop, Dispatcher
 from service.steps.outcomes import OutcomeApplier
 from service.steps.pacing import Pacing
-from service.steps.processing import ProcessingStep
+from service.steps.processing import ProcessingStep, observe_answer
 from service.steps.runner import StepRunner
 from service.steps.watermarking import WatermarkingStep
 from service.styles import Catalogue
@@ -62,14 +62,17 @@ from statemachine.feed import Broadcaster, Watcher
 from statemachine.mongo_feed import MongoChangeFeed
 from statemachine.mongo_outbox import MongoOutbox
 from statemachine.mongo_store import MongoStore
+from statemachine.mongo_timeline import MongoTimeline
 from statemachine.outbox import Backoff, Outbox
 from statemachine.reaper import Reaper
 from statemachine.retention import Retention
 from statemachine.sqlite_feed import SqliteFeed
 from statemachine.sqlite_outbox import SqliteOutbox
 from statemachine.sqlite_store import SqliteStore
+from statemachine.sqlite_timeline import SqliteTimeline
 from statemachine.states import State
 from statemachine.store import ChangeFeed, TaskStore
+from statemachine.timeline import Timeline
 
 log = structlog.get_logger()
 
@@ -106,7 +109,11 @@ class Runtime:
     # by create_app; without it this process queues no messages
     outbox: Outbox | None = None
     deliverer: Deliverer | None = None
+    feeder: OutboxFeeder | None = None
     render_task: Render | None = None
+    # each task's notes (submits, webhooks, polls, deliveries) beside the store; None on a store
+    # with no timeline adapter
+    timeline: Timeline | None = None
     simulator: Simulator | None = None
     now: Callable[[], float] = clock.now
     _loops: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -115,7 +122,9 @@ class Runtime:
         """Open the store (a store that is down does not stop the process: readiness is false
         and requests answer 503 until a background retry opens it), then start the loops."""
         settings = self.settings
-        companions = [self.outbox] if self.outbox is not None else []
+        companions: list[Opens] = [self.outbox] if self.outbox is not None else []
+        if self.timeline is not None:
+            companions.append(self.timeline)
         opener = asyncio.create_task(open_store(self.store, *companions), name="open-store")
         if not await _opened_soon(opener, settings.store_timeout_s + 1):
             log.error("store_unavailable_at_startup", store=settings.store_url.split("?")[0])
@@ -130,9 +139,10 @@ class Runtime:
             )
             loops.append(("dispatcher", _after(opener, watcher.run())))
         if self.deliverer is not None and self.render_task is not None and self.outbox is not None:
-            feeder = OutboxFeeder(
+            feeder = self.feeder = OutboxFeeder(
                 self.store, self.outbox, self.render_task, wake=self.deliverer.wake
             )
+            self.deliverer.on_disabled = feeder.forget
             # Messages are for changes from now on: an endpoint hears nothing from before it was
             # registered, and a fresh outbox does not replay the feed's history.
             watcher = Watcher("outbox", self.feed, self.store, feeder.handle, start_at_head=True)
@@ -150,6 +160,8 @@ class Runtime:
                 deliveries_retention_s=settings.deliveries_retention_s,
                 batch=settings.prune_batch,
                 now=self.now,
+                outbox=self.outbox,
+                outbox_retention_s=settings.webhook_retention_s,
             )
             loops.append(("retention", _after(opener, retention.run())))
         for name, watch in live_watchers(self.feed, self.store, self.broadcaster, self.metrics):
@@ -222,6 +234,11 @@ def build_runtime(
     timings = Timings(settings, {name: p.arrival for name, p in providers.items()})
     pacing = build_pacing(settings, providers, now=now)
     background = Background("background")
+    timeline = build_timeline(store, settings)
+    # the statuses of a submit's answers, for its timeline note (the adapters return a job id)
+    hooks = http.event_hooks
+    if observe_answer not in hooks["response"]:
+        http.event_hooks = {**hooks, "response": [*hooks["response"], observe_answer]}
     outcomes = OutcomeApplier(
         store,
         providers,
@@ -233,6 +250,7 @@ def build_runtime(
         now=now,
         rng=rng,
         pacing=pacing,
+        timeline=timeline,
     )
     broadcaster = Broadcaster()
     receiver = WebhookReceiver(
@@ -243,6 +261,7 @@ def build_runtime(
         spawn=background.spawn,
         pace=lambda name: pacing.take(name, "poll"),
         project_level=PROJECT_WEBHOOKS,
+        timeline=timeline,
     )
     metrics = Metrics(
         store,
@@ -288,6 +307,8 @@ def build_runtime(
     if outbox is not None and "dispatcher" in settings.role_set():
         deliverer = build_deliverer(settings, outbox, http, now)
         deliverer.on_outcome = metrics.on_webhook_outcome
+        if timeline is not None:
+            deliverer.note = _delivery_notes(timeline)
     metrics.outbox = outbox
     return Runtime(
         settings=settings,
@@ -310,6 +331,7 @@ def build_runtime(
         pacing=pacing,
         outbox=outbox,
         deliverer=deliverer,
+        timeline=timeline,
         simulator=simulator,
         now=now,
     )
@@ -394,6 +416,15 @@ def build_store(settings: Settings) -> tuple[TaskStore, ChangeFeed]:
     raise ValueError(f"HOOKLINE_STORE_URL must be sqlite:/// or mongodb://, got {url!r}")
 
 
+def _delivery_notes(timeline: Timeline) -> Note:
+    """Each outbound try, told to its task's timeline."""
+
+    async def note(task_id: str, at: float, data: dict[str, object]) -> None:
+        await timeline.note(task_id, "delivery", at, data)
+
+    return note
+
+
 def build_outbox(store: TaskStore) -> Outbox | None:
     """The outbox beside ``store`` (its tables in the same file or database); None for a store
     with no outbox adapter (a test's stand-in)."""
@@ -401,6 +432,17 @@ def build_outbox(store: TaskStore) -> Outbox | None:
         return SqliteOutbox(store)
     if isinstance(store, MongoStore):
         return MongoOutbox(store.db)
+    return None
+
+
+def build_timeline(store: TaskStore, settings: Settings) -> Timeline | None:
+    """The timeline beside ``store`` (its table in the same file, its collection in the same
+    database), bounded by ``HOOKLINE_TIMELINE_MAX_NOTES``; None for a store with no timeline
+    adapter (a test's stand-in)."""
+    if isinstance(store, SqliteStore):
+        return SqliteTimeline(store, max_notes=settings.timeline_max_notes)
+    if isinstance(store, MongoStore):
+        return MongoTimeline(store.db, max_notes=settings.timeline_max_notes)
     return None
 
 

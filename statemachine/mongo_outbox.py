@@ -3,7 +3,8 @@
 Every write is one single-document operation (no transactions, so the CRUD-compatible fake runs
 it too). A claim is ``find_one_and_update`` per message, so two deliverers never hold one message;
 a settle is a conditional update on (id, lease owner) followed by the attempt's insert: a crash
-between the two loses that attempt's record, never the message's state.
+between the two loses that attempt's record, never the message's state. Driver errors leave as
+``StoreError`` / ``Unavailable``, as the store's do.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from statemachine.errors import Conflict, NotFound
+from statemachine.mongo_store import translated
 from statemachine.outbox import (
     DeliveryAttempt,
     Depth,
@@ -90,6 +92,7 @@ class MongoOutbox:
         self._messages = db["outbox"]
         self._attempts = db["outbox_attempts"]
 
+    @translated
     async def open(self) -> None:
         await self._endpoints.create_index(
             [("owner", ASCENDING), ("created_at", ASCENDING)], name="owner"
@@ -109,6 +112,7 @@ class MongoOutbox:
 
     # endpoints
 
+    @translated
     async def add_endpoint(self, endpoint: Endpoint, *, max_per_owner: int) -> None:
         count = await self._endpoints.count_documents({"owner": endpoint.owner})
         if count >= max_per_owner:
@@ -120,18 +124,22 @@ class MongoOutbox:
         doc["events"] = list(endpoint.events)
         await self._endpoints.insert_one(doc)
 
+    @translated
     async def endpoints(self, owner: str) -> list[Endpoint]:
         cursor = self._endpoints.find({"owner": owner}).sort([("created_at", 1), ("_id", 1)])
         return [_endpoint(d) async for d in cursor]
 
+    @translated
     async def get_endpoint(self, endpoint_id: str) -> Endpoint | None:
         doc = await self._endpoints.find_one({"_id": endpoint_id})
         return _endpoint(doc) if doc else None
 
+    @translated
     async def delete_endpoint(self, owner: str, endpoint_id: str) -> bool:
         result = await self._endpoints.delete_one({"_id": endpoint_id, "owner": owner})
         return result.deleted_count == 1
 
+    @translated
     async def rotate_endpoint(
         self, owner: str, endpoint_id: str, secret: str, previous_until: float
     ) -> Endpoint:
@@ -153,6 +161,7 @@ class MongoOutbox:
             raise Conflict("the endpoint changed while rotating", code="webhook_changed")
         return _endpoint(doc)
 
+    @translated
     async def disable_endpoint(self, endpoint_id: str, reason: str, now: float) -> None:
         await self._endpoints.update_one(
             {"_id": endpoint_id, "disabled_at": None},
@@ -161,6 +170,7 @@ class MongoOutbox:
 
     # owners' secrets
 
+    @translated
     async def owner_secret(self, owner: str) -> OwnerSecret | None:
         doc = await self._secrets.find_one({"_id": owner})
         if doc is None:
@@ -173,6 +183,7 @@ class MongoOutbox:
             previous_until=doc.get("previous_until"),
         )
 
+    @translated
     async def set_owner_secret(self, owner: str, secret: str, now: float, overlap_s: float) -> None:
         current = await self._secrets.find_one({"_id": owner})
         doc: Doc = {"_id": owner, "secret": secret, "created_at": now}
@@ -183,6 +194,7 @@ class MongoOutbox:
 
     # messages
 
+    @translated
     async def enqueue(self, messages: list[Message]) -> int:
         new = 0
         for m in messages:
@@ -195,6 +207,7 @@ class MongoOutbox:
             new += 1
         return new
 
+    @translated
     async def claim(self, now: float, worker: str, lease_s: float, limit: int) -> list[Message]:
         claimed: list[Message] = []
         for _ in range(limit):
@@ -213,6 +226,7 @@ class MongoOutbox:
             claimed.append(_message(doc))
         return claimed
 
+    @translated
     async def settle(
         self,
         message: Message,
@@ -257,18 +271,22 @@ class MongoOutbox:
         )
         return True
 
+    @translated
     async def get_message(self, message_id: str) -> Message | None:
         doc = await self._messages.find_one({"_id": message_id})
         return _message(doc) if doc else None
 
+    @translated
     async def task_messages(self, task_id: str, limit: int) -> list[Message]:
         cursor = self._messages.find({"task_id": task_id}).sort("created_at", 1).limit(limit)
         return [_message(d) async for d in cursor]
 
+    @translated
     async def attempts(self, message_id: str) -> list[DeliveryAttempt]:
         cursor = self._attempts.find({"message_id": message_id}).sort("number", 1)
         return [_attempt(d) async for d in cursor]
 
+    @translated
     async def replay(self, message_id: str, now: float) -> Message | None:
         doc = await self._messages.find_one_and_update(
             {"_id": message_id},
@@ -286,6 +304,7 @@ class MongoOutbox:
         )
         return _message(doc) if doc else None
 
+    @translated
     async def depth(self) -> Depth:
         pending = await self._messages.count_documents({"state": "pending"})
         oldest = await self._messages.find_one(
@@ -293,6 +312,7 @@ class MongoOutbox:
         )
         return Depth(pending, oldest["created_at"] if oldest else None)
 
+    @translated
     async def prune(self, before_at: float, limit: int) -> int:
         cursor = (
             self._messages.find(

@@ -112,7 +112,7 @@ _USER_FIELDS: Final = {
 }
 
 
-def _translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Translate driver errors at the boundary: connection trouble → Unavailable, else
     StoreError. hookline's own errors (and a test's injected crash) pass through."""
 
@@ -223,7 +223,7 @@ class MongoStore:
 
     # lifecycle
 
-    @_translated
+    @translated
     async def open(self) -> None:
         """Create the indexes (idempotent) and find the open feed bucket."""
         tasks = self._tasks
@@ -308,7 +308,7 @@ class MongoStore:
 
     # users, keys, credits
 
-    @_translated
+    @translated
     async def create_user(
         self,
         name: str,
@@ -348,7 +348,7 @@ class MongoStore:
             await self._settle_grant(name, marker, seq=1)
         return User(name, credits, is_admin, now, rate_limit_per_s, rate_limit_burst)
 
-    @_translated
+    @translated
     async def set_user_limits(
         self, name: str, *, rate_limit_per_s: float | None, rate_limit_burst: int | None
     ) -> User:
@@ -362,7 +362,7 @@ class MongoStore:
             raise NotFound(f"no user {name!r}", code="user_not_found")
         return _user(doc)
 
-    @_translated
+    @translated
     async def add_api_key(self, name: str, key_hash: str, now: float) -> None:
         if await self._users.find_one({"_id": name}, {"_id": 1}) is None:
             raise NotFound(f"no user {name!r}", code="user_not_found")
@@ -371,19 +371,19 @@ class MongoStore:
         except DuplicateKeyError as exc:
             raise Conflict("API key exists", code="key_exists") from exc
 
-    @_translated
+    @translated
     async def user_by_key_hash(self, key_hash: str) -> User | None:
         key = await self._keys.find_one({"_id": key_hash})
         if key is None:
             return None
         return await self.get_user(key["user"])
 
-    @_translated
+    @translated
     async def get_user(self, name: str) -> User | None:
         doc = await self._users.find_one({"_id": name}, _USER_FIELDS)
         return _user(doc) if doc else None
 
-    @_translated
+    @translated
     async def grant(self, name: str, amount: int, now: float) -> int:
         marker = self._grant_marker(amount, now)
         doc = await self._users.find_one_and_update(
@@ -434,7 +434,7 @@ class MongoStore:
     async def _pull(self, user: str, op: str) -> None:
         await self._users.update_one({"_id": user}, {"$pull": {"pending": {"op": op}}})
 
-    @_translated
+    @translated
     async def ledger(self, name: str) -> list[LedgerEntry]:
         """Oldest first: by the user's change counter (``seq``, taken in the same update as the
         balance change); an entry written by a repair without one sorts by time after them."""
@@ -446,7 +446,7 @@ class MongoStore:
 
     # tasks
 
-    @_translated
+    @translated
     async def create_task(self, task: Task) -> tuple[Task, bool]:
         """Debit with the marker (the one write that can fail for credits), then the task, the
         ledger entry and the creation event, then the marker goes. See the module docstring."""
@@ -554,12 +554,12 @@ class MongoStore:
         doc = await self._tasks.find_one({"owner": owner, "idempotency_key": key})
         return _task(doc) if doc else None
 
-    @_translated
+    @translated
     async def get_task(self, task_id: str) -> Task | None:
         doc = await self._tasks.find_one({"_id": task_id})
         return _task(doc) if doc else None
 
-    @_translated
+    @translated
     async def task_by_job(self, provider: str, job_id: str) -> Task | None:
         doc = await self._tasks.find_one(
             {
@@ -570,7 +570,7 @@ class MongoStore:
         )
         return _task(doc) if doc else None
 
-    @_translated
+    @translated
     async def list_tasks(
         self, owner: str | None, state: State | None, limit: int, cursor: str | None
     ) -> Page:
@@ -597,7 +597,7 @@ class MongoStore:
         items = tasks[:limit]
         return Page(items, encode_cursor(items[-1].created_at, items[-1].id))
 
-    @_translated
+    @translated
     async def transition(
         self, task: Task, expected_state: State, expected_version: int, *, emit: bool = True
     ) -> bool:
@@ -692,7 +692,7 @@ class MongoStore:
             await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise StoreError(f"refund of {task.id!r}: {REFUND_TRIES} credits lost to contention")
 
-    @_translated
+    @translated
     async def overdue(self, now: float, limit: int) -> list[Task]:
         docs = (
             await self._tasks.find(
@@ -704,7 +704,7 @@ class MongoStore:
         )
         return [_task(d) for d in docs]
 
-    @_translated
+    @translated
     async def count_by_state(self, owner: str | None) -> dict[State, int]:
         pipeline: list[Doc] = [] if owner is None else [{"$match": {"owner": owner}}]
         pipeline.append({"$group": {"_id": "$state", "n": {"$sum": 1}}})
@@ -714,14 +714,14 @@ class MongoStore:
         )
         return counts
 
-    @_translated
+    @translated
     async def count_active(self, provider: str, owner: str | None = None) -> int:
         query: Doc = {"provider": provider, **_IN_FLIGHT}
         if owner is not None:
             query["owner"] = owner
         return int(await self._tasks.count_documents(query))
 
-    @_translated
+    @translated
     async def active_by_owner(self, provider: str | None, limit: int) -> dict[str, int]:
         match: Doc = dict(_IN_FLIGHT)
         if provider is not None:
@@ -734,7 +734,7 @@ class MongoStore:
         ]
         return {str(d["_id"]): int(d["n"]) for d in await _aggregate(self._tasks, pipeline)}
 
-    @_translated
+    @translated
     async def tasks_since(self, since: float, owner: str | None) -> list[Task]:
         query: Doc = {"created_at": {"$gte": since}}
         if owner is not None:
@@ -748,12 +748,12 @@ class MongoStore:
 
     # webhook deliveries
 
-    @_translated
+    @translated
     async def seen_delivery(self, provider: str, delivery_id: str) -> bool:
         query = {"provider": provider, "delivery_id": delivery_id}
         return await self._deliveries.find_one(query, {"_id": 1}) is not None
 
-    @_translated
+    @translated
     async def record_delivery(
         self, provider: str, delivery_id: str, task_id: str, now: float
     ) -> bool:
@@ -772,7 +772,7 @@ class MongoStore:
             return False
         return True
 
-    @_translated
+    @translated
     async def prune_deliveries(self, before_at: float, limit: int) -> int:
         """Oldest first through the ``at`` index. The TTL index drops deliveries a week after
         they were written anyway (``DELIVERY_TTL_S``), so a longer retention is not kept here."""
@@ -798,11 +798,11 @@ class MongoStore:
             raise StoreError("this MongoStore keeps no event log: read the change stream")
         return self._events
 
-    @_translated
+    @translated
     async def feed_after(self, position: str | None, limit: int) -> list[FeedEvent]:
         return await self._event_log().after(position, limit)
 
-    @_translated
+    @translated
     async def task_feed_after(
         self, task_id: str, position: str | None, limit: int
     ) -> list[FeedEvent]:
@@ -810,11 +810,11 @@ class MongoStore:
         streams cannot be replayed by position, the caller starts from the current state."""
         return await self._event_log().task_after(task_id, position, limit)
 
-    @_translated
+    @translated
     async def feed_head(self) -> str | None:
         return await self._event_log().head()
 
-    @_translated
+    @translated
     async def prune_feed(self, before_at: float, limit: int) -> int:
         """Whole buckets of the event log; without one there is nothing to prune (change streams
         live in the server's oplog, which the server bounds)."""
@@ -829,20 +829,20 @@ class MongoStore:
             before_at, limit, keep_after if keep_after is not None else 2**62
         )
 
-    @_translated
+    @translated
     async def save_position(self, watcher: str, position: str) -> None:
         await self._positions.update_one(
             {"_id": watcher}, {"$set": {"position": position}}, upsert=True
         )
 
-    @_translated
+    @translated
     async def load_position(self, watcher: str) -> str | None:
         doc = await self._positions.find_one({"_id": watcher})
         return None if doc is None else str(doc["position"])
 
     # repair
 
-    @_translated
+    @translated
     async def reconcile(self, now: float) -> int:
         """Finish what a dead process left half-done, older than ``repair_after_s``: credit
         markers (grants, debits) and refunds whose task CAS won but whose credit, ledger entry

@@ -1,7 +1,10 @@
-"""Retention: the change feed and the webhook delivery records are pruned, a bounded batch a pass.
+"""Retention: the change feed, the webhook delivery records and the settled outbound messages
+are pruned, a bounded batch a pass.
 
-One pass deletes at most ``batch`` feed events older than ``feed_retention_s`` and at most
-``batch`` delivery records older than ``deliveries_retention_s``, oldest first, through indexes,
+One pass deletes at most ``batch`` feed events older than ``feed_retention_s``, at most
+``batch`` delivery records older than ``deliveries_retention_s`` and, with an outbox, at most
+``batch`` outbound messages settled before ``outbox_retention_s`` ago (a pending one is never
+pruned), oldest first, through indexes,
 so its cost is bounded whatever the backlog. A pass that found a full batch says so (``more``),
 and the loop runs the next one after a short pause: a backlog drains steadily without holding the
 store's writer for long. The store keeps what must stay (``TaskStore.prune_feed``): the newest
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import structlog
 
 from statemachine import clock
+from statemachine.outbox import Outbox
 from statemachine.store import TaskStore
 
 log = structlog.get_logger(__name__)
@@ -33,6 +37,7 @@ class Pruned:
     feed: int
     deliveries: int
     more: bool
+    messages: int = 0
 
 
 class Retention:
@@ -48,6 +53,8 @@ class Retention:
         interval_s: float = 60.0,
         backlog_pause_s: float = 0.1,
         now: Callable[[], float] = clock.now,
+        outbox: Outbox | None = None,
+        outbox_retention_s: float = 7 * 86_400.0,
     ) -> None:
         if feed_retention_s <= 0 or deliveries_retention_s <= 0 or batch < 1:
             raise ValueError("retention periods must be positive and the batch at least 1")
@@ -58,6 +65,8 @@ class Retention:
         self.interval_s = interval_s
         self.backlog_pause_s = backlog_pause_s
         self.now = now
+        self.outbox = outbox
+        self.outbox_retention_s = outbox_retention_s
 
     async def run_pass(self, now: float) -> Pruned:
         """Prune one batch of each; the deletions are logged when there were any."""
@@ -65,10 +74,14 @@ class Retention:
         deliveries = await self.store.prune_deliveries(
             now - self.deliveries_retention_s, self.batch
         )
+        messages = 0
+        if self.outbox is not None:
+            messages = await self.outbox.prune(now - self.outbox_retention_s, self.batch)
         # ">=": MongoDB deletes whole buckets of events, so a full batch may go a little past.
-        pruned = Pruned(feed, deliveries, more=feed >= self.batch or deliveries >= self.batch)
-        if feed or deliveries:
-            log.info("retention_pruned", feed_events=feed, deliveries=deliveries)
+        more = feed >= self.batch or deliveries >= self.batch or messages >= self.batch
+        pruned = Pruned(feed, deliveries, more=more, messages=messages)
+        if feed or deliveries or messages:
+            log.info("retention_pruned", feed_events=feed, deliveries=deliveries, messages=messages)
         return pruned
 
     async def run(self) -> None:

@@ -18,12 +18,13 @@ from starlette.routing import BaseRoute, Mount
 
 from callbacks.simulator import create_simulator_app
 from service.blobs.local import LocalBlobStore
-from service.http import docs, openapi, ops, tasks, uploads, webhooks
+from service.http import docs, openapi, ops, outbound, tasks, timeline, uploads, webhooks
 from service.http.errors import EXCEPTION_HANDLERS
 from service.http.files import file_route
 from service.http.middleware import RequestContext
 from service.http.ratelimit import RateLimiter
 from service.http.state import Web
+from service.http.watch import WatchCors
 from service.logging import configure_logging
 from service.media.fetch import SafeFetcher
 from service.providers import (
@@ -35,6 +36,7 @@ from service.providers import (
 )
 from service.runtime import Runtime, build_runtime
 from service.settings import Settings
+from statemachine.task import Task
 
 
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> Starlette:
@@ -56,6 +58,12 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             )
         runtime = build_runtime(settings, simulator=sim_app.state.sim if sim_app else None)
     web = Web(runtime, RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst))
+    rt = runtime
+
+    async def render(task: Task) -> dict[str, Any]:
+        return dict(await tasks.linked_task_json(rt, task))
+
+    runtime.render_task = render  # outbound webhooks carry the task as GET /v1/tasks/{id} shows it
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -69,8 +77,10 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 
     routes: list[BaseRoute] = [
         *tasks.routes(),
+        *timeline.routes(),
         *uploads.routes(),
         *webhooks.routes(),
+        *outbound.routes(),
         *ops.routes(settings),
         *openapi.routes(),
         *docs.routes(settings),
@@ -79,7 +89,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         routes.append(file_route(runtime.blobs))
     if sim_app is not None:
         routes.append(Mount("/sim", app=sim_app))
-    middleware = [Middleware(RequestContext)]
+    # Watch links' CORS (``*``, no credentials) sits outside the configured CORS, so the two
+    # never both answer one request (service/http/watch.py).
+    middleware = [Middleware(RequestContext), Middleware(WatchCors)]
     origins = settings.cors_origin_list()
     if origins:  # CORS is off unless origins are configured
         middleware.append(

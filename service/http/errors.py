@@ -22,6 +22,8 @@ and at each class a ``(class, code)`` entry wins over the class's own. The whole
     ├── StoreError                            503
     ├── UrlRefused (service/blobs/local.py)   403  UrlExpired, BadSignature
     ├── AuthError (here)                      401
+    │                                              (``invalid_watch_link``: a watch link that
+    │                                              opens nothing, service/http/watch.py)
     ├── PayloadTooLarge (here)                413  a request body over its limit
     ├── UnsupportedMediaType (here)           415  a body that is not JSON where JSON is expected
     ├── RateLimited (here)                    429  with ``Retry-After`` (whole seconds, at least 1):

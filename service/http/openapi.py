@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from service.http import sse, tasks, views
+from service.http import outbound, sse, tasks, timeline, views, watch
 from service.http.openapi30 import to_openapi_30
 from service.ops import stats
 
@@ -40,7 +40,10 @@ SKIPPED_MOUNTS: Final = frozenset({"/sim"})  # the provider simulator: not hookl
 TASK_ID_PATTERN: Final = r"^tsk_[0-9a-f]{24}$"
 
 # Request models (validation) and response types (what handlers build), by schema name.
-REQUEST_MODELS: Final[dict[str, type[BaseModel]]] = {"CreateTaskBody": tasks.CreateTaskBody}
+REQUEST_MODELS: Final[dict[str, type[BaseModel]]] = {
+    "CreateTaskBody": tasks.CreateTaskBody,
+    "CreateWebhookBody": outbound.CreateWebhookBody,
+}
 RESPONSE_TYPES: Final[dict[str, Any]] = {
     "Task": views.Task,
     "TaskList": views.TaskList,
@@ -52,16 +55,32 @@ RESPONSE_TYPES: Final[dict[str, Any]] = {
     "Error": views.Error,
     "StateEvent": views.StateEvent,
     "WebhookReceipt": views.WebhookReceipt,
+    "TaskTimeline": timeline.TaskTimeline,
+    "WebhookEndpoint": outbound.WebhookEndpoint,
+    "WebhookEndpointMade": outbound.WebhookEndpointMade,
+    "WebhookList": outbound.WebhookList,
+    "WebhookSecret": outbound.WebhookSecret,
+    "Delivery": outbound.Delivery,
+    "DeliveryList": outbound.DeliveryList,
 }
 
 # One reusable response per error status; every error body is the one ``Error`` schema.
 ERRORS: Final[dict[int, tuple[str, str]]] = {
     400: ("BadRequest", "Malformed: JSON that does not parse, a bad header or query value."),
-    401: ("Unauthorized", "No API key, or an invalid one (webhooks: a bad token or signature)."),
+    401: (
+        "Unauthorized",
+        "No API key, or an invalid one (webhooks: a bad token or signature; watch links: "
+        "`invalid_watch_link`, one that is malformed, tampered with, another task's, expired, "
+        "rotated or of a cancelled task).",
+    ),
     402: ("InsufficientCredits", "The balance does not cover the task's cost."),
     403: ("Forbidden", "Not allowed: a file URL that is unsigned, tampered with or expired."),
     404: ("NotFound", "Unknown, or another user's (ids cannot be probed)."),
-    409: ("Conflict", "Idempotency-Key reused with another body, or a task past cancelling."),
+    409: (
+        "Conflict",
+        "Idempotency-Key reused with another body, a task past cancelling, or a new watch link "
+        "for a cancelled task.",
+    ),
     413: ("PayloadTooLarge", "Body, image or pixel count over the limit."),
     415: ("UnsupportedMediaType", "Not JSON where JSON is expected, or not a supported image."),
     422: ("ValidationFailed", "Well-formed but invalid; `details` lists what failed."),
@@ -108,6 +127,7 @@ class Op:
     description: str = ""
     links: JsonObject = field(default_factory=dict)
     extra: JsonObject = field(default_factory=dict)  # more success responses (status → response)
+    watchable: bool = False  # a watch link opens it too (service/http/watch.py)
 
 
 def _operations() -> dict[tuple[str, str], Op]:
@@ -170,7 +190,18 @@ def _operations() -> dict[tuple[str, str], Op]:
                 _param("cursor", "query", {"type": "string"}, "`next` of the previous page."),
             ),
         ),
-        (task[0], "GET"): Op("getTask", "Get a task", "tasks", body="Task", errors=(404,)),
+        (task[0], "GET"): Op(
+            "getTask",
+            "Get a task",
+            "tasks",
+            body="Task",
+            errors=(404,),
+            watchable=True,
+            description="With the API key, the task comes with a fresh watch link "
+            "(`watch_url`, `watch_expires_at`). With a watch link instead of a key (its "
+            "`watch` query parameter; the key decides when both are sent), the task alone: "
+            "a bad, expired or revoked link is a 401 `invalid_watch_link`.",
+        ),
         (task[0] + "/cancel", "POST"): Op(
             "cancelTask",
             "Cancel a task (refunded)",
@@ -196,7 +227,98 @@ def _operations() -> dict[tuple[str, str], Op]:
             ),
             description="Frames are `id: <feed position>`, `event: state`, `data: <StateEvent "
             "JSON>` (schema `StateEvent`); the current state comes first, `: ping` comments "
-            "keep the connection open, and the stream ends after a terminal state.",
+            "keep the connection open, and the stream ends after a terminal state. A watch "
+            "link opens it without a key (`EventSource(watch_url path + '/events?watch=…')`); "
+            "a stream it opened also ends once the link expires or is revoked.",
+            watchable=True,
+        ),
+        (task[0] + "/watch_url", "POST"): Op(
+            "rotateWatchLink",
+            "A new watch link for a task; every older link stops working",
+            "tasks",
+            body="Task",
+            errors=(404, 409),
+            description="The task with a new `watch_url`. Give the new link to the front end "
+            "that should keep following the task: the old ones answer 401 "
+            "`invalid_watch_link` from now on. A cancelled task has no link (409 "
+            "`task_cancelled`).",
+        ),
+        (task[0] + "/timeline", "GET"): Op(
+            "taskTimeline",
+            "A task's whole story: transitions, submits, webhooks, polls, deliveries",
+            "tasks",
+            body="TaskTimeline",
+            errors=(404,),
+            description="Entries oldest first, each with its `kind`: `transition` (the task's "
+            "history, its creation first), `submit` (each provider call: job id or error, HTTP "
+            "status, latency, attempt), `webhook` (each provider delivery whose token matched: "
+            "verified or not and why, what it said, its headers with credentials, signatures, "
+            "tokens, keys and cookies redacted), `poll` (each poll and the answer) and "
+            "`delivery` (each outbound webhook attempt). A task keeps its newest "
+            "`HOOKLINE_TIMELINE_MAX_NOTES` notes (200); a note cut to its size cap says "
+            "`truncated`.",
+        ),
+        ("/v1/webhooks", "POST"): Op(
+            "createWebhook",
+            "Register a destination for outbound webhooks",
+            "webhooks",
+            status=201,
+            body="WebhookEndpointMade",
+            errors=(400, 409, 413, 415, 422),
+            request={"required": True, "content": _json("CreateWebhookBody")},
+            description="hookline POSTs `{type, created_at, data}` (`data`: the task as GET "
+            "/v1/tasks/{id} shows it) signed with Standard Webhooks under the `secret` shown "
+            "only here. `events`: `task.completed`, `task.failed`, `task.cancelled` by "
+            "default; `task.*` for every change. The URL must be a public https host, or a "
+            "host listed in HOOKLINE_WEBHOOK_HOSTS (422 `webhook_url_forbidden`); at most "
+            "HOOKLINE_WEBHOOK_MAX_ENDPOINTS per user (409 `too_many_webhooks`). Delivery is "
+            "at least once (de-duplicate by `webhook-id`), retried with exponential backoff "
+            "for HOOKLINE_WEBHOOK_RETRY_HORIZON_S; any 2xx acknowledges, 410 disables the "
+            "endpoint, redirects are not followed.",
+        ),
+        ("/v1/webhooks", "GET"): Op(
+            "listWebhooks", "The caller's webhook destinations", "webhooks", body="WebhookList"
+        ),
+        ("/v1/webhooks/secret", "POST"): Op(
+            "rotateWebhookSecret",
+            "Create or rotate the secret that signs tasks' own webhooks",
+            "webhooks",
+            body="WebhookSecret",
+            extra={"201": {"description": "Created", "content": _json("WebhookSecret")}},
+            description="A task may name its own destination (`webhook` on POST /v1/tasks); "
+            "its terminal event is signed with this secret. Rotating keeps the old secret "
+            "signing for HOOKLINE_WEBHOOK_SECRET_OVERLAP_S.",
+        ),
+        ("/v1/webhooks/{webhook_id}", "DELETE"): Op(
+            "deleteWebhook",
+            "Forget a destination (its unsent messages fail)",
+            "webhooks",
+            status=204,
+            errors=(404,),
+        ),
+        ("/v1/webhooks/{webhook_id}/rotate", "POST"): Op(
+            "rotateWebhook",
+            "A new secret for a destination; the old one signs too for the overlap",
+            "webhooks",
+            body="WebhookEndpointMade",
+            errors=(404, 409),
+            description="During HOOKLINE_WEBHOOK_SECRET_OVERLAP_S both secrets sign (two `v1,` "
+            "entries in `webhook-signature`): a receiver with either one accepts.",
+        ),
+        (task[0] + "/deliveries", "GET"): Op(
+            "taskDeliveries",
+            "Every outbound webhook message about a task, with each try",
+            "webhooks",
+            body="DeliveryList",
+            errors=(404,),
+        ),
+        ("/v1/deliveries/{message_id}/replay", "POST"): Op(
+            "replayDelivery",
+            "Send a message again (same webhook-id, due now)",
+            "webhooks",
+            status=202,
+            body="Delivery",
+            errors=(404,),
         ),
         ("/v1/uploads", "POST"): Op(
             "createUpload",
@@ -429,6 +551,8 @@ def _operation(path: str, op: Op) -> JsonObject:
         operation["requestBody"] = op.request
     if not op.auth:
         operation["security"] = [{}, {"metricsToken": []}] if op.id == "metrics" else []
+    elif op.watchable:
+        operation["security"] = [{"bearerAuth": []}, {"watchLink": []}]
     return operation
 
 
@@ -463,7 +587,10 @@ def build_document(routes: Sequence[BaseRoute]) -> JsonObject:
             '"details"}}` (schema `Error`).',
         },
         "security": [{"bearerAuth": []}],
-        "tags": [{"name": t} for t in ("tasks", "account", "operations", "providers", "files")]
+        "tags": [
+            {"name": t}
+            for t in ("tasks", "webhooks", "account", "operations", "providers", "files")
+        ]
         + [{"name": "pages"}],
         "paths": paths,
         "components": {
@@ -480,6 +607,15 @@ def build_document(routes: Sequence[BaseRoute]) -> JsonObject:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "`HOOKLINE_METRICS_TOKEN`, when set.",
+                },
+                "watchLink": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": watch.PARAM,
+                    "description": "A task's watch link (`watch_url` of a task read with its "
+                    "key): signed, expiring (`HOOKLINE_WATCH_TTL_S`), read-only, for that one "
+                    "task's `GET` and event stream; rotating the link or cancelling the task "
+                    "revokes it.",
                 },
             },
         },

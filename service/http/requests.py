@@ -8,6 +8,10 @@ Failed authentications are limited per client address (``auth_failure_rate_per_s
 that limit, whatever its address did: an attacker sharing an address (a NAT, a proxy) cannot lock
 a real key out. The address is the ASGI client's (service/http/ratelimit.py ``client_address``).
 
+A task's two reads (the task, its event stream) may be opened by its watch link instead of a key
+(``readable_task``; service/http/watch.py): a refused link counts as a failed authentication of
+the address, and a link's reads are limited per task (the process's rate and burst).
+
 JSON bodies may nest at most ``max_json_depth`` arrays and objects: deeper answers 400
 ``json_too_deep``, checked in linear time before the parser recurses.
 """
@@ -23,6 +27,7 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from service.http import watch
 from service.http.auth import authenticate_hash, bearer_key, hash_key
 from service.http.errors import (
     AuthError,
@@ -40,6 +45,7 @@ from statemachine.task import Task
 M = TypeVar("M", bound=BaseModel)
 
 MAX_FAILING_ADDRESSES: Final = 10_000  # addresses whose failed authentications are remembered
+WATCH_BUCKET: Final = "watch:"  # rate-limit keys of watch-link readers (per task; never a key hash)
 # A string runs to its closing quote or, unterminated, to the end of the body: possessive and with
 # the closing quote optional, so no quote is ever scanned twice (a body of unterminated strings
 # would otherwise cost quadratic time).
@@ -119,6 +125,41 @@ async def visible_task(request: Request, user: User) -> Task:
     if task is None or (task.owner != user.name and not user.is_admin):
         raise NotFound(f"task {task_id} not found", code="task_not_found")
     return task
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A task opened for reading, and the watch token that opened it (None: the API key)."""
+
+    task: Task
+    watch_token: str | None = None
+
+
+async def readable_task(request: Request) -> Reading:
+    """The task named in the path, for one of the two reads a watch link opens (the task, its
+    event stream): with the API key when an ``Authorization`` header is sent (the key decides),
+    else with the ``watch`` query parameter (service/http/watch.py), else 401 for the missing
+    key. A refused link counts as a failed authentication of the client's address; a valid one
+    is rate-limited per task with the process's limits."""
+    params = request.query_params
+    if "authorization" in request.headers or watch.PARAM not in params:
+        return Reading(await visible_task(request, await caller(request)))
+    state = web(request)
+    rt = state.runtime
+    now = rt.now()
+    tokens = params.getlist(watch.PARAM)
+    try:
+        if len(tokens) != 1:
+            raise watch.refused("send one watch link")
+        task = await watch.watched_task(
+            rt.store, watch.signer(rt.settings), request.path_params["task_id"], tokens[0], now
+        )
+    except AuthError as exc:  # a refused link
+        raise _refusal(request, exc, now) from None
+    wait = state.limiter.take(WATCH_BUCKET + task.id, now)
+    if wait > 0:
+        raise RateLimited("too many requests for this watch link", retry_after_s=wait)
+    return Reading(task, tokens[0])
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -13,6 +13,10 @@ No event is lost or repeated within a stream or across a reconnect: the subscrip
 anything is read, and live events the opening already covered are skipped by task version (versions
 grow by one per stored change, so they order a task's events whatever the feed's positions are).
 
+The task's watch link opens the stream without a key (``?watch=<token>``: ``EventSource`` sends no
+headers; service/http/watch.py). Such a stream checks its link again before each ping and ends
+once the link has expired or been rotated or revoked, so a revoked link keeps no stream open.
+
 A ``Last-Event-ID`` that is not a feed position is a 400 (``bad_last_event_id``): silently starting
 over would hide a client bug. One from another task is harmless: only this task's events follow.
 
@@ -35,8 +39,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service.http import watch
 from service.http.errors import MalformedRequest
-from service.http.requests import caller, visible_task
+from service.http.requests import readable_task
 from service.http.state import web
 from service.http.views import iso
 from service.runtime import Runtime
@@ -186,7 +191,8 @@ async def task_events(request: Request) -> Response:
     """``GET /v1/tasks/{id}/events``: Server-Sent Events of one task (see the module docstring)."""
     state = web(request)
     rt = state.runtime
-    task = await visible_task(request, await caller(request))
+    reading = await readable_task(request)
+    task = reading.task
     after = last_event_id(request)
     broadcaster = rt.broadcaster
     sub = broadcaster.subscribe(task.id)  # before any read: nothing can slip between
@@ -199,8 +205,16 @@ async def task_events(request: Request) -> Response:
     except BaseException:
         broadcaster.unsubscribe(sub)
         raise
-    stream = _frames(rt, sub, task.id, opening, state.sse_ping_s)
+    holds = _link_check(rt, task.id, reading.watch_token) if reading.watch_token else None
+    stream = _frames(rt, sub, task.id, opening, state.sse_ping_s, holds)
     return EventStream(stream, on_close=lambda: _unsubscribe(broadcaster, sub))
+
+
+def _link_check(rt: Runtime, task_id: str, token: str) -> Callable[[], Awaitable[bool]]:
+    """Whether the watch link that opened a stream still opens its task, asked at each ping:
+    a stream ends within one ping interval of its link's expiry, rotation or revocation."""
+    links = watch.signer(rt.settings)
+    return lambda: watch.link_holds(rt.store, links, task_id, token, rt.now())
 
 
 async def _frames(
@@ -209,8 +223,10 @@ async def _frames(
     task_id: str,
     opening: Opening,
     ping_s: float,
+    link_holds: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The stream's bytes: the opening, the rest of the gap, then live events and pings."""
+    """The stream's bytes: the opening, the rest of the gap, then live events and pings (before
+    each ping, a stream opened by a watch link ends if ``link_holds`` says it no longer does)."""
     yield f"retry: {RETRY_MS}\n\n".encode()
     latest = opening.seen
     for frame in opening.frames:
@@ -231,6 +247,8 @@ async def _frames(
             async with asyncio.timeout(ping_s):
                 event = await anext(sub)
         except TimeoutError:
+            if link_holds is not None and not await link_holds():
+                return
             yield b": ping\n\n"
             continue
         except StopAsyncIteration:

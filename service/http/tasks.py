@@ -1,4 +1,5 @@
-"""The task routes: create, read, list, cancel; the caller (``/v1/me``) and the style catalogue.
+"""The task routes: create, read, list, cancel, a new watch link (service/http/watch.py); the
+caller (``/v1/me``) and the style catalogue.
 
 Handlers validate, call the store, and render (service/http/views.py); errors are raised and
 mapped to responses in one place (service/http/errors.py). What a task may run and what it costs
@@ -21,10 +22,14 @@ from starlette.routing import Route
 
 from callbacks.provider import checked_model
 from service.blobs.base import InvalidBlobKey, validate_key
-from service.http.requests import caller, read_json, visible_task
+from service.http import watch
+from service.http.outbound import WebhookUrl, checked_task_destination
+from service.http.requests import caller, read_json, readable_task, visible_task
 from service.http.state import Web, runtime, web
 from service.http.views import Style as StyleJson
 from service.http.views import StyleList, TaskList, style_json, task_json, user_json
+from service.http.views import Task as TaskJson
+from service.runtime import Runtime
 from service.styles import Style
 from statemachine import lifecycle
 from statemachine.errors import BadRequest, Conflict
@@ -83,13 +88,17 @@ class CreateTaskBody(BaseModel):
         default_factory=dict
     )
     num_outputs: Annotated[int, Field(ge=1, le=4)] = 1
+    # the task's own destination for how it ended, signed with the owner's task-webhook secret
+    webhook: WebhookUrl | None = None
 
 
 def request_hash(body: CreateTaskBody) -> str:
     """The whole body, canonical: everything that decides what runs and what it costs (style,
     provider, model, params, num_outputs) is in it, so a replay of an ``Idempotency-Key`` with
     this hash is the request that was priced and charged once."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    # without a webhook the body hashes as it did before the field existed
+    fields = body.model_dump(mode="json", exclude={"webhook"} if body.webhook is None else None)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -129,6 +138,8 @@ async def create_task(request: Request) -> Response:
     params = {**style.params, **body.params}
     cost = style.cost_of(body.num_outputs, params)  # debited by store.create_task, atomically
     inputs = tuple([await checked_input(state, user, i) for i in body.inputs])
+    if body.webhook is not None:
+        await checked_task_destination(rt, user.name, body.webhook)
     now = rt.now()
     task_id, callback_token = new_ids()
     task = Task(
@@ -150,9 +161,16 @@ async def create_task(request: Request) -> Response:
         deadline=now + rt.timings.base.handoff_s,
         idempotency_key=key,
         request_hash=request_hash(body),
+        webhook=body.webhook,
     )
     stored, _created = await rt.store.create_task(task)
-    return JSONResponse(await task_json(stored, rt.blobs, settings.file_url_ttl_s), 202)
+    return JSONResponse(await linked_task_json(rt, stored), 202)
+
+
+async def linked_task_json(rt: Runtime, task: Task) -> TaskJson:
+    """A task as its key sees it: with a fresh watch link (none for a cancelled task)."""
+    link = watch.signer(rt.settings).link(task, rt.now())
+    return await task_json(task, rt.blobs, rt.settings.file_url_ttl_s, watch=link)
 
 
 async def checked_input(state: Web, user: User, item: UploadInput | UrlInput) -> dict[str, str]:
@@ -179,9 +197,14 @@ async def checked_input(state: Web, user: User, item: UploadInput | UrlInput) ->
 
 
 async def get_task(request: Request) -> Response:
+    """With the API key: the task and a fresh watch link. With a watch link: the task alone (a
+    link never renews itself: it ends at its expiry) and never stored by caches."""
     rt = runtime(request)
-    task = await visible_task(request, await caller(request))
-    return JSONResponse(await task_json(task, rt.blobs, rt.settings.file_url_ttl_s))
+    reading = await readable_task(request)
+    if reading.watch_token is None:
+        return JSONResponse(await linked_task_json(rt, reading.task))
+    body = await task_json(reading.task, rt.blobs, rt.settings.file_url_ttl_s)
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
 async def list_tasks(request: Request) -> Response:
@@ -236,6 +259,16 @@ async def cancel_task(request: Request) -> Response:
     return JSONResponse(await task_json(cancelled, rt.blobs, rt.settings.file_url_ttl_s))
 
 
+async def rotate_watch_link(request: Request) -> Response:
+    """``POST /v1/tasks/{id}/watch_url``: the task with a new watch link; every older link of
+    the task stops working (409 ``task_cancelled`` for a cancelled task)."""
+    rt = runtime(request)
+    task = await visible_task(request, await caller(request))
+    structlog.contextvars.bind_contextvars(task_id=task.id)
+    rotated = await watch.rotate(rt.store, task)
+    return JSONResponse(await linked_task_json(rt, rotated))
+
+
 async def me(request: Request) -> Response:
     user = await caller(request)
     fresh = await runtime(request).store.get_user(user.name)  # the balance, as of now
@@ -266,6 +299,7 @@ def routes() -> list[Route]:
         Route("/v1/tasks", list_tasks, methods=["GET"]),
         Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
         Route("/v1/tasks/{task_id}/cancel", cancel_task, methods=["POST"]),
+        Route("/v1/tasks/{task_id}/watch_url", rotate_watch_link, methods=["POST"]),
         Route("/v1/me", me, methods=["GET"]),
         Route("/v1/styles", styles, methods=["GET"]),
     ]

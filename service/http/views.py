@@ -22,6 +22,7 @@ from statemachine.task import Task as TaskRecord
 
 if TYPE_CHECKING:
     from service.blobs.base import BlobStore
+    from service.http.watch import WatchLink
     from service.styles import ParamRule as ParamRuleRecord
     from service.styles import Style as StyleRecord
 
@@ -77,6 +78,10 @@ class Task(TypedDict):
     history: list[Transition]
     outputs: list[Output]
     error: TaskError | None
+    # the task's watch link (service/http/watch.py): on a task shown to its key, never on a
+    # list's items, a link reader's view or a cancelled task
+    watch_url: NotRequired[str]
+    watch_expires_at: NotRequired[Timestamp]
 
 
 @with_config(STRICT)
@@ -303,8 +308,11 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-async def task_json(task: TaskRecord, blobs: BlobStore, url_ttl_s: int) -> Task:
-    """The public shape of a task (DESIGN.md, "Response shapes")."""
+async def task_json(
+    task: TaskRecord, blobs: BlobStore, url_ttl_s: int, *, watch: WatchLink | None = None
+) -> Task:
+    """The public shape of a task (DESIGN.md, "Response shapes"), with ``watch`` as its
+    ``watch_url`` and ``watch_expires_at`` when given (``watch.watch_link``)."""
     outputs: list[Output] = [
         {
             "url": await blobs.url(o.key, url_ttl_s),
@@ -320,7 +328,7 @@ async def task_json(task: TaskRecord, blobs: BlobStore, url_ttl_s: int) -> Task:
         if h.detail is not None:
             entry["detail"] = h.detail
         history.append(entry)
-    return {
+    body: Task = {
         "id": task.id,
         "state": task.state,
         "attempts": task.attempts,
@@ -338,6 +346,10 @@ async def task_json(task: TaskRecord, blobs: BlobStore, url_ttl_s: int) -> Task:
         "outputs": outputs,
         "error": {"code": task.error.code, "message": task.error.message} if task.error else None,
     }
+    if watch is not None:
+        body["watch_url"] = watch.url
+        body["watch_expires_at"] = iso(watch.expires_at)
+    return body
 
 
 def user_json(user: User) -> Me:

@@ -70,17 +70,19 @@ class Deliverer:
         worker: str | None = None,
         note: Note | None = None,
         on_outcome: Callable[[str], None] | None = None,
+        on_disabled: Callable[[str], None] | None = None,
     ) -> None:
         self._outbox = outbox
-        self._fetcher = fetcher
+        self.fetcher = fetcher
         self._backoff = backoff
         self._lease_s = lease_s
         self._concurrency = concurrency
         self._poll_s = poll_s
         self._now = now
         self.worker = worker or "deliverer-" + secrets.token_hex(6)
-        self._note = note
+        self.note = note
         self.on_outcome = on_outcome
+        self.on_disabled = on_disabled  # told the owner whose endpoint answered 410
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
 
@@ -148,6 +150,8 @@ class Deliverer:
             return
         if status == 410 and message.endpoint_id != TASK_DESTINATION:
             await self._outbox.disable_endpoint(message.endpoint_id, "410 Gone", finished)
+            if self.on_disabled is not None:
+                self.on_disabled(message.owner)
             attempt = DeliveryAttempt(message.id, number, started, latency_ms, status, "gone")
             await self._settle(message, attempt, "failed", "gone")
             return
@@ -189,7 +193,7 @@ class Deliverer:
             "user-agent": USER_AGENT,
         }
         try:
-            status = await self._fetcher.post(
+            status = await self.fetcher.post(
                 message.url, message.body, headers, max_answer_bytes=MAX_ANSWER_BYTES
             )
         except FetchError as exc:
@@ -215,9 +219,9 @@ class Deliverer:
         )
         if self.on_outcome is not None:
             self.on_outcome(outcome)
-        if self._note is not None:
+        if self.note is not None:
             with contextlib.suppress(Exception):
-                await self._note(
+                await self.note(
                     message.task_id,
                     attempt.at,
                     {

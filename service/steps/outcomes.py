@@ -14,6 +14,10 @@ quota has a token (service/steps/pacing.py); without one the task's next look is
 there will be one, a quiet write, so nothing waits in memory. A 429 pauses that provider's polls
 for its ``Retry-After``.
 
+**The timeline**: every reaper poll is noted on its task's timeline (what the provider answered,
+or the error, and how long it took), and ``note`` is how the steps note their own calls: in the
+background, best effort, so a note never holds up or fails the work it describes.
+
 **Bytes in an outcome** (a ``data:`` URI output: OpenAI answers with the image itself) are stored
 at once under ``outputs/<task>/provider/`` and the outcome carries ``blob:<key>`` instead, so the
 task record stays small and the watermarking step reads the blob.
@@ -26,12 +30,14 @@ import base64
 import binascii
 import dataclasses
 import random
+import time
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
+from callbacks.http import error_status
 from callbacks.provider import Outcome, Provider
 from service.background import Background
 from service.blobs.base import BlobStore, provider_output_key
@@ -56,6 +62,7 @@ from statemachine.rules import (
 )
 from statemachine.store import TaskStore
 from statemachine.task import Task
+from statemachine.timeline import NoteKind, Timeline, elapsed_ms, note_quietly, poll_note
 
 log = structlog.get_logger()
 
@@ -81,8 +88,10 @@ class OutcomeApplier:
         rng: random.Random | None = None,
         pacing: Pacing | None = None,
         max_output_bytes: int = MAX_OUTPUT_BYTES,
+        timeline: Timeline | None = None,
     ) -> None:
         self.store = store
+        self.timeline = timeline
         self.pacing = pacing
         self.max_output_bytes = max_output_bytes
         self.providers = providers
@@ -94,6 +103,12 @@ class OutcomeApplier:
         self.now = now
         self.rng = rng or random.Random()
         self.reconciliations = 0  # overdue jobs settled by a poll (lost webhooks)
+
+    def note(self, task_id: str, kind: NoteKind, data: dict[str, Any]) -> None:
+        """Note something about a task on its timeline, now, in the background (best effort)."""
+        if self.timeline is not None:
+            note = note_quietly(self.timeline, task_id, kind, self.now(), data)
+            self.background.spawn(note)
 
     async def apply(self, task_id: str, outcome: Outcome, task: Task | None = None) -> str:
         """Apply a provider outcome (a webhook, or a poll made for one); say what happened.
@@ -154,22 +169,40 @@ class OutcomeApplier:
         if job is not None and provider is not None:
             if wait:
                 await asyncio.sleep(wait)
-            try:
-                answer = await provider.poll(job, claimed.model)
-                news = Overdue(job, answer=await self.kept(claimed.id, answer))
-            except PermanentProviderError as exc:
-                log.warning("poll_refused", error=exc.message)
-                news = Overdue(job, gone=exc.message)
-            except ProviderRateLimited as exc:
-                log.warning("poll_rate_limited", retry_after_s=exc.retry_after_s)
-                if self.pacing is not None and exc.retry_after_s:
-                    self.pacing.pause(claimed.provider, "poll", exc.retry_after_s)
-            except ProviderError as exc:
-                log.warning("poll_failed", error=exc.message)
+            news = await self._poll(claimed, provider, job)
         if news.answer is not None and news.answer.final:
             self.reconciliations += 1
             log.info("reconciled_by_poll", status=news.answer.status)
         await self.settle(claimed.id, news, claimed)
+
+    async def _poll(self, task: Task, provider: Provider, job: str) -> Overdue:
+        """Ask the provider about the overdue task's job (noted on its timeline); what it said,
+        as news for the rules (no answer: a failed poll, judged as a timeout)."""
+        started = time.perf_counter()
+        answer: Outcome | None = None
+        error: ProviderError | None = None
+        latency: float | None = None
+        news = Overdue(job)
+        try:
+            answer = await provider.poll(job, task.model)
+            latency = elapsed_ms(started)  # the poll's, before any output bytes are stored
+            news = Overdue(job, answer=await self.kept(task.id, answer))
+        except PermanentProviderError as exc:
+            log.warning("poll_refused", error=exc.message)
+            error, news = exc, Overdue(job, gone=exc.message)
+        except ProviderRateLimited as exc:
+            log.warning("poll_rate_limited", retry_after_s=exc.retry_after_s)
+            if self.pacing is not None and exc.retry_after_s:
+                self.pacing.pause(task.provider, "poll", exc.retry_after_s)
+            error = exc
+        except ProviderError as exc:
+            log.warning("poll_failed", error=exc.message)
+            error = exc
+        status = error_status(error) if error is not None else None
+        latency = latency if latency is not None else elapsed_ms(started)
+        data = poll_note(task.provider, job, "reaper", latency, answer, error, status)
+        self.note(task.id, "poll", data)
+        return news
 
     async def settle(self, task_id: str, news: News, known: Task | None = None) -> str:
         """Judge ``news`` on the stored task and persist the decision; on a lost race, judge again

@@ -22,6 +22,11 @@ The job id is recorded by the same compare-and-set that moves the task to ``ai_p
 guarded by the lease and the attempt, so a step that lost its lease while submitting cancels its
 orphaned job instead of recording it. An outcome that raced ahead of that write (a fast provider
 calling back from inside ``submit``) was deferred onto the task and is applied right after it.
+
+Every submit (each try, and each synchronous call) is noted on the task's timeline: the job id or
+the error, the HTTP status of the provider's answer, the latency, the attempt. The adapters return
+only a job id, so the status is read by ``observe_answer``, a response hook the runtime installs
+on the shared HTTP client, which hears the answers of the submit running in its own context.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ import asyncio
 import base64
 import contextlib
 import random
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Final
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any, Final, Protocol
 
 import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
+from callbacks.http import error_status
 from callbacks.provider import Limits, Outcome, Provider, Submission, SyncProvider
 from service.blobs.base import BlobStore, derived_key
 from service.media.budget import MemoryBudget, run_within
@@ -60,6 +68,7 @@ from statemachine.errors import HooklineError, NotFound, StoreError, Unavailable
 from statemachine.states import Event, State
 from statemachine.store import TaskStore
 from statemachine.task import Task
+from statemachine.timeline import elapsed_ms, submit_note
 
 log = structlog.get_logger()
 
@@ -68,6 +77,32 @@ DATA_URI_MAX_BYTES: Final = 256_000
 SUBMIT_TOKEN_WAIT_S: Final = 2.0  # a submit waits this long for a quota token, else hands back
 QUEUE_RECHECK_S: Final = 1.0  # a task waiting for a slot of its provider is offered again after
 USER_RECHECK_S: Final = 5.0  # ... for a slot its owner may take: behind other users' tasks
+
+# The HTTP statuses of the answers to the submit running in this context (None: no submit).
+_ANSWERS: ContextVar[list[int] | None] = ContextVar("submit_answers", default=None)
+
+
+class _Answer(Protocol):
+    status_code: int
+
+
+async def observe_answer(response: _Answer) -> None:
+    """An httpx response hook (the runtime installs it on the shared client): the status of each
+    answer a submit in progress gets, for its timeline note."""
+    answers = _ANSWERS.get()
+    if answers is not None:
+        answers.append(response.status_code)
+
+
+@contextlib.contextmanager
+def _answers() -> Iterator[list[int]]:
+    """The statuses of the answers the provider call inside the block gets, in order."""
+    answers: list[int] = []
+    token = _ANSWERS.set(answers)
+    try:
+        yield answers
+    finally:
+        _ANSWERS.reset(token)
 
 
 class ProcessingStep:
@@ -214,12 +249,17 @@ class ProcessingStep:
         """A synchronous provider's call, at most ``sync_calls`` at once per provider."""
         slots = self._sync_slots.setdefault(name, asyncio.Semaphore(self.sync_calls))
         async with slots:
-            try:
-                return await provider.generate(submission)
-            except ProviderRateLimited as exc:
-                if exc.retry_after_s:
-                    self.pacing.pause(name, "submit", exc.retry_after_s)
-                raise
+            started = time.perf_counter()
+            with _answers() as answers:
+                try:
+                    outcome = await provider.generate(submission)
+                except ProviderError as exc:
+                    self._note_submit(name, submission, 1, started, answers, exc, sync=True)
+                    if isinstance(exc, ProviderRateLimited) and exc.retry_after_s:
+                        self.pacing.pause(name, "submit", exc.retry_after_s)
+                    raise
+            self._note_submit(name, submission, 1, started, answers, answer=outcome, sync=True)
+            return outcome
 
     async def _answered(self, lease: Lease, outcome: Outcome) -> None:
         """A synchronous call's outcome: recorded as the attempt's job, then applied."""
@@ -309,20 +349,58 @@ class ProcessingStep:
     async def _submit(self, provider: Provider, submission: Submission) -> str:
         """Submit, retrying transient failures inside the step (honouring Retry-After)."""
         for attempt in range(1, SUBMIT_TRIES + 1):
-            try:
-                return await provider.submit(submission)
-            except PermanentProviderError:
-                raise
-            except ProviderError as exc:
-                if attempt == SUBMIT_TRIES:
-                    raise
-                wait = backoff_s(attempt, 0.5, self.rng.random())
-                if isinstance(exc, ProviderRateLimited) and exc.retry_after_s:
-                    wait = min(exc.retry_after_s, 30.0)
-                    self.pacing.pause(provider.name, "submit", exc.retry_after_s)
-                log.warning("submit_retry", error=exc.message, wait_s=round(wait, 2))
-                await asyncio.sleep(wait)
+            started = time.perf_counter()
+            with _answers() as answers:
+                try:
+                    job_id = await provider.submit(submission)
+                except ProviderError as exc:
+                    self._note_submit(provider.name, submission, attempt, started, answers, exc)
+                    if isinstance(exc, PermanentProviderError) or attempt == SUBMIT_TRIES:
+                        raise
+                    wait = backoff_s(attempt, 0.5, self.rng.random())
+                    if isinstance(exc, ProviderRateLimited) and exc.retry_after_s:
+                        wait = min(exc.retry_after_s, 30.0)
+                        self.pacing.pause(provider.name, "submit", exc.retry_after_s)
+                    log.warning("submit_retry", error=exc.message, wait_s=round(wait, 2))
+                else:
+                    self._note_submit(
+                        provider.name, submission, attempt, started, answers, job_id=job_id
+                    )
+                    return job_id
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _note_submit(
+        self,
+        provider: str,
+        submission: Submission,
+        tried: int,
+        started: float,
+        answers: list[int],
+        error: ProviderError | None = None,
+        *,
+        job_id: str | None = None,
+        answer: Outcome | None = None,
+        sync: bool = False,
+    ) -> None:
+        """Note one submit try (or synchronous call) on the task's timeline: its job id, or its
+        error, with the HTTP status of the provider's last answer (an error's own status first)."""
+        status = error_status(error) if error is not None else None
+        if status is None and answers:
+            status = answers[-1]
+        data = submit_note(
+            provider,
+            submission.model,
+            submission.attempt,
+            tried,
+            elapsed_ms(started),
+            job_id=answer.job_id if answer is not None else job_id,
+            status_code=status,
+            error=error,
+            sync=sync,
+            outcome=answer.status if answer is not None else None,
+        )
+        self.outcomes.note(submission.task_id, "submit", data)
 
     async def _submitted(self, lease: Lease, provider: Provider, job_id: str) -> None:
         """Record the job id; apply an outcome that raced ahead of the record."""

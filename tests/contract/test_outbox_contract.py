@@ -238,3 +238,23 @@ async def test_sqlite_queries_use_their_indexes(sqlite_store: SqliteStore, outbo
             assert "SCAN outbox" not in plan or "USING INDEX" in plan, (name, plan)
     finally:
         conn.close()
+
+
+async def test_the_retention_pass_prunes_settled_messages(store: TaskStore, outbox: Outbox) -> None:
+    from statemachine.retention import Retention
+
+    settled = message(version=1)
+    await outbox.enqueue([settled, message(version=2)])
+    (claimed,) = await outbox.claim(T0 + 1, "w", lease_s=30, limit=1)
+    await outbox.settle(claimed, "w", attempt(settled, 1, T0 + 1), "failed", keep_attempts=5)
+    retention = Retention(
+        store,
+        feed_retention_s=3600,
+        deliveries_retention_s=3600,
+        batch=10,
+        outbox=outbox,
+        outbox_retention_s=60,
+    )
+    assert (await retention.run_pass(T0 + 30)).messages == 0
+    assert (await retention.run_pass(T0 + 62)).messages == 1
+    assert (await outbox.depth()).pending == 1

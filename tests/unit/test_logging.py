@@ -42,3 +42,8 @@ def test_json_logs_carry_context_and_no_secrets(capsys: pytest.CaptureFixture[st
     assert line["request_id"] == "r1" and line["task_id"] == "tsk_9"
     assert line["token"] == "[redacted]"
     assert line["url"] == "https://h/cb?token=[redacted]&x=1"
+
+
+def test_a_watch_link_in_a_log_line_loses_its_token() -> None:
+    event = redact(None, "info", {"url": "https://h/v1/tasks/tsk_1?watch=1767225600.0.abcDEF"})
+    assert event["url"] == "https://h/v1/tasks/tsk_1?watch=[redacted]"

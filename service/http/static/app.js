@@ -86,6 +86,7 @@ function forgetKey() {
   localStorage.removeItem(KEY_NAME);
   apiKey = "";
   $("key").value = "";
+  closeTask();
   $("app").hidden = true;
   show($("whoami"), "");
 }
@@ -102,6 +103,7 @@ async function connect(key, remember) {
     keepKey(apiKey, remember);
     show($("whoami"), `${me.user}${me.admin ? " (admin)" : ""} · ${me.balance} credits`);
     $("app").hidden = false;
+    route();
     await Promise.all([loadStyles(), loadTasks(), loadStats()]);
   } catch (error) {
     apiKey = "";
@@ -277,40 +279,185 @@ async function loadTasks() {
       "tr",
       {},
       el("td", {}, new Date(task.created_at).toLocaleString()),
-      el("td", {}, el("code", {}, task.id.slice(0, 12))),
+      el("td", {}, el("a", { href: taskHash(task.id) }, el("code", {}, task.id.slice(0, 12)))),
       el("td", { class: `state-${task.state}` }, task.state),
       el("td", {}, task.attempts),
       el("td", {}, task.style || ""),
       el("td", { class: "prompt", title: task.prompt }, task.prompt),
     );
-    row.addEventListener("click", () => showHistory(task));
+    row.addEventListener("click", () => openTask(task.id));
     return row;
   });
   $("tasks").tBodies[0].replaceChildren(...rows);
 }
 
-function showHistory(task) {
-  const box = $("history");
-  const list = el("ol");
-  list.append(el("li", {}, `${new Date(task.created_at).toLocaleTimeString()} created → pending`));
-  for (const h of task.history) {
-    const detail = h.detail ? ` (${h.detail})` : "";
-    list.append(
-      el("li", {}, `${new Date(h.at).toLocaleTimeString()} ${h.event}: ${h.from} → ${h.to}${detail}`),
-    );
+// --- one task in detail: its facts and its timeline ---------------------------------------------
+// Opened by clicking a task or at #/tasks/<id>; while the task is not terminal it is read again
+// every DETAIL_REFRESH_MS. Everything a provider sent (headers, messages) is shown as text.
+
+const TASK_ROUTE = /^#\/tasks\/([A-Za-z0-9_-]{1,64})$/;
+const DETAIL_REFRESH_MS = 1500;
+let detailTimer = null;
+
+function taskHash(taskId) {
+  return `#/tasks/${encodeURIComponent(taskId)}`;
+}
+
+function openTask(taskId) {
+  if (location.hash === taskHash(taskId)) route();
+  else location.hash = taskHash(taskId);
+}
+
+function route() {
+  const match = TASK_ROUTE.exec(location.hash);
+  if (match) showTask(match[1]).catch((error) => show($("detail-error"), explain(error)));
+  else closeTask();
+}
+
+function closeTask() {
+  clearTimeout(detailTimer);
+  detailTimer = null;
+  $("task-detail").hidden = true;
+  $("task-detail").dataset.taskId = "";
+}
+
+async function showTask(taskId) {
+  clearTimeout(detailTimer);
+  const box = $("task-detail");
+  const fresh = box.dataset.taskId !== taskId;
+  box.dataset.taskId = taskId;
+  box.hidden = false;
+  $("detail-id").textContent = taskId;
+  if (fresh) {
+    for (const id of ["detail-facts", "detail-actions", "detail-outputs", "timeline"]) {
+      $(id).replaceChildren();
+    }
+    box.scrollIntoView({ block: "start" });
   }
-  const parts = [el("h3", {}, `History of ${task.id}`), list];
-  if (task.error) parts.push(el("p", { class: "error" }, `${task.error.code}: ${task.error.message}`));
+  const path = `/v1/tasks/${encodeURIComponent(taskId)}`;
+  let task;
+  let timeline;
+  try {
+    [task, timeline] = await Promise.all([api(path), api(`${path}/timeline`)]);
+  } catch (error) {
+    if (box.dataset.taskId === taskId) {
+      const missing = error instanceof ApiError && error.status === 404;
+      show($("detail-error"), missing ? `There is no task ${taskId} of yours.` : explain(error));
+    }
+    return;
+  }
+  if (box.dataset.taskId !== taskId) return; // another task was opened meanwhile
+  show($("detail-error"), task.error ? `${task.error.code}: ${task.error.message}` : "");
+  renderTask(task);
+  renderTimeline(timeline.entries);
+  if (!TERMINAL.has(task.state)) detailTimer = setTimeout(route, DETAIL_REFRESH_MS);
+}
+
+function renderTask(task) {
+  const facts = [
+    ["state", el("span", { class: `state-${task.state}` }, task.state)],
+    ["attempts", task.attempts],
+    ["provider", `${task.provider} · ${task.model}`],
+    ["style", task.style || "(none)"],
+    ["cost", `${task.cost} credits${task.refunded ? " (refunded)" : ""}`],
+    ["created", new Date(task.created_at).toLocaleString()],
+    ["updated", new Date(task.updated_at).toLocaleString()],
+    ["prompt", task.prompt],
+  ];
+  $("detail-facts").replaceChildren(
+    ...facts.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]),
+  );
+  const actions = [];
   if (!TERMINAL.has(task.state)) {
     const button = el("button", { type: "button", class: "secondary" }, "Watch live");
     button.addEventListener("click", () => watch(task));
-    parts.push(button);
+    actions.push(button);
   }
-  for (const output of task.outputs) {
-    parts.push(el("img", { src: output.url, alt: `output of ${task.id}`, class: "thumb" }));
+  $("detail-actions").replaceChildren(...actions);
+  $("detail-outputs").replaceChildren(
+    ...task.outputs.map((o) => el("img", { src: o.url, alt: `output of ${task.id}`, class: "thumb" })),
+  );
+}
+
+function clockTime(at) {
+  const d = new Date(at);
+  return `${d.toLocaleTimeString([], { hour12: false })}.${String(d.getMilliseconds()).padStart(3, "0")}`;
+}
+
+function http(status) {
+  return status === null || status === undefined ? "" : `HTTP ${status}`;
+}
+
+function ms(value) {
+  return value === null || value === undefined ? "" : `${value} ms`;
+}
+
+function failure(error) {
+  return error ? `${error.code}: ${error.message}` : "";
+}
+
+// The key facts of each kind of entry, in reading order; empty ones are left out.
+const ENTRY_FACTS = {
+  transition: (e) => [`${e.from || "—"} → ${e.to}`, `(${e.event})`, e.detail],
+  submit: (e) => [
+    e.error ? `failed: ${failure(e.error)}` : `job ${e.job_id}`,
+    http(e.status_code),
+    ms(e.latency_ms),
+    `attempt ${e.attempt}${e.try > 1 ? ` try ${e.try}` : ""}`,
+    e.sync ? `answered ${e.outcome || "nothing"}` : "",
+    e.provider,
+  ],
+  webhook: (e) => [
+    e.verified ? "verified" : `not verified: ${e.reason}`,
+    e.verified && e.reason ? `refused: ${e.reason}` : "",
+    e.delivery_id ? `delivery ${e.delivery_id}` : "",
+    e.status ? `said ${e.status}` : "",
+    e.result ? `→ ${e.result}` : "",
+    e.message,
+  ],
+  poll: (e) => [
+    `by ${e.by}`,
+    e.status ? `answered ${e.status}` : `failed: ${failure(e.error)}`,
+    e.reason,
+    http(e.status_code),
+    ms(e.latency_ms),
+  ],
+  delivery: (e) => [
+    `${e.event} → ${e.url}`,
+    `attempt ${e.attempt}`,
+    e.status_code ? http(e.status_code) : "no answer",
+    e.error,
+    ms(e.latency_ms),
+    e.next_retry_at ? `retry at ${clockTime(e.next_retry_at)}` : "",
+  ],
+};
+
+function renderTimeline(entries) {
+  $("timeline").replaceChildren(...entries.map(entryItem));
+}
+
+function entryItem(entry) {
+  const facts = (ENTRY_FACTS[entry.kind] || (() => []))(entry).filter(Boolean);
+  const item = el(
+    "li",
+    { class: `entry kind-${entry.kind}`, "data-kind": entry.kind },
+    el("time", { datetime: entry.at }, clockTime(entry.at)),
+    el("span", { class: "kind" }, entry.kind),
+    el("span", { class: "facts" }, facts.join(" · ")),
+  );
+  if (entry.kind === "webhook") {
+    item.dataset.verified = String(entry.verified);
+    item.append(headersOf(entry.headers));
   }
-  box.replaceChildren(...parts);
-  box.hidden = false;
+  if (entry.truncated) item.append(el("span", { class: "note" }, " (cut to its size cap)"));
+  return item;
+}
+
+function headersOf(headers) {
+  const rows = Object.entries(headers).map(([name, value]) =>
+    el("tr", {}, el("th", {}, name), el("td", {}, value)),
+  );
+  return el("details", {}, el("summary", {}, `${rows.length} headers`), el("table", {}, ...rows));
 }
 
 // --- KPIs ------------------------------------------------------------------------------------
@@ -388,6 +535,9 @@ function init() {
     connect($("key").value, $("remember").checked);
   });
   $("forget").addEventListener("click", forgetKey);
+  window.addEventListener("hashchange", () => {
+    if (apiKey) route();
+  });
   $("submit-form").addEventListener("submit", submitTask);
   $("refresh").addEventListener("click", () => {
     Promise.all([loadTasks(), loadStats()]).catch((e) => show($("submit-error"), explain(e)));
