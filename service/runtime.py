@@ -368,6 +368,7 @@ def _build_runner(
         sync_calls=settings.sync_calls,
         budget=media_budget,
         rng=rng,
+        inputs_by_url=settings.inputs_by_url,
     )
     watermarking = WatermarkingStep(
         store,

@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     # synchronous provider calls (Seedream) one process makes at once per provider: the one
     # place a worker waits on the AI, holding a step
     sync_calls: int = Field(default=8, ge=1, le=1_000)
+    # how stored inputs reach providers that take data URIs: "auto" (by signed URL when it is
+    # public https, else inline), "always" (by URL), "never" (inline)
+    inputs_by_url: Literal["auto", "always", "never"] = "auto"
 
     # HTTP edges
     max_body_bytes: int = 1_000_000  # JSON bodies

@@ -38,7 +38,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import structlog
 
@@ -74,6 +74,10 @@ log = structlog.get_logger()
 
 SUBMIT_TRIES: Final = 3
 DATA_URI_MAX_BYTES: Final = 256_000
+# How a stored input reaches a provider that takes data URIs (HOOKLINE_INPUTS_BY_URL): "auto", by
+# its signed URL when that URL is public https (the provider can fetch it), else inline;
+# "always", by URL (the provider reaches hookline's files by another route); "never", inline.
+InputsByUrl = Literal["auto", "always", "never"]
 SUBMIT_TOKEN_WAIT_S: Final = 2.0  # a submit waits this long for a quota token, else hands back
 QUEUE_RECHECK_S: Final = 1.0  # a task waiting for a slot of its provider is offered again after
 USER_RECHECK_S: Final = 5.0  # ... for a slot its owner may take: behind other users' tasks
@@ -124,6 +128,7 @@ class ProcessingStep:
         sync_calls: int = 8,
         budget: MemoryBudget | None = None,
         rng: random.Random | None = None,
+        inputs_by_url: InputsByUrl = "auto",
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -136,6 +141,7 @@ class ProcessingStep:
         self.pacing = pacing
         self.user_concurrency = user_concurrency  # 0: a quarter of the provider's slots
         self.sync_calls = sync_calls
+        self.inputs_by_url = inputs_by_url
         self._sync_slots: dict[str, asyncio.Semaphore] = {}
         self.budget = budget  # shared by every fetch and decode of the process
         # one slot check-and-take at a time per provider in this process: no overshoot here
@@ -308,9 +314,13 @@ class ProcessingStep:
             data = await self._prepare(fetched.data, limits)
             key = f"inputs/{task.id}/{index}.{_extension(data)}"
             await self.blobs.put(key, data, _content_type(data))
-        if limits.accepts_data_uri and len(data) <= DATA_URI_MAX_BYTES:
-            return f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
-        return await self.blobs.url(key, int(self.timings.for_task(task).ai_hard_cap_s))
+        if not limits.accepts_data_uri or len(data) > DATA_URI_MAX_BYTES:
+            return await self.blobs.url(key, int(self.timings.for_task(task).ai_hard_cap_s))
+        if self.inputs_by_url != "never":
+            url = await self.blobs.url(key, int(self.timings.for_task(task).ai_hard_cap_s))
+            if self.inputs_by_url == "always" or self.input_fetcher.reachable_by_anyone(url):
+                return url  # a few hundred bytes instead of the image, in the submit and echoes
+        return f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
     async def _upload_for(self, upload: str, limits: Limits) -> tuple[str, bytes]:
         """An upload as the provider accepts it: the upload itself when it conforms (uploads are

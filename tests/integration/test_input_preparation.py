@@ -172,7 +172,8 @@ async def test_a_conforming_public_url_input_is_passed_by_its_url(
     tmp_path: Path, image: bytes, passed_by_url: bool
 ) -> None:
     url = "https://images.example/in.jpg"
-    async with running_hookline(tmp_path) as hl:
+    # "never": this fake fetcher calls every URL public, hookline's own files included
+    async with running_hookline(tmp_path, inputs_by_url="never") as hl:
         processing_step(hl).input_fetcher = PublicFetcher(url, image)  # type: ignore[assignment]
         manual = await install_manual_provider(hl)
         key = await hl.create_user("alice")
@@ -194,3 +195,33 @@ def test_only_public_https_urls_are_reachable_by_anyone() -> None:
     assert not fetcher.reachable_by_anyone("http://127.0.0.1:8000/a.jpg")
     assert not fetcher.reachable_by_anyone("https://10.0.0.7/a.jpg")  # never fetched anyway
     assert fetcher.reachable_by_anyone("https://8.8.8.8/a.jpg")
+
+
+@pytest.mark.parametrize(
+    ("mode", "public", "by_url"),
+    [
+        ("auto", False, False),  # hookline's files on loopback: the provider could not fetch them
+        ("auto", True, True),  # public https: a URL instead of the image, in every echo too
+        ("never", True, False),
+        ("always", False, True),
+    ],
+)
+async def test_a_stored_input_goes_by_url_when_the_provider_can_fetch_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, public: bool, by_url: bool
+) -> None:
+    async with running_hookline(tmp_path, inputs_by_url=mode) as hl:
+        manual = await install_manual_provider(hl)
+        step = processing_step(hl)
+        if public:
+            monkeypatch.setattr(step.input_fetcher, "reachable_by_anyone", lambda url: True)
+        key = await hl.create_user("alice")
+        upload = await hl.upload(key, size=(64, 48))
+        await hl.create_task(key, provider="manual", inputs=[{"upload": upload}])
+        (submission,) = await submitted(hl, manual, 1)
+        ref = submission.inputs[0]
+        if by_url:
+            assert ref.startswith(f"{hl.base_url}/files/{upload}"), ref[:80]
+            served = await hl.client.get(ref)
+            assert served.content == await hl.runtime.blobs.get(upload)
+        else:
+            assert data_uri_bytes(ref) == ("image/jpeg", await hl.runtime.blobs.get(upload))
