@@ -78,6 +78,7 @@ DATA_URI_MAX_BYTES: Final = 256_000
 # its signed URL when that URL is public https (the provider can fetch it), else inline;
 # "always", by URL (the provider reaches hookline's files by another route); "never", inline.
 InputsByUrl = Literal["auto", "always", "never"]
+MIN_INPUT_URL_TTL_S: Final = 600  # a stored input's signed URL lasts the attempt, at least this
 SUBMIT_TOKEN_WAIT_S: Final = 2.0  # a submit waits this long for a quota token, else hands back
 QUEUE_RECHECK_S: Final = 1.0  # a task waiting for a slot of its provider is offered again after
 USER_RECHECK_S: Final = 5.0  # ... for a slot its owner may take: behind other users' tasks
@@ -142,6 +143,8 @@ class ProcessingStep:
         self.user_concurrency = user_concurrency  # 0: a quarter of the provider's slots
         self.sync_calls = sync_calls
         self.inputs_by_url = inputs_by_url
+        # "always": every URL; otherwise decided by the first one (None: not seen yet)
+        self._blob_urls_public: bool | None = True if inputs_by_url == "always" else None
         self._sync_slots: dict[str, asyncio.Semaphore] = {}
         self.budget = budget  # shared by every fetch and decode of the process
         # one slot check-and-take at a time per provider in this process: no overshoot here
@@ -173,10 +176,14 @@ class ProcessingStep:
         slots = self.pacing.concurrency(task.provider)
         if slots <= 0:
             return None
-        if await self.store.count_active(task.provider) >= slots:
+        # both counts in one round trip (one read batch of the store)
+        everyone, owners = await asyncio.gather(
+            self.store.count_active(task.provider),
+            self.store.count_active(task.provider, task.owner),
+        )
+        if everyone >= slots:
             return QUEUE_RECHECK_S
-        share = fair_share(slots, self.user_concurrency)
-        if await self.store.count_active(task.provider, task.owner) >= share:
+        if owners >= fair_share(slots, self.user_concurrency):
             return USER_RECHECK_S
         return None
 
@@ -314,11 +321,14 @@ class ProcessingStep:
             data = await self._prepare(fetched.data, limits)
             key = f"inputs/{task.id}/{index}.{_extension(data)}"
             await self.blobs.put(key, data, _content_type(data))
+        ttl_s = max(MIN_INPUT_URL_TTL_S, int(self.timings.for_task(task).ai_hard_cap_s))
         if not limits.accepts_data_uri or len(data) > DATA_URI_MAX_BYTES:
-            return await self.blobs.url(key, int(self.timings.for_task(task).ai_hard_cap_s))
-        if self.inputs_by_url != "never":
-            url = await self.blobs.url(key, int(self.timings.for_task(task).ai_hard_cap_s))
-            if self.inputs_by_url == "always" or self.input_fetcher.reachable_by_anyone(url):
+            return await self.blobs.url(key, ttl_s)
+        if self.inputs_by_url != "never" and self._blob_urls_public is not False:
+            url = await self.blobs.url(key, ttl_s)
+            if self._blob_urls_public is None:  # a property of the blob store: decided once
+                self._blob_urls_public = self.input_fetcher.reachable_by_anyone(url)
+            if self.inputs_by_url == "always" or self._blob_urls_public:
                 return url  # a few hundred bytes instead of the image, in the submit and echoes
         return f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
