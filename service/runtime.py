@@ -140,7 +140,12 @@ class Runtime:
             loops.append(("dispatcher", _after(opener, watcher.run())))
         if self.deliverer is not None and self.render_task is not None and self.outbox is not None:
             feeder = self.feeder = OutboxFeeder(
-                self.store, self.outbox, self.render_task, wake=self.deliverer.wake
+                self.store,
+                self.outbox,
+                self.render_task,
+                wake=self.deliverer.wake,
+                max_pending=settings.webhook_max_pending,
+                on_dropped=self.metrics.on_webhooks_dropped,
             )
             self.deliverer.on_disabled = feeder.forget
             # Messages are for changes from now on: an endpoint hears nothing from before it was
@@ -466,6 +471,7 @@ def build_deliverer(
         concurrency=settings.webhook_concurrency,
         poll_s=settings.webhook_poll_s,
         now=now,
+        per_destination=settings.webhook_per_destination,
     )
 
 

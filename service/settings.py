@@ -223,6 +223,12 @@ class Settings(BaseSettings):
     webhook_poll_s: float = Field(default=0.5, gt=0, le=60)  # how often due retries are looked for
     webhook_secret_overlap_s: float = Field(default=86_400.0, ge=0)  # old secret signs too
     webhook_max_endpoints: int = Field(default=10, ge=1, le=1_000)  # per user
+    # unsettled messages per user: beyond, new ones are dropped (and counted) so no user can
+    # grow the outbox without bound
+    webhook_max_pending: int = Field(default=10_000, ge=1, le=10_000_000)
+    # live sends per destination URL and process: a slow or dead receiver holds this many
+    # of the webhook_concurrency slots, never all of them
+    webhook_per_destination: int = Field(default=2, ge=1, le=1_000)
     webhook_retention_s: float = Field(default=7 * 86_400.0, gt=0)  # settled messages kept
 
     # watermark

@@ -106,6 +106,16 @@ class MongoOutbox:
         await self._messages.create_index(
             [("state", ASCENDING), ("settled_at", ASCENDING)], name="settled"
         )
+        await self._messages.create_index(
+            [("state", ASCENDING), ("owner", ASCENDING)], name="pending_owner"
+        )
+        await self._messages.create_index(
+            [("state", ASCENDING), ("url", ASCENDING), ("lease_expires", ASCENDING)],
+            name="leased",
+        )
+        await self._messages.create_index(
+            [("state", ASCENDING), ("created_at", ASCENDING)], name="age"
+        )
         await self._attempts.create_index(
             [("message_id", ASCENDING), ("number", ASCENDING)], name="message", unique=True
         )
@@ -195,9 +205,13 @@ class MongoOutbox:
     # messages
 
     @translated
-    async def enqueue(self, messages: list[Message]) -> int:
+    async def enqueue(self, messages: list[Message], *, max_pending: int) -> int:
+        if not messages:
+            return 0
+        owner = messages[0].owner
+        pending = await self._messages.count_documents({"state": "pending", "owner": owner})
         new = 0
-        for m in messages:
+        for m in messages[: max(0, max_pending - pending)]:
             doc: Doc = {"_id": m.id}
             doc.update({k: getattr(m, k) for k in _MESSAGE_FIELDS})
             try:
@@ -208,22 +222,38 @@ class MongoOutbox:
         return new
 
     @translated
-    async def claim(self, now: float, worker: str, lease_s: float, limit: int) -> list[Message]:
+    async def claim(
+        self, now: float, worker: str, lease_s: float, limit: int, *, per_destination: int
+    ) -> list[Message]:
+        due: Doc = {
+            "state": "pending",
+            "next_at": {"$lte": now},
+            "$or": [{"lease_expires": None}, {"lease_expires": {"$lte": now}}],
+        }
+        # a few times the limit: candidates past a busy destination's share are passed over
+        cursor = self._messages.find(due, {"_id": 1, "url": 1}).sort("next_at", 1)
+        candidates = [d async for d in cursor.limit(limit * 4)]
+        held: dict[str, int] = {}
         claimed: list[Message] = []
-        for _ in range(limit):
+        for candidate in candidates:
+            url = candidate["url"]
+            if url not in held:
+                held[url] = await self._messages.count_documents(
+                    {"state": "pending", "url": url, "lease_expires": {"$gt": now}}
+                )
+            if held[url] >= per_destination:
+                continue
             doc = await self._messages.find_one_and_update(
-                {
-                    "state": "pending",
-                    "next_at": {"$lte": now},
-                    "$or": [{"lease_expires": None}, {"lease_expires": {"$lte": now}}],
-                },
+                {**due, "_id": candidate["_id"]},
                 {"$set": {"lease_owner": worker, "lease_expires": now + lease_s}},
-                sort=[("next_at", ASCENDING)],
                 return_document=ReturnDocument.AFTER,
             )
-            if doc is None:
-                break
+            if doc is None:  # another worker took it in between
+                continue
+            held[url] += 1
             claimed.append(_message(doc))
+            if len(claimed) == limit:
+                break
         return claimed
 
     @translated
@@ -288,6 +318,11 @@ class MongoOutbox:
 
     @translated
     async def replay(self, message_id: str, now: float) -> Message | None:
+        sending = await self._messages.find_one(
+            {"_id": message_id, "state": "pending", "lease_expires": {"$gt": now}}
+        )
+        if sending is not None:
+            raise Conflict("the delivery is being sent right now", code="delivery_in_flight")
         doc = await self._messages.find_one_and_update(
             {"_id": message_id},
             {

@@ -203,13 +203,19 @@ class Outbox(Protocol):
         """Make ``secret`` the owner's; a secret it replaces keeps signing for ``overlap_s``."""
 
     # messages
-    async def enqueue(self, messages: list[Message]) -> int:
-        """Store the messages whose ids are new; return how many were new."""
+    async def enqueue(self, messages: list[Message], *, max_pending: int) -> int:
+        """Store the messages whose ids are new, as long as their owner has fewer than
+        ``max_pending`` unsettled messages (the rest are dropped: a user cannot grow the outbox
+        without bound); return how many were stored."""
 
-    async def claim(self, now: float, worker: str, lease_s: float, limit: int) -> list[Message]:
+    async def claim(
+        self, now: float, worker: str, lease_s: float, limit: int, *, per_destination: int
+    ) -> list[Message]:
         """Up to ``limit`` pending messages due by ``now`` (``next_at``) and not leased by a
         live lease, oldest due first, through an index; each is leased to ``worker`` until
-        ``now + lease_s``. A message is claimed by one worker at a time."""
+        ``now + lease_s``. A message is claimed by one worker at a time, and no destination URL
+        holds more than ``per_destination`` live leases: a slow or dead receiver ties up that
+        many sends, not every one."""
 
     async def settle(
         self,
@@ -234,7 +240,8 @@ class Outbox(Protocol):
 
     async def replay(self, message_id: str, now: float) -> Message | None:
         """Queue the message again, due now, with the same id and body (a replay restarts its
-        retry horizon from ``now``); None if there is no such message."""
+        retry horizon from ``now``); None if there is no such message. ``Conflict`` (code
+        ``delivery_in_flight``) while a live lease holds it: it is being sent."""
 
     async def depth(self) -> Depth: ...
 

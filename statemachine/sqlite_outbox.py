@@ -68,6 +68,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_task ON outbox (task_id, created_at);
 CREATE INDEX IF NOT EXISTS outbox_settled ON outbox (settled_at) WHERE state != 'pending';
+CREATE INDEX IF NOT EXISTS outbox_pending_owner ON outbox (owner) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_pending_age ON outbox (created_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_leased ON outbox (url, lease_expires)
+    WHERE state = 'pending' AND lease_expires IS NOT NULL;
 CREATE TABLE IF NOT EXISTS outbox_attempts (
     message_id TEXT NOT NULL,
     number INTEGER NOT NULL,
@@ -93,9 +97,18 @@ _ATTEMPT_COLUMNS: Final = "message_id, number, at, latency_ms, status_code, erro
 # The statements whose plans the contract suite checks, with sample arguments.
 QUERIES: Final[dict[str, tuple[str, tuple[Any, ...]]]] = {
     "claim": (
-        "SELECT id FROM outbox WHERE state = 'pending' AND next_at <= ?"
+        "SELECT id, url FROM outbox WHERE state = 'pending' AND next_at <= ?"
         " AND (lease_expires IS NULL OR lease_expires <= ?) ORDER BY next_at LIMIT ?",
         (0.0, 0.0, 1),
+    ),
+    "leased": (
+        "SELECT count(*) FROM outbox WHERE state = 'pending' AND lease_expires IS NOT NULL"
+        " AND url = ? AND lease_expires > ?",
+        ("u", 0.0),
+    ),
+    "pending_owner": (
+        "SELECT count(*) FROM outbox WHERE state = 'pending' AND owner = ?",
+        ("alice",),
     ),
     "task_messages": (
         f"SELECT {_MESSAGE_COLUMNS} FROM outbox WHERE task_id = ? ORDER BY created_at LIMIT ?",
@@ -283,9 +296,11 @@ class SqliteOutbox:
 
     # messages
 
-    async def enqueue(self, messages: list[Message]) -> int:
+    async def enqueue(self, messages: list[Message], *, max_pending: int) -> int:
         if not messages:
             return 0
+        owner = messages[0].owner
+        assert all(m.owner == owner for m in messages), "one owner per enqueue"
         rows = [
             (
                 m.id,
@@ -305,6 +320,8 @@ class SqliteOutbox:
         ]
 
         def insert(tx: Tx) -> int:
+            (pending,) = tx.conn.execute(QUERIES["pending_owner"][0], (owner,)).fetchone()
+            del rows[max(0, max_pending - pending) :]
             before = tx.conn.total_changes
             tx.conn.executemany(
                 "INSERT OR IGNORE INTO outbox (id, owner, task_id, event, endpoint_id, url, body,"
@@ -316,11 +333,25 @@ class SqliteOutbox:
 
         return await self._store.run_write(insert)
 
-    async def claim(self, now: float, worker: str, lease_s: float, limit: int) -> list[Message]:
-        sql = QUERIES["claim"][0]
+    async def claim(
+        self, now: float, worker: str, lease_s: float, limit: int, *, per_destination: int
+    ) -> list[Message]:
+        sql, leased_sql = QUERIES["claim"][0], QUERIES["leased"][0]
 
         def claim(tx: Tx) -> list[Message]:
-            ids = [r[0] for r in tx.conn.execute(sql, (now, now, limit)).fetchall()]
+            # a few times the limit: candidates past a busy destination's share are passed over
+            candidates = tx.conn.execute(sql, (now, now, limit * 4)).fetchall()
+            held: dict[str, int] = {}
+            ids: list[str] = []
+            for message_id, url in candidates:
+                if url not in held:
+                    held[url] = tx.conn.execute(leased_sql, (url, now)).fetchone()[0]
+                if held[url] >= per_destination:
+                    continue
+                held[url] += 1
+                ids.append(message_id)
+                if len(ids) == limit:
+                    break
             if not ids:
                 return []
             marks = ", ".join("?" * len(ids))
@@ -412,6 +443,12 @@ class SqliteOutbox:
 
     async def replay(self, message_id: str, now: float) -> Message | None:
         def replay(tx: Tx) -> Message | None:
+            sending = tx.conn.execute(
+                "SELECT 1 FROM outbox WHERE id = ? AND state = 'pending' AND lease_expires > ?",
+                (message_id, now),
+            ).fetchone()
+            if sending:
+                raise Conflict("the delivery is being sent right now", code="delivery_in_flight")
             row = tx.conn.execute(
                 "UPDATE outbox SET state = 'pending', next_at = ?, queued_at = ?,"
                 " lease_owner = NULL, lease_expires = NULL, settled_at = NULL"
@@ -425,7 +462,7 @@ class SqliteOutbox:
     async def depth(self) -> Depth:
         def read(conn: sqlite3.Connection) -> Depth:
             count, oldest = conn.execute(
-                "SELECT count(*), min(created_at) FROM outbox INDEXED BY outbox_due"
+                "SELECT count(*), min(created_at) FROM outbox INDEXED BY outbox_pending_age"
                 " WHERE state = 'pending'"
             ).fetchone()
             return Depth(count, oldest)

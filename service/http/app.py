@@ -61,7 +61,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     rt = runtime
 
     async def render(task: Task) -> dict[str, Any]:
-        return dict(await tasks.linked_task_json(rt, task))
+        # a message may be retried until the horizon: its output URLs must outlast it
+        ttl_s = max(settings.file_url_ttl_s, int(settings.webhook_retry_horizon_s) + 3600)
+        return dict(await tasks.linked_task_json(rt, task, url_ttl_s=ttl_s))
 
     runtime.render_task = render  # outbound webhooks carry the task as GET /v1/tasks/{id} shows it
 

@@ -167,10 +167,12 @@ async def create_task(request: Request) -> Response:
     return JSONResponse(await linked_task_json(rt, stored), 202)
 
 
-async def linked_task_json(rt: Runtime, task: Task) -> TaskJson:
-    """A task as its key sees it: with a fresh watch link (none for a cancelled task)."""
+async def linked_task_json(rt: Runtime, task: Task, *, url_ttl_s: int | None = None) -> TaskJson:
+    """A task as its key sees it: with a fresh watch link (none for a cancelled task); its
+    output URLs last ``url_ttl_s`` (default ``HOOKLINE_FILE_URL_TTL_S``)."""
     link = watch.signer(rt.settings).link(task, rt.now())
-    return await task_json(task, rt.blobs, rt.settings.file_url_ttl_s, watch=link)
+    ttl_s = url_ttl_s if url_ttl_s is not None else rt.settings.file_url_ttl_s
+    return await task_json(task, rt.blobs, ttl_s, watch=link)
 
 
 async def checked_input(state: Web, user: User, item: UploadInput | UrlInput) -> dict[str, str]:

@@ -251,9 +251,10 @@ class SafeFetcher:
     def _parse(self, url: str) -> httpx.URL:
         try:
             parsed = httpx.URL(url)
-        except (httpx.InvalidURL, TypeError) as exc:
+            host = parsed.host  # decodes an IDNA name: a bad one raises here
+        except (httpx.InvalidURL, TypeError, UnicodeError) as exc:
             raise FetchError(f"invalid URL: {exc}", code="url_invalid") from exc
-        if parsed.scheme not in ("http", "https") or not parsed.host:
+        if parsed.scheme not in ("http", "https") or not host:
             raise FetchError("only http(s) URLs with a host can be fetched", code="url_invalid")
         if parsed.userinfo:
             raise FetchError("URLs with credentials are refused", code="url_forbidden")
@@ -291,6 +292,8 @@ class SafeFetcher:
             port = url.port or (443 if url.scheme == "https" else 80)
             try:
                 candidates = await self._resolve(host, port)
+            except UnicodeError as exc:  # an empty or oversized label, a bad IDNA name
+                raise FetchError(f"invalid host {url.host!r}: {exc}", code="url_invalid") from exc
             except OSError as exc:
                 transient = isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN
                 raise FetchError(

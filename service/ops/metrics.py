@@ -96,7 +96,8 @@ class Metrics:
         )
         self.outbound = Counter(
             "hookline_outbound_deliveries",
-            "Outbound webhook tries by outcome (delivered, retried, failed, gone, undeliverable).",
+            "Outbound webhook tries by outcome (delivered, retried, failed, gone, undeliverable;"
+            " dropped: messages not queued, their owner over HOOKLINE_WEBHOOK_MAX_PENDING).",
             ["outcome"],
             registry=r,
         )
@@ -158,6 +159,10 @@ class Metrics:
 
     def on_webhook_outcome(self, outcome: str) -> None:
         self.outbound.labels(outcome=outcome).inc()
+
+    def on_webhooks_dropped(self, n: int) -> None:
+        """Messages not queued because their owner had HOOKLINE_WEBHOOK_MAX_PENDING unsettled."""
+        self.outbound.labels(outcome="dropped").inc(n)
 
     def on_webhook_rejected(self, provider: str, code: str) -> None:
         """The webhook receiver's ``on_rejected`` callback."""

@@ -67,6 +67,7 @@ class Deliverer:
         concurrency: int,
         poll_s: float,
         now: Callable[[], float],
+        per_destination: int = 2,
         worker: str | None = None,
         note: Note | None = None,
         on_outcome: Callable[[str], None] | None = None,
@@ -78,6 +79,7 @@ class Deliverer:
         self._lease_s = lease_s
         self._concurrency = concurrency
         self._poll_s = poll_s
+        self._per_destination = per_destination
         self._now = now
         self.worker = worker or "deliverer-" + secrets.token_hex(6)
         self.note = note
@@ -101,7 +103,11 @@ class Deliverer:
                 if free > 0:
                     try:
                         claimed = await self._outbox.claim(
-                            self._now(), self.worker, self._lease_s, free
+                            self._now(),
+                            self.worker,
+                            self._lease_s,
+                            free,
+                            per_destination=self._per_destination,
                         )
                     except Exception:
                         log.exception("outbox.claim_failed")
@@ -148,10 +154,11 @@ class Deliverer:
             attempt = DeliveryAttempt(message.id, number, started, latency_ms, status)
             await self._settle(message, attempt, "delivered", "delivered")
             return
-        if status == 410 and message.endpoint_id != TASK_DESTINATION:
-            await self._outbox.disable_endpoint(message.endpoint_id, "410 Gone", finished)
-            if self.on_disabled is not None:
-                self.on_disabled(message.owner)
+        if status == 410:  # gone: a registered endpoint is disabled, a task's own one dropped
+            if message.endpoint_id != TASK_DESTINATION:
+                await self._outbox.disable_endpoint(message.endpoint_id, "410 Gone", finished)
+                if self.on_disabled is not None:
+                    self.on_disabled(message.owner)
             attempt = DeliveryAttempt(message.id, number, started, latency_ms, status, "gone")
             await self._settle(message, attempt, "failed", "gone")
             return
@@ -219,7 +226,9 @@ class Deliverer:
         )
         if self.on_outcome is not None:
             self.on_outcome(outcome)
-        if self.note is not None:
+        # the timeline hears the first try and how the message ended; the tries in between are
+        # in the deliveries (GET /v1/tasks/{id}/deliveries), not pushing the task's story out
+        if self.note is not None and (attempt.number == 1 or state != "pending"):
             with contextlib.suppress(Exception):
                 await self.note(
                     message.task_id,

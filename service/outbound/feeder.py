@@ -14,6 +14,7 @@ twice (message ids are derived), so the watcher's at-least-once delivery is enou
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
+import structlog
 
+from statemachine.errors import StoreError, Unavailable
 from statemachine.outbox import (
     TASK_DESTINATION,
     TASK_DESTINATION_EVENTS,
@@ -37,6 +40,10 @@ from statemachine.task import Task
 Render = Callable[[Task], Awaitable[dict[str, Any]]]
 
 MAX_CACHED_OWNERS: Final = 10_000
+RETRY_FIRST_S: Final = 0.1
+RETRY_MAX_S: Final = 10.0
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +67,10 @@ class OutboxFeeder:
         render: Render,
         *,
         wake: Callable[[], None],
+        max_pending: int = 10_000,
         cache_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        on_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self._store = store
         self._outbox = outbox
@@ -70,13 +79,30 @@ class OutboxFeeder:
         self._cache_s = cache_s
         self._clock = clock
         self._owners: dict[str, _Owner] = {}
+        self._max_pending = max_pending
+        self.on_dropped = on_dropped
         self.queued = 0
+        self.dropped = 0
 
     def forget(self, owner: str) -> None:
         """Drop the owner's cached endpoints (this process just changed them)."""
         self._owners.pop(owner, None)
 
     async def handle(self, event: FeedEvent) -> None:
+        """Queue the event's messages. A store that fails is tried again (with a growing wait)
+        until it answers: the watcher moves past an event only once its messages are stored, so
+        an outage delays messages and loses none."""
+        wait = RETRY_FIRST_S
+        while True:
+            try:
+                await self._handle(event)
+                return
+            except (StoreError, Unavailable) as exc:
+                log.warning("outbox.queue_failed", task=event.task_id, error=exc.message)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, RETRY_MAX_S)
+
+    async def _handle(self, event: FeedEvent) -> None:
         kind = event_type(event.dest)
         owner = await self._owner(event.owner)
         endpoints = [e for e in owner.endpoints if e.wants(kind) and e.created_at <= event.at]
@@ -109,10 +135,26 @@ class OutboxFeeder:
             )
             for destination, url in targets
         ]
-        new = await self._outbox.enqueue(messages)
+        new = await self._outbox.enqueue(messages, max_pending=self._max_pending)
+        if new < len(messages):
+            # new is also short of len(messages) for a replayed event: only a full owner drops
+            dropped = await self._over_cap(messages)
+            if dropped:
+                self.dropped += dropped
+                log.warning("outbox.dropped", owner=task.owner, task=task.id, messages=dropped)
+                if self.on_dropped is not None:
+                    self.on_dropped(dropped)
         if new:
             self.queued += new
             self._wake()
+
+    async def _over_cap(self, messages: list[Message]) -> int:
+        """How many of ``messages`` are not stored (neither new nor queued before)."""
+        missing = 0
+        for m in messages:
+            if await self._outbox.get_message(m.id) is None:
+                missing += 1
+        return missing
 
     async def _owner(self, name: str) -> _Owner:
         now = self._clock()

@@ -115,9 +115,9 @@ async def test_an_owner_secret_rotates_with_an_overlap(outbox: Outbox) -> None:
 
 
 async def test_enqueue_is_idempotent_by_message_id(outbox: Outbox) -> None:
-    assert await outbox.enqueue([message(), message(version=6)]) == 2
-    assert await outbox.enqueue([message(), message(version=7)]) == 1
-    assert await outbox.enqueue([]) == 0
+    assert await outbox.enqueue([message(), message(version=6)], max_pending=1000) == 2
+    assert await outbox.enqueue([message(), message(version=7)], max_pending=1000) == 1
+    assert await outbox.enqueue([], max_pending=1000) == 0
     assert [m.id for m in await outbox.task_messages("tsk_1", 10)] == [
         message(version=v).id for v in (5, 6, 7)
     ]
@@ -127,13 +127,15 @@ async def test_enqueue_is_idempotent_by_message_id(outbox: Outbox) -> None:
 
 async def test_a_claim_leases_due_messages_to_one_worker(outbox: Outbox) -> None:
     due, later = message(version=1), message(version=2, next_at=T0 + 50)
-    await outbox.enqueue([due, later])
-    first = await outbox.claim(T0 + 1, "w1", lease_s=30, limit=10)
+    await outbox.enqueue([due, later], max_pending=1000)
+    first = await outbox.claim(T0 + 1, "w1", lease_s=30, limit=10, per_destination=100)
     assert [m.id for m in first] == [due.id]
     assert first[0].lease_owner == "w1" and first[0].lease_expires == T0 + 31
-    assert await outbox.claim(T0 + 2, "w2", lease_s=30, limit=10) == []  # leased
+    assert (
+        await outbox.claim(T0 + 2, "w2", lease_s=30, limit=10, per_destination=100) == []
+    )  # leased
     # the lease expired (its worker died): another worker takes it
-    again = await outbox.claim(T0 + 31, "w2", lease_s=30, limit=10)
+    again = await outbox.claim(T0 + 31, "w2", lease_s=30, limit=10, per_destination=100)
     assert [m.id for m in again] == [due.id]
     late = attempt(due, 1, T0 + 32)
     assert not await outbox.settle(first[0], "w1", late, "delivered", keep_attempts=5)
@@ -142,9 +144,9 @@ async def test_a_claim_leases_due_messages_to_one_worker(outbox: Outbox) -> None
 
 
 async def test_concurrent_claims_never_share_a_message(outbox: Outbox) -> None:
-    await outbox.enqueue([message(version=v) for v in range(40)])
+    await outbox.enqueue([message(version=v) for v in range(40)], max_pending=1000)
     batches = await asyncio.gather(
-        *(outbox.claim(T0 + 1, f"w{i}", lease_s=30, limit=7) for i in range(8))
+        *(outbox.claim(T0 + 1, f"w{i}", lease_s=30, limit=7, per_destination=100) for i in range(8))
     )
     claimed = [m.id for batch in batches for m in batch]
     assert len(claimed) == len(set(claimed)) == 40
@@ -152,8 +154,8 @@ async def test_concurrent_claims_never_share_a_message(outbox: Outbox) -> None:
 
 async def test_settling_records_the_attempt_and_moves_the_message(outbox: Outbox) -> None:
     m = message()
-    await outbox.enqueue([m])
-    (claimed,) = await outbox.claim(T0 + 1, "w1", lease_s=30, limit=1)
+    await outbox.enqueue([m], max_pending=1000)
+    (claimed,) = await outbox.claim(T0 + 1, "w1", lease_s=30, limit=1, per_destination=100)
     retry = attempt(m, 1, T0 + 1, next_retry_at=T0 + 6, error="HTTP 500")
     assert await outbox.settle(claimed, "w1", retry, "pending", keep_attempts=5)
     stored = await outbox.get_message(m.id)
@@ -165,8 +167,10 @@ async def test_settling_records_the_attempt_and_moves_the_message(outbox: Outbox
         None,
     )
     assert (stored.last_status, stored.last_error) == (500, "HTTP 500")
-    assert await outbox.claim(T0 + 5, "w1", lease_s=30, limit=1) == []  # not due yet
-    (claimed,) = await outbox.claim(T0 + 6, "w1", lease_s=30, limit=1)
+    assert (
+        await outbox.claim(T0 + 5, "w1", lease_s=30, limit=1, per_destination=100) == []
+    )  # not due yet
+    (claimed,) = await outbox.claim(T0 + 6, "w1", lease_s=30, limit=1, per_destination=100)
     done = attempt(m, 2, T0 + 6, status_code=204)
     assert await outbox.settle(claimed, "w1", done, "delivered", keep_attempts=5)
     stored = await outbox.get_message(m.id)
@@ -178,14 +182,14 @@ async def test_settling_records_the_attempt_and_moves_the_message(outbox: Outbox
         None,
     )
     assert await outbox.attempts(m.id) == [retry, done]
-    assert await outbox.claim(T0 + 100, "w1", lease_s=30, limit=1) == []
+    assert await outbox.claim(T0 + 100, "w1", lease_s=30, limit=1, per_destination=100) == []
 
 
 async def test_only_the_newest_attempts_are_kept(outbox: Outbox) -> None:
     m = message()
-    await outbox.enqueue([m])
+    await outbox.enqueue([m], max_pending=1000)
     for n in range(1, 8):
-        (claimed,) = await outbox.claim(T0 + n, "w", lease_s=30, limit=1)
+        (claimed,) = await outbox.claim(T0 + n, "w", lease_s=30, limit=1, per_destination=100)
         a = attempt(m, n, T0 + n, next_retry_at=T0 + n + 1)
         assert await outbox.settle(claimed, "w", a, "pending", keep_attempts=3)
     assert [a.number for a in await outbox.attempts(m.id)] == [5, 6, 7]
@@ -193,8 +197,8 @@ async def test_only_the_newest_attempts_are_kept(outbox: Outbox) -> None:
 
 async def test_a_replay_queues_a_settled_message_again_with_its_id(outbox: Outbox) -> None:
     m = message()
-    await outbox.enqueue([m])
-    (claimed,) = await outbox.claim(T0 + 1, "w", lease_s=30, limit=1)
+    await outbox.enqueue([m], max_pending=1000)
+    (claimed,) = await outbox.claim(T0 + 1, "w", lease_s=30, limit=1, per_destination=100)
     await outbox.settle(claimed, "w", attempt(m, 1, T0 + 1), "failed", keep_attempts=5)
     assert await outbox.replay("msg_missing", T0) is None
     replayed = await outbox.replay(m.id, T0 + 500)
@@ -206,20 +210,24 @@ async def test_a_replay_queues_a_settled_message_again_with_its_id(outbox: Outbo
         T0 + 500,
     )
     assert replayed.body == m.body and replayed.attempts == 1
-    assert [c.id for c in await outbox.claim(T0 + 500, "w", lease_s=30, limit=5)] == [m.id]
+    assert [
+        c.id for c in await outbox.claim(T0 + 500, "w", lease_s=30, limit=5, per_destination=100)
+    ] == [m.id]
 
 
 async def test_depth_counts_unsettled_messages_and_the_oldest(outbox: Outbox) -> None:
     assert (await outbox.depth()).pending == 0
-    await outbox.enqueue([message(version=1, created_at=T0 + 3), message(version=2)])
+    await outbox.enqueue(
+        [message(version=1, created_at=T0 + 3), message(version=2)], max_pending=1000
+    )
     depth = await outbox.depth()
     assert (depth.pending, depth.oldest_created_at) == (2, T0)
 
 
 async def test_retention_forgets_settled_messages_only(outbox: Outbox) -> None:
     settled, pending = message(version=1), message(version=2)
-    await outbox.enqueue([settled, pending])
-    claimed = await outbox.claim(T0 + 1, "w", lease_s=30, limit=1)
+    await outbox.enqueue([settled, pending], max_pending=1000)
+    claimed = await outbox.claim(T0 + 1, "w", lease_s=30, limit=1, per_destination=100)
     done = attempt(settled, 1, T0 + 1)
     await outbox.settle(claimed[0], "w", done, "delivered", keep_attempts=5)
     assert await outbox.prune(T0 + 1, limit=10) == 0  # settled at T0+1, not before
@@ -244,8 +252,8 @@ async def test_the_retention_pass_prunes_settled_messages(store: TaskStore, outb
     from statemachine.retention import Retention
 
     settled = message(version=1)
-    await outbox.enqueue([settled, message(version=2)])
-    (claimed,) = await outbox.claim(T0 + 1, "w", lease_s=30, limit=1)
+    await outbox.enqueue([settled, message(version=2)], max_pending=1000)
+    (claimed,) = await outbox.claim(T0 + 1, "w", lease_s=30, limit=1, per_destination=100)
     await outbox.settle(claimed, "w", attempt(settled, 1, T0 + 1), "failed", keep_attempts=5)
     retention = Retention(
         store,
@@ -258,3 +266,36 @@ async def test_the_retention_pass_prunes_settled_messages(store: TaskStore, outb
     assert (await retention.run_pass(T0 + 30)).messages == 0
     assert (await retention.run_pass(T0 + 62)).messages == 1
     assert (await outbox.depth()).pending == 1
+
+
+async def test_a_destination_holds_at_most_its_share_of_live_sends(outbox: Outbox) -> None:
+    slow = [message(version=v, url="https://slow.example/h") for v in range(6)]
+    fast = [message(version=10 + v, url="https://fast.example/h", next_at=T0 + 1) for v in range(2)]
+    await outbox.enqueue(slow + fast, max_pending=1000)
+    first = await outbox.claim(T0 + 2, "w1", lease_s=30, limit=10, per_destination=2)
+    urls = sorted(m.url for m in first)
+    assert urls == ["https://fast.example/h"] * 2 + ["https://slow.example/h"] * 2
+    # the two slow sends still hold their leases: another worker gets none of slow's
+    assert await outbox.claim(T0 + 3, "w2", lease_s=30, limit=10, per_destination=2) == []
+    done = first[-1] if first[-1].url.startswith("https://slow") else first[0]
+    await outbox.settle(done, "w1", attempt(done, 1, T0 + 4), "delivered", keep_attempts=5)
+    (next_one,) = await outbox.claim(T0 + 4, "w2", lease_s=30, limit=10, per_destination=2)
+    assert next_one.url == "https://slow.example/h"
+
+
+async def test_an_owner_over_the_pending_cap_gets_no_new_messages(outbox: Outbox) -> None:
+    assert await outbox.enqueue([message(version=v) for v in range(3)], max_pending=4) == 3
+    assert await outbox.enqueue([message(version=v) for v in range(3, 6)], max_pending=4) == 1
+    assert (await outbox.depth()).pending == 4
+    other = message(version=1, owner="bob", id="msg_bob")
+    assert await outbox.enqueue([other], max_pending=4) == 1  # another owner is not affected
+
+
+async def test_a_message_being_sent_is_not_replayed(outbox: Outbox) -> None:
+    m = message()
+    await outbox.enqueue([m], max_pending=10)
+    await outbox.claim(T0 + 1, "w", lease_s=30, limit=1, per_destination=2)
+    with pytest.raises(Conflict) as caught:
+        await outbox.replay(m.id, T0 + 2)
+    assert caught.value.code == "delivery_in_flight"
+    assert (await outbox.replay(m.id, T0 + 31)) is not None  # the lease ran out: replayable

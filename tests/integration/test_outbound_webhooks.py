@@ -290,6 +290,9 @@ async def test_unlisted_loopback_private_or_plain_destinations_are_refused(
         {"url": "https://hooks.example.com/x", "extra": 1},
         {"events": ["task.completed"]},
         {"url": "https://" + "a" * 3000 + ".com/"},
+        {"url": "https://a..com/x"},  # an empty label
+        {"url": "https://" + "b" * 64 + ".com/x"},  # a label over 63 characters
+        {"url": "https://xn--a.com/x"},  # not IDNA
     ],
 )
 async def test_bad_registrations_get_a_clear_error(tmp_path: Path, body: dict[str, Any]) -> None:
@@ -454,3 +457,63 @@ async def test_each_try_is_on_the_tasks_timeline(tmp_path: Path) -> None:
         assert [t["status_code"] for t in tries] == [500, 204]
         assert {t["webhook_id"] for t in tries} == {item["id"]}
         assert tries[0]["next_retry_at"] is not None
+
+
+async def test_a_message_being_sent_cannot_be_replayed_into_a_second_send(tmp_path: Path) -> None:
+    async with world(tmp_path) as (hl, receiver):
+        key = await hl.create_user("alice")
+        receiver.secrets.append((await register(hl, key, receiver.url))["secret"])
+        task = await hl.create_task(key)
+        await hl.wait_terminal(key, task["id"])
+        (item,) = await settled(hl, key, task["id"])
+        outbox = hl.runtime.outbox
+        assert outbox is not None
+        # another worker is sending it: replayed for later, then claimed with a live lease
+        later = hl.runtime.now() + 30
+        await outbox.replay(item["id"], later)
+        (held,) = await outbox.claim(later, "elsewhere", 60, 1, per_destination=9)
+        assert held.id == item["id"]
+        r = await hl.client.post(f"/v1/deliveries/{item['id']}/replay", headers=hl.auth(key))
+        assert r.status_code == 409 and r.json()["error"]["code"] == "delivery_in_flight"
+        assert len(receiver.got) == 1
+
+
+async def test_a_hanging_receiver_does_not_hold_up_another_users_deliveries(
+    tmp_path: Path,
+) -> None:
+    hang = asyncio.Event()
+
+    async def stuck(request: Request) -> Response:
+        await hang.wait()
+        return Response(status_code=204)
+
+    stuck_app = Starlette(routes=[Route("/{path:path}", stuck, methods=["POST"])])
+    async with (
+        serve_app(stuck_app) as stuck_url,
+        world(tmp_path, webhook_concurrency=4, webhook_per_destination=2) as (hl, receiver),
+    ):
+        mallory = await hl.create_user("mallory")
+        alice = await hl.create_user("alice")
+        await register(hl, mallory, stuck_url + "/a", events=["task.*"])
+        receiver.secrets.append((await register(hl, alice, receiver.url))["secret"])
+        for _ in range(3):  # 15 messages to a receiver that never answers
+            await hl.wait_terminal(mallory, (await hl.create_task(mallory))["id"])
+        task = await hl.create_task(alice)
+        await hl.wait_terminal(alice, task["id"])
+        await receiver.wait_for(lambda: len(receiver.verified) == 1)
+        assert receiver.verified[0].body["data"]["id"] == task["id"]
+        hang.set()
+
+
+async def test_a_task_destination_answering_gone_is_not_retried(tmp_path: Path) -> None:
+    async with world(tmp_path) as (hl, receiver):
+        key = await hl.create_user("alice")
+        await hl.client.post("/v1/webhooks/secret", headers=hl.auth(key))
+        receiver.answers = [410]
+        upload = await hl.upload(key)
+        body = {"inputs": [{"upload": upload}], "prompt": "p", "webhook": receiver.url}
+        task = (await hl.client.post("/v1/tasks", json=body, headers=hl.auth(key))).json()
+        await hl.wait_terminal(key, task["id"])
+        (item,) = await settled(hl, key, task["id"])
+        assert item["state"] == "failed" and item["attempts"][-1]["error"] == "gone"
+        assert len(receiver.got) == 1

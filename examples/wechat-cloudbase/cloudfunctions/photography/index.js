@@ -138,8 +138,11 @@ async function generate(openid, request) {
   }
   const outcome = await hookline.createTask(config, taskBody(work), `wx-photography-${digest}`);
   if (outcome.error) {
-    await db.collection(WORKS).doc(workId).remove();
     const { code, message, retryable, status } = outcome.error;
+    // A refusal that cannot succeed on retry leaves nothing behind. After a timeout, a 5xx or a
+    // 429 hookline may have created (and charged) the task: the record stays, and a retry with
+    // the same requestId finishes it with the same Idempotency-Key instead of orphaning it.
+    if (!retryable) await db.collection(WORKS).doc(workId).remove();
     if (status >= 500 || status === 401) console.error('the hookline task was not created', outcome.error);
     throw new Refusal(code, message, { retryable, status });
   }
