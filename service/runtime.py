@@ -80,6 +80,9 @@ OUTPUT_MAX_BYTES = 50_000_000
 OUTPUT_FETCH_TIMEOUT_S = 60.0
 INPUT_FETCH_TIMEOUT_S = 30.0
 PROVIDER_TIMEOUT_S = 30.0
+# feed events the outbox feeder handles at once: each needs a task read and a write, which the
+# store batches when they come together (one at a time it fell behind completions)
+FEEDER_CONCURRENCY = 32
 
 
 @dataclass
@@ -150,7 +153,14 @@ class Runtime:
             self.deliverer.on_disabled = feeder.forget
             # Messages are for changes from now on: an endpoint hears nothing from before it was
             # registered, and a fresh outbox does not replay the feed's history.
-            watcher = Watcher("outbox", self.feed, self.store, feeder.handle, start_at_head=True)
+            watcher = Watcher(
+                "outbox",
+                self.feed,
+                self.store,
+                feeder.handle,
+                start_at_head=True,
+                concurrency=FEEDER_CONCURRENCY,
+            )
             loops.append(("outbox", _after(opener, watcher.run())))
             loops.append(("deliverer", _after(opener, self.deliverer.run())))
         if self.runner is not None and "reaper" in roles:

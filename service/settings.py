@@ -227,8 +227,8 @@ class Settings(BaseSettings):
     # grow the outbox without bound
     webhook_max_pending: int = Field(default=10_000, ge=1, le=10_000_000)
     # live sends per destination URL and process: a slow or dead receiver holds this many
-    # of the webhook_concurrency slots, never all of them
-    webhook_per_destination: int = Field(default=2, ge=1, le=1_000)
+    # of the webhook_concurrency slots (half, by default), never all of them
+    webhook_per_destination: int = Field(default=8, ge=1, le=1_000)
     webhook_retention_s: float = Field(default=7 * 86_400.0, gt=0)  # settled messages kept
 
     # watermark

@@ -9,7 +9,9 @@ Both know only the ``ChangeFeed`` and ``TaskStore`` ports, so every adapter's fe
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
@@ -29,7 +31,9 @@ class Watcher:
     The position is loaded from the store at start, saved every ``save_every`` events, every
     ``save_interval_s`` while it moves, and on stop (``stop()`` or cancellation of ``run``);
     ``persist=False`` saves nothing, and ``start_at_head`` starts a watcher with no saved position
-    at the feed's newest event instead of its beginning. A
+    at the feed's newest event instead of its beginning. With ``concurrency`` above 1 up to that
+    many events are handled at once (for a handler whose events are independent of each other's
+    order); the position still moves only over events whose handling is done. A
     handler that raises is logged and skipped; a feed that fails is re-subscribed from the last
     handled position after an exponential backoff.
     """
@@ -47,6 +51,7 @@ class Watcher:
         retry_max_s: float = 10.0,
         start_at_head: bool = False,
         persist: bool = True,
+        concurrency: int = 1,
     ) -> None:
         self.name = name
         self._start_at_head = start_at_head
@@ -58,6 +63,9 @@ class Watcher:
         self._save_interval_s = save_interval_s
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._concurrency = concurrency
         self._position: str | None = None
         self._saved: str | None = None
         self._unsaved = 0
@@ -115,14 +123,24 @@ class Watcher:
         failures = 0
         while True:
             events = self._feed.subscribe(self._position)
+            window: collections.deque[tuple[str, asyncio.Task[None]]] = collections.deque()
             try:
                 async for event in events:
                     failures = 0
-                    await self._handle(event)
-                    self._position = event.position
-                    self._unsaved += 1
+                    if self._concurrency == 1:
+                        await self._handle(event)
+                        await self._passed(event.position)
+                        continue
+                    handling = asyncio.create_task(self._handle(event))
+                    window.append((event.position, handling))
+                    # the position moves as soon as the front is done, even with no next event
+                    handling.add_done_callback(functools.partial(self._pass_done, window))
+                    if len(window) >= self._concurrency:
+                        await asyncio.wait({window[0][1]})
                     if self._unsaved >= self._save_every:
                         await self._save()
+                while window:
+                    await asyncio.wait({window[0][1]})
                 return  # a feed that ends (a test's finite feed) ends the watcher
             except Exception as exc:
                 failures += 1
@@ -136,7 +154,27 @@ class Watcher:
                 )
                 await asyncio.sleep(delay_s)
             finally:
+                # handlers still running finish (or are cancelled with the watcher); their events
+                # lie after the position, so a re-subscription hands them over again
+                await asyncio.gather(*(t for _, t in window), return_exceptions=True)
                 await _close(events)
+
+    async def _passed(self, position: str) -> None:
+        self._position = position
+        self._unsaved += 1
+        if self._unsaved >= self._save_every:
+            await self._save()
+
+    def _pass_done(
+        self, window: collections.deque[tuple[str, asyncio.Task[None]]], _: object = None
+    ) -> None:
+        """Move the position over the handled events at the window's front: never past one
+        still being handled, so a saved position is one every earlier event was handled by
+        (the periodic save, or the next event, stores it)."""
+        while window and window[0][1].done():
+            position, _ = window.popleft()
+            self._position = position
+            self._unsaved += 1
 
     async def _handle(self, event: FeedEvent) -> None:
         fields = {"watcher": self.name, "task_id": event.task_id, "position": event.position}

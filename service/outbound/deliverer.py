@@ -67,7 +67,7 @@ class Deliverer:
         concurrency: int,
         poll_s: float,
         now: Callable[[], float],
-        per_destination: int = 2,
+        per_destination: int = 8,
         worker: str | None = None,
         note: Note | None = None,
         on_outcome: Callable[[str], None] | None = None,

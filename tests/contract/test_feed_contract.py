@@ -291,3 +291,36 @@ async def test_watcher_feeds_a_broadcaster_end_to_end(store: TaskStore, feed: Ch
         watcher.stop()
         await asyncio.wait_for(run, GUARD_S)
     assert hub.count == 0
+
+
+async def test_a_concurrent_watcher_never_saves_past_an_event_still_handled(
+    store: TaskStore, feed: ChangeFeed
+) -> None:
+    owner = await user_with(store, 100)
+    await create_tasks(store, owner, 8)
+    positions = await all_positions(store)
+    slow = positions[2]
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(event: FeedEvent) -> None:
+        if event.position == slow:
+            await release.wait()
+        handled.append(event.position)
+
+    watcher = Watcher("window", feed, store, handler, concurrency=4, save_every=1)
+    run = asyncio.create_task(watcher.run())
+    async with asyncio.timeout(GUARD_S):
+        while len(handled) < 3:  # the events after the slow one, within the window
+            await asyncio.sleep(0.01)
+    assert slow not in handled
+    assert watcher.position == positions[1]  # not past the one still being handled
+    assert await store.load_position("window") == positions[1]
+    release.set()
+    async with asyncio.timeout(GUARD_S):
+        while watcher.position != positions[-1]:
+            await asyncio.sleep(0.01)
+    watcher.stop()
+    await asyncio.wait_for(run, GUARD_S)
+    assert sorted(handled, key=positions.index) == positions
+    assert await store.load_position("window") == positions[-1]
