@@ -17,6 +17,16 @@ Three kinds of process, each on its own, on one machine:
   B — N signed webhooks, 32 at once; then the checks. Its CPU is reported apart, and so is the
   fake's.
 
+``--webhooks`` measures hookline's outbound webhooks in the same run (issue 16): a fourth process,
+the receiver (``bench/e2e_receiver.py``; ``--receiver driver`` runs it inside the driver instead),
+answers 204 at once and records every delivery; ``HOOKLINE_WEBHOOK_HOSTS`` lists its
+``127.0.0.1:port``. The driver registers it as the bench user's endpoint (and the warm-up user's)
+with the default events before the warm-up; phase C waits after phase B until every terminal
+task's event has arrived. Figures: outbound deliveries/s (first to last terminal-event delivery),
+delivery lag (receive time − the body's ``created_at``, the ``finished`` transition's time)
+p50/p99, split at the first try's start; every ``task.completed`` received once per task and
+``webhook-id`` and verified with ``standardwebhooks``; hookline's CPU per task counting phase C.
+
 Figures: starts/s acked (and every non-202 answer by status); the time from the last ack until
 the fake holds every job and every task is ``ai_processing``; completions/s; callback→completed
 p50/p99 (``ai_succeeded`` → ``finished`` in the tasks' histories; also webhook sent → finished);
@@ -24,10 +34,11 @@ PSS/RSS growth of hookline's processes per waiting task (read once all wait, aga
 baseline after start-up and warm-up); hookline's CPU per phase and per task; every output
 stored, watermarked (a sample decoded) and served.
 
-``--profile`` samples every hookline process with ``py-spy`` during phases A and B (from the
-``bench`` extra) and writes speedscope files, folded stacks and a summary of the top
-self-time and cumulative frames into a directory it prints (``BENCH_PY_SPY_ARGS=--gil``: only
-the thread holding the GIL is sampled). Speed is reported, never asserted.
+``--profile`` samples every hookline process with ``py-spy`` during phases A, B (and C) (from
+the ``bench`` extra) and writes speedscope files, folded stacks and a summary of the top
+self-time and cumulative frames (and of the outbound delivery path's) into a directory it prints
+(``BENCH_PY_SPY_ARGS=--gil``: only the thread holding the GIL is sampled). Speed is reported,
+never asserted.
 """
 
 from __future__ import annotations
@@ -86,6 +97,9 @@ SHOWN_SETTINGS: Final = (
     "watermark_position",
     "log_level",
     "log_format",
+    "webhook_concurrency",
+    "webhook_poll_s",
+    "webhook_timeout_s",
 )
 
 
@@ -209,7 +223,13 @@ def parse_sets(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def hookline_env(
-    workdir: Path, public_url: str, fake_port: int, token: str, secret: str, sets: Mapping[str, str]
+    workdir: Path,
+    public_url: str,
+    fake_port: int,
+    token: str,
+    secret: str,
+    sets: Mapping[str, str],
+    receiver_port: int | None = None,
 ) -> dict[str, str]:
     """The HOOKLINE_* settings of the run: the bench's own, then ``--set`` over them."""
     env = {
@@ -228,6 +248,8 @@ def hookline_env(
         "HOOKLINE_AI_DEADLINE_S": "3600",
         "HOOKLINE_AI_HARD_CAP_S": "7200",
     }
+    if receiver_port is not None:  # the loopback receiver of outbound webhooks
+        env["HOOKLINE_WEBHOOK_HOSTS"] = f"127.0.0.1:{receiver_port}"
     env.update(sets)
     return env
 
@@ -279,6 +301,14 @@ IDLE_LINE: Final = re.compile(
 # ... and one on these is the event loop inside uvloop's C code: waiting in epoll, or doing its own
 # socket work (not split: no Python frame tells them apart).
 LOOP_LINE: Final = re.compile(r"run_until_complete\(|run_forever\(")
+# A work sample with a frame of these files in its stack is the outbound delivery path's: the
+# feeder, the deliverer (its HTTP client calls included) and the outbox's statements on the store's
+# database thread (not the timeline's note of each try: that thread's stack does not say whose).
+OUTBOUND_FILES: Final = (
+    "service/outbound/",
+    "statemachine/sqlite_outbox.py",
+    "statemachine/mongo_outbox.py",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +380,8 @@ def write_profile_summary(out_dir: Path, files: Sequence[Path], cpu_s: float) ->
     own_lines: collections.Counter[str] = collections.Counter()
     cumulative: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
+    outbound_own: collections.Counter[str] = collections.Counter()
+    outbound_cumulative: collections.Counter[str] = collections.Counter()
     for path in files:
         process = path.name.split(".")[0]
         stacks = profile_stacks(path)
@@ -364,8 +396,13 @@ def write_profile_summary(out_dir: Path, files: Sequence[Path], cpu_s: float) ->
             threads[f"{process}:{thread}"] += count
             own[stack[-1].function] += count
             own_lines[stack[-1].at_line] += count
-            for function in {f.function for f in stack}:
+            functions = {f.function for f in stack}
+            for function in functions:
                 cumulative[function] += count
+            if any(f.short_file.startswith(OUTBOUND_FILES) for f in stack):
+                outbound_own[stack[-1].function] += count
+                for function in functions:
+                    outbound_cumulative[function] += count
     total = sum(kinds.values())
     work = kinds["work"]
     lines = [
@@ -375,7 +412,7 @@ def write_profile_summary(out_dir: Path, files: Sequence[Path], cpu_s: float) ->
         f"  event loop inside uvloop's C code (epoll wait or its own socket work): {kinds['loop']} "
         f"({kinds['loop'] / max(total, 1):.0%})",
         f"  work (a Python frame or a C call under it): {work} = {work / 100:.1f} s, against "
-        f"{cpu_s:.1f} s of CPU measured in /proc over the two phases",
+        f"{cpu_s:.1f} s of CPU measured in /proc over the phases",
         "",
         "work samples by thread: " + ", ".join(f"{t} {c}" for t, c in threads.most_common(8)),
         "",
@@ -388,6 +425,19 @@ def write_profile_summary(out_dir: Path, files: Sequence[Path], cpu_s: float) ->
         "top 15 lines by self time:",
         *top(own_lines, work, 15),
     ]
+    if outbound_own:
+        outbound = sum(outbound_own.values())
+        lines += [
+            "",
+            f"the outbound delivery path (a frame of {', '.join(OUTBOUND_FILES)} in the stack): "
+            f"{outbound} work samples = {outbound / 100:.1f} s, {outbound / max(work, 1):.1%} "
+            "of the work samples; as shares of the delivery path's samples:",
+            "top 20 functions by cumulative time:",
+            *top(outbound_cumulative, outbound, 20),
+            "",
+            "top 15 functions by self time:",
+            *top(outbound_own, outbound, 15),
+        ]
     text = "\n".join(lines) + "\n"
     (out_dir / "profile-summary.txt").write_text(text)
     return text
@@ -432,6 +482,8 @@ class Options:
     phase_timeout_s: float = 600.0
     upload_size: tuple[int, int] = (1024, 768)
     verify_sample: int = 20
+    webhooks: bool = False
+    receiver: str = "process"  # or "driver": the receiver inside the driver's process
     profile: bool = False
     keep: bool = False
 
@@ -488,15 +540,27 @@ def _run(
     fake = children.spawn(
         "fake",
         [sys.executable, "-m", "bench.e2e_provider", "--port", str(fake_port),
-         "--token", token, "--secret", secret],
+         f"--token={token}", "--secret", secret],  # "=": a token may start with "-"
         env=env0, cwd=ROOT, log=logs / "fake.log",
     )  # fmt: skip
     fake_url = f"http://127.0.0.1:{fake_port}/_bench/stats"
     wait_http(fake_url, fake, "the provider fake", logs / "fake.log")
 
+    receiver_port = free_port() if opts.webhooks else None
+    receiver_pid = None
+    if receiver_port is not None and opts.receiver == "process":
+        receiver = children.spawn(
+            "receiver",
+            [sys.executable, "-m", "bench.e2e_receiver", "--port", str(receiver_port)],
+            env=env0, cwd=ROOT, log=logs / "receiver.log",
+        )  # fmt: skip
+        receiver_url = f"http://127.0.0.1:{receiver_port}/_bench/healthz"
+        wait_http(receiver_url, receiver, "the webhook receiver", logs / "receiver.log")
+        receiver_pid = receiver.pid
+
     procs = hookline_commands(opts)
     api = [f"http://127.0.0.1:{port}" for _, roles, port in procs if "api" in roles]
-    env = hookline_env(workdir, api[0], fake_port, token, secret, opts.sets)
+    env = hookline_env(workdir, api[0], fake_port, token, secret, opts.sets, receiver_port)
     settings = effective_settings(env)
     full_env = {**env0, **env}
     credits = opts.n * CREDITS_PER_TASK + 1_000
@@ -518,6 +582,9 @@ def _run(
         if opts.api_procs <= 0
         else f"{opts.api_procs} × api + {opts.worker_procs} × dispatcher,reaper on one SQLite file"
     )
+    if opts.webhooks:
+        where = "its own process" if opts.receiver == "process" else "the driver's process"
+        layout += f"; outbound webhooks on, the receiver in {where}"
     cfg = {
         "api": api,
         "fake": f"http://127.0.0.1:{fake_port}",
@@ -526,6 +593,7 @@ def _run(
         "key": key,
         "warm_key": warm_key,
         "user": USER,
+        "warm_user": WARM_USER,
         "secret": secret,
         "model": MODEL,
         "n": opts.n,
@@ -540,6 +608,10 @@ def _run(
         "upload_size": list(opts.upload_size),
         "verify_sample": opts.verify_sample,
         "watermark_position": settings["watermark_position"],
+        "webhooks": opts.webhooks,
+        "receiver": opts.receiver,
+        "receiver_url": f"http://127.0.0.1:{receiver_port}" if receiver_port else None,
+        "receiver_pid": receiver_pid,
     }
     config_path, out_path = workdir / "driver.json", workdir / "driver-out.json"
     config_path.write_text(json.dumps(cfg))
@@ -582,7 +654,7 @@ def _run(
     if profile_dir:
         files = [path for _, path in spies if path.exists() and path.stat().st_size]
         if files:
-            cpu = figures.get("hookline_cpu_a_s", 0.0) + figures.get("hookline_cpu_b_s", 0.0)
+            cpu = sum(figures.get(f"hookline_cpu_{p}_s", 0.0) for p in "abc")
             summary = write_profile_summary(profile_dir, files, cpu)
         else:
             out["notes"].append(f"py-spy wrote no profile: {tail(profile_dir / 'py-spy.log')}")
@@ -591,6 +663,7 @@ def _run(
         setting_concurrency=opts.concurrency,
         setting_api_procs=max(1, opts.api_procs),
         setting_worker_procs=opts.worker_procs if opts.api_procs > 0 else 0,
+        setting_webhooks=float(opts.webhooks),
         setting_rate_limit_per_s=float(settings["rate_limit_per_s"]),
         setting_rate_limit_burst=float(settings["rate_limit_burst"]),
         setting_provider_concurrency=float(settings["provider_concurrency"]),
@@ -691,13 +764,46 @@ ROWS: Final = (
     ("waiting tasks at the read", "waiting_tasks_at_read"),
     ("CPU", ""),
     ("hookline CPU s phase A / B", "hookline_cpu_a_s|hookline_cpu_b_s"),
-    ("hookline CPU ms per task A / B / both", "hookline_cpu_a_ms_per_task|"
+    ("hookline CPU ms per task A / B / all phases", "hookline_cpu_a_ms_per_task|"
      "hookline_cpu_b_ms_per_task|hookline_cpu_ms_per_task"),
     ("hookline cores busy A / B", "hookline_cores_a|hookline_cores_b"),
     ("fake CPU s A / B", "fake_cpu_a_s|fake_cpu_b_s"),
     ("driver CPU s A / B", "driver_cpu_a_s|driver_cpu_b_s"),
     ("driver CPU µs per create / per webhook", "driver_cpu_us_per_create|"
      "driver_cpu_us_per_webhook"),
+)  # fmt: skip
+
+# Shown when the run had --webhooks.
+WEBHOOK_ROWS: Final = (
+    ("outbound webhooks", ""),
+    ("terminal-event deliveries / all received / repeats", "deliveries_terminal|"
+     "deliveries_received|deliveries_duplicates"),
+    ("outbound deliveries/s (first to last terminal event)", "deliveries_per_s"),
+    ("delivery lag p50 / p99 / max ms (received − created_at)", "delivery_lag_p50_ms|"
+     "delivery_lag_p99_ms|delivery_lag_max_ms"),
+    ("  created_at → first try started p50 / p99 ms", "delivery_queue_p50_ms|"
+     "delivery_queue_p99_ms"),
+    ("    created_at → seen in the feed table p50 / p99 ms (±20 ms)", "delivery_to_feed_p50_ms|"
+     "delivery_to_feed_p99_ms"),
+    ("    created_at → seen in the outbox p50 / p99 ms (±20 ms)", "delivery_to_outbox_p50_ms|"
+     "delivery_to_outbox_p99_ms"),
+    ("    seen in the outbox → first try started p50 / p99 ms", "delivery_outbox_to_try_p50_ms|"
+     "delivery_outbox_to_try_p99_ms"),
+    ("  first try started → received p50 / p99 ms", "delivery_send_p50_ms|delivery_send_p99_ms"),
+    ("last delivery after phase B s / phase C wall s", "last_delivery_after_phase_b_s|phase_c_s"),
+    ("terminal-event deliveries after phase B (in phase C)", "deliveries_after_phase_b"),
+    ("task.completed exactly once / missing / extra ids", "deliveries_completed_exactly_once|"
+     "deliveries_completed_missing|deliveries_completed_extra_ids"),
+    ("not verified / unknown task / state ≠ type / created_at ≠ transition",
+     "deliveries_not_verified|deliveries_unknown_task|deliveries_state_not_type|"
+     "deliveries_created_at_not_transition"),
+    ("outbox: messages / delivered / pending / failed / retried", "outbox_messages|"
+     "outbox_delivered|outbox_pending|outbox_failed|outbox_retried"),
+    ("delivery body mean bytes / warm-up deliveries", "delivery_body_bytes_mean|"
+     "deliveries_warm_up"),
+    ("hookline CPU s phase C / ms per task", "hookline_cpu_c_s|hookline_cpu_c_ms_per_task"),
+    ("receiver process CPU s A / B / C", "receiver_cpu_a_s|receiver_cpu_b_s|receiver_cpu_c_s"),
+    ("driver CPU s C", "driver_cpu_c_s"),
 )  # fmt: skip
 
 
@@ -713,7 +819,8 @@ def report(result: Result, title: str) -> str:
     f = result.figures
     lines = [f"## {title}", "", f"layout: {result.layout}", ""]
     lines += ["| figure | value |", "| --- | --- |"]
-    for label, keys in ROWS:
+    rows = ROWS + WEBHOOK_ROWS if "deliveries_received" in f else ROWS
+    for label, keys in rows:
         if not keys:
             lines.append(f"| **{label}** | |")
             continue
@@ -799,6 +906,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall-s", type=float, default=15.0,
                    help="give a wait up when nothing moved for this long")  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0, help="the most a phase may take")
+    p.add_argument(
+        "--webhooks",
+        action="store_true",
+        help="outbound webhooks on: a loopback receiver registered for the bench user",
+    )
+    p.add_argument("--receiver", choices=("process", "driver"), default="process",
+                   help="with --webhooks: the receiver in its own process (default) or in the "
+                   "driver's")  # fmt: skip
     p.add_argument("--profile", action="store_true", help="sample hookline with py-spy")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
@@ -814,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
         stall_s=args.stall_s,
         phase_timeout_s=args.timeout,
         upload_size=args.upload_size,
+        webhooks=args.webhooks,
+        receiver=args.receiver,
         profile=args.profile,
         keep=args.keep,
     )

@@ -18,15 +18,26 @@ stops before the checks).
    callback URL, ``concurrency`` at once → completions/s until every task is ``completed``. When
    hookline's in-flight limits hold tasks back in ``pending``, the fake's newly held jobs are
    completed as they appear, until every accepted task is terminal.
+   With ``webhooks`` (``bench_e2e --webhooks``): a loopback receiver (bench/e2e_receiver.py, in
+   its own process or in this one) is registered as an endpoint of the bench user and of the
+   warm-up user before the warm-up (``POST /v1/webhooks``, the default events); after phase B,
+   phase C waits until it holds a terminal event for every terminal task (hookline's CPU counted
+   apart: the delivery tail).
 4. Checks (untimed): the histories (``ai_succeeded`` → ``finished``: callback→completed; webhook
    sent → ``finished``), every output's record, its file under the blob directory (size, magic
    bytes, content type), a sample decoded and compared with the fake's PNG (watermarked), a few
-   output URLs fetched through hookline.
+   output URLs fetched through hookline. With webhooks: outbound deliveries/s (first to last
+   terminal-event delivery), delivery lag (receive time − the body's ``created_at``, which is the
+   ``finished`` transition's time) p50/p99, split where the driver saw each terminal change in
+   the feed table and each message in the outbox table (polled every ``POLL_S`` during phases B
+   and C) and at the first try's start (the outbox's attempt record); every completed task's
+   ``task.completed`` received once under one ``webhook-id`` and verified with
+   ``standardwebhooks``; retries and duplicates counted.
 
 CPU is user+sys seconds from ``/proc/PID/stat`` (children included), per phase, for hookline's
-processes and the fake; the driver's own from ``getrusage``. The HTTP client is a small keep-alive
-HTTP/1.1 client on asyncio streams (``raw``, the default: it leaves the CPU to hookline) or
-``httpx.AsyncClient`` (``httpx``).
+processes, the fake and the receiver's process; the driver's own from ``getrusage``. The HTTP
+client is a small keep-alive HTTP/1.1 client on asyncio streams (``raw``, the default: it leaves
+the CPU to hookline) or ``httpx.AsyncClient`` (``httpx``).
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ import orjson
 from PIL import Image, ImageChops
 from standardwebhooks import Webhook
 
+from bench.e2e_receiver import TERMINAL_TYPES, Receiver, RemoteReceiver
+
 REQUEST_TIMEOUT_S = 30.0
 POLL_S = 0.02
 STRONG_DIFF = 40  # a pixel the watermark changed, not JPEG's re-encoding
@@ -65,6 +78,19 @@ IMAGE_MAGIC = {
     "image/png": b"\x89PNG\r\n\x1a\n",
     "image/webp": b"RIFF",
 }
+WARM_UP_DELIVERIES_S = 30.0  # the most the warm-up's deliveries may take
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One of hookline's outbox messages as the bench sees it: its state and tries, the first
+    try's start (its attempt record), and when the driver first saw it in the table (epoch;
+    polled every ``POLL_S``, so up to that much late)."""
+
+    state: str
+    tries: int
+    tried_at: float | None
+    seen_at: float | None
 
 
 class BenchError(RuntimeError):
@@ -185,7 +211,17 @@ class RawConnection:
                 await self.close()
                 if attempt:
                     raise
+            except BaseException:
+                # cancelled or timed out mid-request: its answer may still arrive, and must not
+                # be read as the next request's
+                self.drop()
+                raise
         raise AssertionError("unreachable")
+
+    def drop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
     async def _answer(self, reader: asyncio.StreamReader) -> Answer:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -273,21 +309,31 @@ def make_client(kind: str, concurrency: int) -> RawClient | HttpxClient:
 
 @dataclass(slots=True)
 class Meters:
-    """CPU seconds of hookline, the fake and the driver at one moment."""
+    """CPU seconds of hookline, the fake, the receiver's process and the driver at one moment."""
 
     hookline: float
     fake: float
+    receiver: float
     driver: float
     at: float
 
     @classmethod
-    def read(cls, hookline_pids: Sequence[int], fake_pid: int) -> Meters:
-        return cls(cpu_s(hookline_pids), cpu_s([fake_pid]), own_cpu_s(), time.monotonic())
+    def read(
+        cls, hookline_pids: Sequence[int], fake_pid: int, receiver_pids: Sequence[int]
+    ) -> Meters:
+        return cls(
+            cpu_s(hookline_pids),
+            cpu_s([fake_pid]),
+            cpu_s(receiver_pids),
+            own_cpu_s(),
+            time.monotonic(),
+        )
 
     def since(self, before: Meters) -> dict[str, float]:
         return {
             "hookline": self.hookline - before.hookline,
             "fake": self.fake - before.fake,
+            "receiver": self.receiver - before.receiver,
             "driver": self.driver - before.driver,
             "wall": self.at - before.at,
         }
@@ -306,6 +352,13 @@ class Driver:
     db: sqlite3.Connection | None = None
     fake_conn: RawConnection | None = None
     fake_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # outbound webhooks: the receiver (here, or its process's control routes), when phase B ended
+    receiver: Receiver | RemoteReceiver | None = None
+    phase_b_end: float = math.nan  # epoch
+    terminal_at_end_of_b: int = 0
+    # first seen by watch_store (epoch): a task's terminal feed event; an outbox message
+    feed_seen: dict[str, float] = field(default_factory=dict)
+    outbox_seen: dict[str, float] = field(default_factory=dict)
 
     @property
     def api(self) -> list[str]:
@@ -316,7 +369,8 @@ class Driver:
         return int(self.cfg["concurrency"])
 
     def meters(self) -> Meters:
-        return Meters.read(self.cfg["hookline_pids"], self.cfg["fake_pid"])
+        receiver = [self.cfg["receiver_pid"]] if self.cfg.get("receiver_pid") else []
+        return Meters.read(self.cfg["hookline_pids"], self.cfg["fake_pid"], receiver)
 
     def memory(self) -> tuple[float, float]:
         return memory_kib(self.cfg["hookline_pids"])
@@ -418,7 +472,7 @@ class Driver:
                 answer = await client.send(0, origin, "POST", "/v1/tasks", headers, body)
                 if answer.status != 202:
                     raise BenchError(f"warm-up POST /v1/tasks answered {answer.status}")
-            await self.deliver_until_done("warm", count, client, timeout_s=60)
+            await self.deliver_until_done(self.warm_user, count, client, timeout_s=60)
         finally:
             await client.aclose()
 
@@ -498,6 +552,7 @@ class Driver:
         self.figures.update(
             hookline_cpu_a_s=cpu["hookline"],
             fake_cpu_a_s=cpu["fake"],
+            receiver_cpu_a_s=cpu["receiver"],
             driver_cpu_a_s=cpu["driver"],
             phase_a_s=cpu["wall"],
             driver_cpu_us_per_create=requests_cpu["driver"] / n * 1e6,
@@ -670,8 +725,10 @@ class Driver:
         finally:
             await client.aclose()
         after = self.meters()
+        self.phase_b_end = time.time()
         cpu = after.since(before)
         states = result["states"]
+        self.terminal_at_end_of_b = states["completed"] + states["failed"] + states["cancelled"]
         elapsed = result["end"] - started
         latencies = result["latencies"]
         self.figures.update(
@@ -686,6 +743,7 @@ class Driver:
             webhook_p99_ms=percentile(latencies, 99) * 1000,
             hookline_cpu_b_s=cpu["hookline"],
             fake_cpu_b_s=cpu["fake"],
+            receiver_cpu_b_s=cpu["receiver"],
             driver_cpu_b_s=cpu["driver"],
             driver_cpu_us_per_webhook=cpu["driver"] / max(1, len(latencies)) * 1e6,
             hookline_cores_b=cpu["hookline"] / cpu["wall"],
@@ -702,6 +760,161 @@ class Driver:
         )
         pss, rss = self.memory()
         self.figures.update(hookline_pss_after_mib=pss / 1024, hookline_rss_after_mib=rss / 1024)
+
+    # -- outbound webhooks -----------------------------------------------------------------------
+
+    @property
+    def webhooks(self) -> bool:
+        return bool(self.cfg.get("webhooks"))
+
+    async def open_receiver(self) -> None:
+        """The receiver: started in this process (``receiver: driver``), or its own process's
+        control routes."""
+        url = str(self.cfg["receiver_url"])
+        if self.cfg["receiver"] == "driver":
+            receiver = Receiver()
+            parts = urlsplit(url)
+            assert parts.hostname and parts.port
+            await receiver.start(parts.hostname, parts.port)
+            self.receiver = receiver
+        else:
+            self.receiver = RemoteReceiver(url)
+
+    async def register_endpoints(self) -> None:
+        """``POST /v1/webhooks`` (the default events) for the bench user and the warm-up user,
+        each at its own path of the receiver, which gets their secrets."""
+        assert self.receiver is not None
+        secrets = {}
+        users = ((self.cfg["key"], self.cfg["user"]), (self.cfg["warm_key"], self.warm_user))
+        async with httpx.AsyncClient(base_url=self.api[0], trust_env=False) as http:
+            for key, user in users:
+                path = hook_path(user)
+                r = await http.post(
+                    "/v1/webhooks",
+                    json={"url": self.cfg["receiver_url"] + path},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=REQUEST_TIMEOUT_S,
+                )
+                if r.status_code != 201:
+                    raise BenchError(f"POST /v1/webhooks answered {r.status_code}: {r.text[:300]}")
+                secrets[path] = r.json()["secret"]
+        await self.receiver.set_secrets(secrets)
+        self.figures["webhook_endpoints"] = len(secrets)
+
+    @property
+    def warm_user(self) -> str:
+        return str(self.cfg.get("warm_user", "warm"))
+
+    async def wait_deliveries(self, user: str, expected: int, timeout_s: float) -> int:
+        """Until the receiver holds a terminal event for ``expected`` of ``user``'s tasks; gives
+        up when nothing new arrived for ``stall_s`` or after ``timeout_s``. How many it holds."""
+        assert self.receiver is not None
+        path, stall_s = hook_path(user), float(self.cfg["stall_s"])
+        moved = time.perf_counter()
+        deadline, last = moved + timeout_s, -1
+        while True:
+            counts = await self.receiver.counts()
+            got = int(counts["paths"].get(path, {}).get("terminal_tasks", 0))
+            now = time.perf_counter()
+            if got >= expected:
+                return got
+            if got != last:
+                last, moved = got, now
+            if now - moved > stall_s or now > deadline:
+                self.notes.append(
+                    f"{user}: terminal events of {got} of {expected} terminal tasks received "
+                    "when the bench stopped waiting for deliveries"
+                )
+                return got
+            await asyncio.sleep(POLL_S)
+
+    async def phase_c(self) -> None:
+        """The delivery tail: from the end of phase B until the receiver holds a terminal event
+        for every terminal task; hookline's CPU for it, and per task with it."""
+        before = self.meters()
+        await self.wait_deliveries(
+            self.cfg["user"], self.terminal_at_end_of_b, float(self.cfg["phase_timeout_s"])
+        )
+        cpu = self.meters().since(before)
+        tasks = max(1, int(self.figures.get("completed", 0)))
+        total = (
+            self.figures["hookline_cpu_a_s"] + self.figures["hookline_cpu_b_s"] + cpu["hookline"]
+        )
+        self.figures.update(
+            phase_c_s=cpu["wall"],
+            hookline_cpu_c_s=cpu["hookline"],
+            receiver_cpu_c_s=cpu["receiver"],
+            driver_cpu_c_s=cpu["driver"],
+            hookline_cpu_c_ms_per_task=cpu["hookline"] / tasks * 1000,
+            hookline_cpu_ms_per_task=total / tasks * 1000,
+        )
+
+    async def watch_store(self) -> None:
+        """Until cancelled: when each terminal change first shows in the feed table (committed)
+        and each new outbox message in the outbox table, every ``POLL_S``."""
+        terminal = tuple(t.removeprefix("task.") for t in sorted(TERMINAL_TYPES))
+        feed_sql = (
+            "SELECT seq, task_id FROM feed_events WHERE seq > ?"
+            f" AND dest IN ({', '.join('?' * len(terminal))}) ORDER BY seq"
+        )
+        outbox_sql = "SELECT rowid, id FROM outbox WHERE rowid > ? ORDER BY rowid"
+        last_seq = last_row = 0
+        while True:
+            try:
+                events = self.store().execute(feed_sql, (last_seq, *terminal)).fetchall()
+                messages = self.store().execute(outbox_sql, (last_row,)).fetchall()
+            except sqlite3.Error as exc:
+                self.notes.append(f"the feed and outbox could not be watched: {exc}")
+                return
+            now = time.time()
+            for _, task_id in events:
+                self.feed_seen.setdefault(task_id, now)
+            for _, msg_id in messages:
+                self.outbox_seen.setdefault(msg_id, now)
+            last_seq = events[-1][0] if events else last_seq
+            last_row = messages[-1][0] if messages else last_row
+            await asyncio.sleep(POLL_S)
+
+    def outbox_rows(self, owner: str) -> dict[str, OutboxRow]:
+        """The owner's messages in hookline's outbox, by id."""
+        try:
+            rows = self.store().execute(
+                "SELECT o.id, o.state, o.attempts, a.at FROM outbox o"
+                " LEFT JOIN outbox_attempts a ON a.message_id = o.id AND a.number = 1"
+                " WHERE o.owner = ?",
+                (owner,),
+            )
+        except sqlite3.Error as exc:
+            self.notes.append(f"the outbox could not be read: {exc}")
+            return {}
+        return {
+            msg_id: OutboxRow(state, tries, at, self.outbox_seen.get(msg_id))
+            for msg_id, state, tries, at in rows.fetchall()
+        }
+
+    async def check_deliveries(self, docs: dict[str, dict[str, Any]]) -> None:
+        assert self.receiver is not None
+        items = await self.receiver.items()
+        mine = hook_path(self.cfg["user"])
+        figures, notes = delivery_figures(
+            [r for r in items if r["path"] == mine],
+            docs,
+            self.accepted,
+            self.outbox_rows(self.cfg["user"]),
+            self.feed_seen,
+            self.phase_b_end,
+        )
+        self.figures.update(figures)
+        self.notes += notes
+        warm = hook_path(self.warm_user)
+        self.figures.update(
+            deliveries_warm_up=sum(r["path"] == warm for r in items),
+            deliveries_elsewhere=sum(r["path"] not in (mine, warm) for r in items),
+        )
+
+    async def close(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.close()
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -773,6 +986,8 @@ class Driver:
             output_png_bytes=stats["png_bytes"],
         )
         await self.check_watermarks(docs, completed_ids, blob_dir)
+        if self.webhooks:
+            await self.check_deliveries(docs)
 
     async def check_watermarks(
         self, docs: dict[str, dict[str, Any]], ids: list[str], blob_dir: Path
@@ -810,12 +1025,26 @@ class Driver:
     # -- all of it -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            await self.close()
+
+    async def _run(self) -> None:
         upload = await self.upload()
         self.webhook = Webhook(self.cfg["secret"])
         pss0, rss0 = self.memory()
         self.figures.update(hookline_pss_start_mib=pss0 / 1024, hookline_rss_start_mib=rss0 / 1024)
+        if self.webhooks:
+            await self.open_receiver()
+            await self.register_endpoints()
         await self.warm_up(upload, await self.warm_upload())
-        await asyncio.sleep(float(self.cfg["settle_s"]))  # the rate-limit bucket refills
+        if self.webhooks and int(self.cfg["warmup"]) > 0:
+            await self.wait_deliveries(
+                self.warm_user, int(self.cfg["warmup"]), WARM_UP_DELIVERIES_S
+            )
+        # the rate-limit bucket refills; another process's cache of the endpoints expires
+        await asyncio.sleep(float(self.cfg["settle_s"]))
         self.baseline_mem = self.memory()
         self.figures.update(
             hookline_pss_baseline_mib=self.baseline_mem[0] / 1024,
@@ -823,7 +1052,16 @@ class Driver:
         )
         handshake("READY")
         await self.phase_a(upload)
-        await self.phase_b()
+        watching = asyncio.create_task(self.watch_store()) if self.webhooks else None
+        try:
+            await self.phase_b()
+            if self.webhooks:
+                await self.phase_c()
+        finally:
+            if watching is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
         handshake("PHASES_DONE")
         await self.check()
 
@@ -835,6 +1073,111 @@ class Driver:
             return await self.upload()
         finally:
             self.cfg["key"] = key
+
+
+def hook_path(user: str) -> str:
+    """The receiver's path for ``user``'s endpoint."""
+    return f"/hooks/{user}"
+
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def delivery_figures(
+    received: Sequence[dict[str, Any]],
+    docs: dict[str, dict[str, Any]],
+    accepted: Sequence[str],
+    outbox: dict[str, OutboxRow],
+    feed_seen: dict[str, float],
+    phase_b_end: float,
+) -> tuple[dict[str, float], list[str]]:
+    """What the receiver got at the bench user's endpoint (its records in arrival order), against
+    the tasks in the store, their terminal feed events and hookline's outbox (when the driver
+    first saw each): the figures, and notes on anything wrong."""
+    times = collections.Counter(r["webhook_id"] for r in received)
+    first: dict[str, dict[str, Any]] = {}
+    for r in received:
+        first.setdefault(r["webhook_id"], r)
+    terminal = [r for r in first.values() if r["type"] in TERMINAL_TYPES]
+    completed = [t for t in accepted if docs.get(t, {}).get("state") == "completed"]
+    ids_of: dict[str, set[str]] = {}  # task → the webhook-ids its task.completed came under
+    for r in terminal:
+        if r["type"] == "task.completed":
+            ids_of.setdefault(r["task_id"], set()).add(r["webhook_id"])
+    done = set(completed)
+    once = sum(
+        t in done and len(ids) == 1 and times[next(iter(ids))] == 1 for t, ids in ids_of.items()
+    )
+    known = set(accepted)
+    lag, committed, fed, claimed, queued, sent = [], [], [], [], [], []
+    not_event_time = wrong_state = 0
+    for r in terminal:
+        created = epoch(r["created_at"])
+        lag.append((r["at"] - created) * 1000)
+        doc = docs.get(r["task_id"], {})
+        state = r["type"].removeprefix("task.")
+        ends = [h["at"] for h in doc.get("history", []) if h["to"] == state]
+        not_event_time += not ends or abs(ends[-1] - created) > 0.001
+        wrong_state += r["state"] != state
+        row = outbox.get(r["webhook_id"])
+        if row is not None and row.tried_at is not None:
+            queued.append((row.tried_at - created) * 1000)
+            sent.append((r["at"] - row.tried_at) * 1000)
+            if row.seen_at is not None:
+                fed.append((row.seen_at - created) * 1000)
+                claimed.append((row.tried_at - row.seen_at) * 1000)
+        if r["task_id"] in feed_seen:
+            committed.append((feed_seen[r["task_id"]] - created) * 1000)
+    for values in (lag, committed, fed, claimed, queued, sent):
+        values.sort()
+    at = sorted(r["at"] for r in terminal)
+    span = at[-1] - at[0] if len(at) > 1 else math.nan
+    refused = collections.Counter(r["verified"] for r in received if r["verified"] != "ok")
+    outbox_states = collections.Counter(row.state for row in outbox.values())
+    figures: dict[str, float] = {
+        "deliveries_received": len(received),
+        "deliveries_duplicates": len(received) - len(first),
+        "deliveries_terminal": len(terminal),
+        "deliveries_other_events": len(first) - len(terminal),
+        "deliveries_per_s": (len(at) - 1) / span if span > 0 else math.nan,
+        "delivery_lag_p50_ms": percentile(lag, 50),
+        "delivery_lag_p99_ms": percentile(lag, 99),
+        "delivery_lag_max_ms": lag[-1] if lag else math.nan,
+        "delivery_queue_p50_ms": percentile(queued, 50),
+        "delivery_queue_p99_ms": percentile(queued, 99),
+        "delivery_to_feed_p50_ms": percentile(committed, 50),
+        "delivery_to_feed_p99_ms": percentile(committed, 99),
+        "delivery_to_outbox_p50_ms": percentile(fed, 50),
+        "delivery_to_outbox_p99_ms": percentile(fed, 99),
+        "delivery_outbox_to_try_p50_ms": percentile(claimed, 50),
+        "delivery_outbox_to_try_p99_ms": percentile(claimed, 99),
+        "delivery_send_p50_ms": percentile(sent, 50),
+        "delivery_send_p99_ms": percentile(sent, 99),
+        "last_delivery_after_phase_b_s": at[-1] - phase_b_end if at else math.nan,
+        "deliveries_after_phase_b": sum(t > phase_b_end for t in at),
+        "deliveries_completed_exactly_once": once,
+        "deliveries_completed_missing": sum(t not in ids_of for t in completed),
+        "deliveries_completed_extra_ids": sum(len(ids) - 1 for ids in ids_of.values()),
+        "deliveries_not_verified": sum(refused.values()),
+        "deliveries_unknown_task": sum(r["task_id"] not in known for r in first.values()),
+        "deliveries_state_not_type": wrong_state,
+        "deliveries_created_at_not_transition": not_event_time,
+        "delivery_body_bytes_mean": (
+            sum(r["body_bytes"] for r in received) / len(received) if received else math.nan
+        ),
+        "outbox_messages": len(outbox),
+        "outbox_delivered": outbox_states["delivered"],
+        "outbox_pending": outbox_states["pending"],
+        "outbox_failed": outbox_states["failed"],
+        "outbox_retried": sum(row.tries > 1 for row in outbox.values()),
+    }
+    notes = [f"deliveries refused by standardwebhooks: {dict(refused)}"] if refused else []
+    if once != len(completed):
+        notes.append(
+            f"task.completed received exactly once for {once} of {len(completed)} completed tasks"
+        )
+    return figures, notes
 
 
 def watermark_boxes(size: tuple[int, int], position: str) -> tuple[tuple[int, int, int, int], ...]:
