@@ -218,7 +218,7 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(default=5.0, gt=0)  # the gap before the second try
     webhook_retry_horizon_s: float = Field(default=86_400.0, gt=0)  # then the message fails
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)  # per request
-    webhook_concurrency: int = Field(default=16, ge=1, le=1_000)  # requests in flight
+    webhook_concurrency: int = Field(default=32, ge=1, le=1_000)  # requests in flight
     webhook_lease_s: float = Field(default=120.0, gt=0)  # a claimed message's lease
     webhook_poll_s: float = Field(default=0.5, gt=0, le=60)  # how often due retries are looked for
     webhook_secret_overlap_s: float = Field(default=86_400.0, ge=0)  # old secret signs too
@@ -228,7 +228,7 @@ class Settings(BaseSettings):
     webhook_max_pending: int = Field(default=10_000, ge=1, le=10_000_000)
     # live sends per destination URL and process: a slow or dead receiver holds this many
     # of the webhook_concurrency slots (half, by default), never all of them
-    webhook_per_destination: int = Field(default=8, ge=1, le=1_000)
+    webhook_per_destination: int = Field(default=16, ge=1, le=1_000)
     webhook_retention_s: float = Field(default=7 * 86_400.0, gt=0)  # settled messages kept
 
     # watermark

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -36,9 +37,11 @@ from statemachine.outbox import (
     TASK_DESTINATION,
     Backoff,
     DeliveryAttempt,
+    Endpoint,
     Message,
     MessageState,
     Outbox,
+    OwnerSecret,
 )
 
 log = structlog.get_logger(__name__)
@@ -46,6 +49,8 @@ log = structlog.get_logger(__name__)
 MAX_ANSWER_BYTES: Final = 64 * 1024  # read of a receiver's answer, then dropped
 KEEP_ATTEMPTS: Final = 30  # attempts remembered per message (a day of retries is ~15)
 USER_AGENT: Final = "hookline-webhooks/1"
+SECRETS_CACHE_S: Final = 1.0
+MAX_CACHED_SECRETS: Final = 10_000
 
 
 class Note(Protocol):
@@ -67,7 +72,7 @@ class Deliverer:
         concurrency: int,
         poll_s: float,
         now: Callable[[], float],
-        per_destination: int = 8,
+        per_destination: int = 16,
         worker: str | None = None,
         note: Note | None = None,
         on_outcome: Callable[[str], None] | None = None,
@@ -87,6 +92,7 @@ class Deliverer:
         self.on_disabled = on_disabled  # told the owner whose endpoint answered 410
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._secrets: dict[tuple[str, str], tuple[float, Endpoint | OwnerSecret | str]] = {}
 
     def wake(self) -> None:
         """New messages are due: look now rather than at the next poll."""
@@ -157,6 +163,7 @@ class Deliverer:
         if status == 410:  # gone: a registered endpoint is disabled, a task's own one dropped
             if message.endpoint_id != TASK_DESTINATION:
                 await self._outbox.disable_endpoint(message.endpoint_id, "410 Gone", finished)
+                self._secrets.pop((message.endpoint_id, message.owner), None)
                 if self.on_disabled is not None:
                     self.on_disabled(message.owner)
             attempt = DeliveryAttempt(message.id, number, started, latency_ms, status, "gone")
@@ -174,16 +181,32 @@ class Deliverer:
             await self._settle(message, attempt, "pending", "retried")
 
     async def _signing_secrets(self, message: Message, now: float) -> tuple[str, ...] | str:
-        """The secrets to sign with, or why there are none."""
+        """The secrets to sign with, or why there are none. Endpoints and owners' secrets are
+        read at most once a second each (``SECRETS_CACHE_S``): a rotation, deletion or 410
+        seen by another process reaches this one within that time."""
+        key = (message.endpoint_id, message.owner)
+        cached = self._secrets.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            found = cached[1]
+        else:
+            found = await self._read_secrets(message)
+            if len(self._secrets) >= MAX_CACHED_SECRETS:
+                self._secrets.clear()
+            self._secrets[key] = (time.monotonic() + SECRETS_CACHE_S, found)
+        if isinstance(found, str):
+            return found
+        if isinstance(found, OwnerSecret):
+            return found.signing_secrets(now)
+        if found.disabled_at is not None:
+            return "endpoint_disabled"
+        return found.signing_secrets(now)
+
+    async def _read_secrets(self, message: Message) -> Endpoint | OwnerSecret | str:
         if message.endpoint_id == TASK_DESTINATION:
             owner = await self._outbox.owner_secret(message.owner)
-            return owner.signing_secrets(now) if owner else "owner_secret_missing"
+            return owner if owner is not None else "owner_secret_missing"
         endpoint = await self._outbox.get_endpoint(message.endpoint_id)
-        if endpoint is None:
-            return "endpoint_deleted"
-        if endpoint.disabled_at is not None:
-            return "endpoint_disabled"
-        return endpoint.signing_secrets(now)
+        return endpoint if endpoint is not None else "endpoint_deleted"
 
     async def _post(
         self, message: Message, signing: tuple[str, ...], now: float

@@ -25,7 +25,6 @@ task record stays small and the watermarking step reads the blob.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import dataclasses
@@ -153,22 +152,23 @@ class OutcomeApplier:
         timing = self.timings.for_task(task)
         provider = self.providers.get(task.provider)
         job = task.provider_job_id
-        wait = 0.0
+        token_at: float | None = None
         if self.pacing is not None and provider is not None and job is not None:
+            reserved_now = self.pacing.now()
             reserved = self.pacing.reserve(task.provider, "poll", POLL_TOKEN_WAIT_S)
             if reserved is None:  # no poll token soon: look again when there will be one
                 later = now + self.pacing.wait_s(task.provider, "poll") + self.rng.random()
                 await lifecycle.update(self.store, task, now, deadline=later)
                 return
-            wait = reserved
+            token_at = reserved_now + reserved
         claimed = await lifecycle.update(self.store, task, now, deadline=now + timing.lease_s)
         if claimed is None:
             return  # another reaper or a webhook got there first
         job = claimed.provider_job_id
         news = Overdue(job)
         if job is not None and provider is not None:
-            if wait:
-                await asyncio.sleep(wait)
+            if token_at is not None and self.pacing is not None:
+                await self.pacing.spaced(claimed.provider, "poll", token_at)
             news = await self._poll(claimed, provider, job)
         if news.answer is not None and news.answer.final:
             self.reconciliations += 1

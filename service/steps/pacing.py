@@ -10,6 +10,10 @@ become, per provider:
   without taking one, so a caller can put the work back in the store (the reaper's poll, a
   submit) instead of holding it in memory; ``take`` waits for one (a trigger's poll, which runs
   in the background anyway);
+- ``spaced``: a reserved token is used when its call actually leaves; with a burst of 1 no call
+  leaves sooner than one interval (plus 2 %) after the one before it did, however late that
+  one was (a slow claim between the token and the call), so any one-second window holds at
+  most ``rate`` calls;
 - ``pause``: a provider's ``429`` with ``Retry-After`` stops that kind of call until then;
 - ``concurrency``: jobs in flight (ai_processing, plus processing tasks holding a slot), the
   smaller of ``HOOKLINE_PROVIDER_CONCURRENCY`` and the provider's own published limit unless an
@@ -30,6 +34,8 @@ from typing import Literal
 from callbacks.provider import Provider, Quota
 
 Kind = Literal["submit", "poll"]
+# calls of a burst-1 bucket leave at least interval × this apart (timers fire a little late)
+SPACING_MARGIN = 1.02
 
 
 def fair_share(slots: int, user_concurrency: int) -> int:
@@ -49,6 +55,7 @@ class Bucket:
     rate: float
     burst: int = 1
     tat: float = 0.0
+    last_sent: float = -math.inf  # when the last call left (``Pacing.spaced``)
 
     @property
     def interval(self) -> float:
@@ -131,10 +138,26 @@ class Pacing:
         return self._bucket(provider, kind).earliest(now) - now
 
     async def take(self, provider: str, kind: Kind) -> None:
-        """Wait for a token and take it."""
-        wait = self._bucket(provider, kind).reserve(self.now(), math.inf)
-        if wait:
-            await asyncio.sleep(wait)
+        """Wait for a token and take it, then for the call's turn (``spaced``)."""
+        now = self.now()
+        wait = self._bucket(provider, kind).reserve(now, math.inf) or 0.0
+        await self.spaced(provider, kind, now + wait)
+
+    async def spaced(self, provider: str, kind: Kind, at: float) -> None:
+        """Wait until ``at`` (a reserved token's time) and, with a burst of 1, until one
+        interval (plus ``SPACING_MARGIN``) after the previous call actually left: a token
+        reserved on time but used late (a slow claim in between) must not let the next call
+        follow it closer than the quota allows. The call leaves on return."""
+        bucket = self._bucket(provider, kind)
+        target = at
+        while True:
+            if bucket.burst == 1 and bucket.rate > 0 and not math.isinf(bucket.rate):
+                target = max(target, bucket.last_sent + bucket.interval * SPACING_MARGIN)
+            delay = target - self.now()
+            if delay <= 0:
+                break
+            await asyncio.sleep(delay)
+        bucket.last_sent = self.now()
 
     def pause(self, provider: str, kind: Kind, seconds: float) -> None:
         """The provider said to come back in ``seconds`` (``Retry-After``)."""
