@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from callbacks.provider import Delivery, Limits, Outcome, Submission
+from callbacks.provider import Arrival, Delivery, Limits, Outcome, Provider, Quota, Submission
 from service.blobs.local import LocalBlobStore
 from service.logging import configure_logging
 from service.media.fetch import SafeFetcher
@@ -50,6 +50,8 @@ class SucceededProvider:
 
     name = PROVIDER
     limits = Limits()
+    arrival: Arrival = "webhook"  # polled only to reconcile a lost webhook
+    quota = Quota()  # no published limit: the reaper's own pace is measured
 
     def __init__(self) -> None:
         self.polls = 0
@@ -131,9 +133,13 @@ def overdue_docs(n: int) -> Iterator[TaskDoc]:
 
 
 def build_runtime_for_bench(
-    store: SqliteStore, directory: Path, http: httpx.AsyncClient
+    store: SqliteStore,
+    directory: Path,
+    http: httpx.AsyncClient,
+    providers: Mapping[str, Provider] | None = None,
 ) -> Runtime:
-    """The production runtime on a fixed clock, with the succeeding fake as its only provider."""
+    """The production runtime on a fixed clock, with ``providers`` (default: the succeeding fake
+    as the only one)."""
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, var_dir=directory / "var", public_url="http://127.0.0.1:9"
     )
@@ -144,12 +150,20 @@ def build_runtime_for_bench(
         feed=SqliteFeed(store),
         blobs=LocalBlobStore(directory / "blobs", settings.public_url, b"bench-secret"),
         http=http,
-        providers={PROVIDER: SucceededProvider()},
+        providers=dict(providers or {PROVIDER: SucceededProvider()}),
         input_fetcher=fetcher,
         output_fetchers={},
         now=lambda: T0,
         owner="bench-reaper",
     )
+
+
+async def open_companions(runtime: Runtime) -> None:
+    """Open what keeps its tables beside the (already open) store, as ``Runtime.start`` does:
+    without them a poll's timeline note would fail instead of being written."""
+    for companion in (runtime.outbox, runtime.timeline):
+        if companion is not None:
+            await companion.open()
 
 
 async def idle_pass_ms(reaper: Reaper) -> tuple[float, float]:
@@ -173,6 +187,7 @@ async def run_async(quick: bool, directory: Path) -> dict[str, float]:
     try:
         async with httpx.AsyncClient() as http:
             runtime = build_runtime_for_bench(store, directory, http)
+            await open_companions(runtime)
             assert runtime.runner is not None
             backstop = Backstop(runtime.runner, runtime.outcomes)
             reaper = Reaper(store, backstop, interval_s=1.0, now=lambda: T0)

@@ -62,10 +62,11 @@ BENCHES: tuple[Spec, ...] = (
     Spec("bench_images", "Images: watermark + store, upload decoding", 45, 10),
     Spec("bench_reaper", "Reaper: idle pass, 10,000 overdue tasks", 110, 10),
     Spec("bench_waiting", "What a waiting task costs", 110, 25),
+    Spec("bench_polling", "Poll-only providers: waiting, the reaper, the poll quota", 180, 45, 1),
     Spec("bench_sse", "Live progress stream (SSE)", 60, 20),
     Spec("mongo_ops", "MongoDB round trips per task", 15, 5),
     Spec("plots", "Task creation vs client concurrency", 50, 20, repeats=1),
-    Spec("seed_compare", "The seed's architecture vs hookline", 270, 45, repeats=1),
+    Spec("seed_compare", "The seed's architecture vs hookline", 420, 90, repeats=1),
     Spec("bench_hostile", "Hostile inputs: bombs, refused requests, large uploads", 90, 35),
     Spec("bench_e2e", "End to end on the real path: starts, webhooks, image work", 150, 75, 1),
 )
@@ -111,6 +112,17 @@ GOALS: dict[str, dict[str, Goal]] = {
     "bench_waiting": {
         "process_rss_growth_mb": Goal("≤", 50, "MB", "for 100,000 waiting tasks"),
     },
+    "bench_polling": {
+        "mem_poll_rss_growth_mb": Goal("≤", 50, "MB", "for 100,000 waiting poll-only tasks"),
+        "mem_poll_vs_webhook_stored_bytes_ratio": Goal("≤", 1.1, "", "poll-only / webhook task"),
+        "mem_poll_vs_webhook_rss_growth_ratio": Goal("≤", 1.1, "", "poll-only / webhook task"),
+        "mem_poll_threads_growth": Goal("≤", 0, "threads"),
+        "mem_poll_sockets_growth": Goal("≤", 0, "sockets"),
+        "reaper_idle_pass_ms_median": Goal("≤", 5, "ms", "nothing due"),
+        "reaper_due_all_handled_s": Goal("≤", 5, "s", "for 10,000 due polls"),
+        "quota_max_polls_in_1s_window": Goal("≤", 50, "polls", "50/s, burst 1: any [t, t + 1 s)"),
+        "quota_max_polls_in_wall_clock_second": Goal("≤", 50, "polls"),
+    },
     "bench_sse": {
         "kb_per_client": Goal("≤", 50, "KB", "server memory per client"),
         "fanout_p99_ms": Goal("≤", 100, "ms", "transition → client"),
@@ -146,6 +158,15 @@ GOALS: dict[str, dict[str, Goal]] = {
         "no_loss.hookline.wasted_calls": Goal("≤", 0, "calls"),
         "webhook_loss_5pct.hookline.final_success_rate": Goal("≥", 1.0, "%"),
         "webhook_loss_5pct.hookline.wasted_calls": Goal("≤", 0, "calls"),
+        # issue 15: providers without signed webhooks (the poll schedule sets poll-only delays)
+        "poll_only.hookline.first_try_success_rate": Goal("≥", 0.999, "%"),
+        "poll_only.hookline.final_success_rate": Goal("≥", 1.0, "%"),
+        "poll_only.hookline.wasted_calls": Goal("≤", 0, "calls"),
+        "trigger.hookline.first_try_success_rate": Goal("≥", 0.999, "%"),
+        "trigger.hookline.final_success_rate": Goal("≥", 1.0, "%"),
+        "trigger.hookline.delay_mean_s": Goal("≤", 1.0, "s"),
+        "trigger.hookline.delay_p95_s": Goal("≤", 1.0, "s"),
+        "trigger.hookline.wasted_calls": Goal("≤", 0, "calls"),
     },
 }
 

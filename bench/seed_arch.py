@@ -120,6 +120,7 @@ class SeedArchitecture:
         self.size = size
         self.tasks: list[SeedTask] = []
         self.http_errors = 0
+        self.polls = 0  # status GETs made while awaiting the AI
         self._functions: set[asyncio.Task[None]] = set()
         self._expected = 0
         self._all_terminal = asyncio.Event()
@@ -215,6 +216,7 @@ class SeedArchitecture:
             if loop.time() > give_up:
                 raise FunctionDied("timed out awaiting the AI")
             await asyncio.sleep(interval)
+            self.polls += 1
             prediction = await self._request("GET", f"/v1/predictions/{prediction['id']}")
         return prediction
 
