@@ -176,14 +176,10 @@ class ProcessingStep:
         slots = self.pacing.concurrency(task.provider)
         if slots <= 0:
             return None
-        # both counts in one round trip (one read batch of the store)
-        everyone, owners = await asyncio.gather(
-            self.store.count_active(task.provider),
-            self.store.count_active(task.provider, task.owner),
-        )
-        if everyone >= slots:
+        if await self.store.count_active(task.provider) >= slots:
             return QUEUE_RECHECK_S
-        if owners >= fair_share(slots, self.user_concurrency):
+        share = fair_share(slots, self.user_concurrency)
+        if await self.store.count_active(task.provider, task.owner) >= share:
             return USER_RECHECK_S
         return None
 
