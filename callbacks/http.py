@@ -22,10 +22,12 @@ when the path is built all the same (``url_path``).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import math
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextvars import ContextVar
 from datetime import UTC
 from typing import Any, Final
 from urllib.parse import quote
@@ -213,6 +215,23 @@ async def request_json(
     return answer
 
 
+# The HTTP statuses of the answers to the requests made inside ``answered_statuses()`` in this
+# context (None: nobody is listening). Every adapter's requests go through ``request_answer``.
+_STATUSES: ContextVar[list[int] | None] = ContextVar("provider_statuses", default=None)
+
+
+@contextlib.contextmanager
+def answered_statuses() -> Iterator[list[int]]:
+    """The statuses of the provider answers ``request_answer`` gets inside the block, in order
+    (a submit's timeline note: the adapters return only a job id)."""
+    statuses: list[int] = []
+    token = _STATUSES.set(statuses)
+    try:
+        yield statuses
+    finally:
+        _STATUSES.reset(token)
+
+
 async def request_answer(
     client: httpx.AsyncClient,
     method: str,
@@ -246,6 +265,9 @@ async def request_answer(
         async with client.stream(
             method, url, headers=headers, content=content, params=params, timeout=timeout
         ) as response:
+            listening = _STATUSES.get()
+            if listening is not None:
+                listening.append(response.status_code)
             if not response.is_success:
                 await response.aread()
                 try:

@@ -51,7 +51,7 @@ from service.settings import Settings
 from service.steps.dispatcher import Backstop, Dispatcher
 from service.steps.outcomes import OutcomeApplier
 from service.steps.pacing import Pacing
-from service.steps.processing import ProcessingStep, observe_answer
+from service.steps.processing import ProcessingStep
 from service.steps.runner import StepRunner
 from service.steps.watermarking import WatermarkingStep
 from service.styles import Catalogue
@@ -250,10 +250,6 @@ def build_runtime(
     pacing = build_pacing(settings, providers, now=now)
     background = Background("background")
     timeline = build_timeline(store, settings)
-    # the statuses of a submit's answers, for its timeline note (the adapters return a job id)
-    hooks = http.event_hooks
-    if observe_answer not in hooks["response"]:
-        http.event_hooks = {**hooks, "response": [*hooks["response"], observe_answer]}
     outcomes = OutcomeApplier(
         store,
         providers,

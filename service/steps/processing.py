@@ -25,8 +25,8 @@ calling back from inside ``submit``) was deferred onto the task and is applied r
 
 Every submit (each try, and each synchronous call) is noted on the task's timeline: the job id or
 the error, the HTTP status of the provider's answer, the latency, the attempt. The adapters return
-only a job id, so the status is read by ``observe_answer``, a response hook the runtime installs
-on the shared HTTP client, which hears the answers of the submit running in its own context.
+only a job id, so the status is read by ``callbacks.http.answered_statuses``, which hears the
+answers ``request_answer`` (every adapter's one way to send) gets in the submit's own context.
 """
 
 from __future__ import annotations
@@ -36,14 +36,13 @@ import base64
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextvars import ContextVar
-from typing import Any, Final, Literal, Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final, Literal
 
 import structlog
 
 from callbacks.errors import PermanentProviderError, ProviderError, ProviderRateLimited
-from callbacks.http import error_status
+from callbacks.http import answered_statuses, error_status
 from callbacks.provider import Limits, Outcome, Provider, Submission, SyncProvider
 from service.blobs.base import BlobStore, derived_key
 from service.media.budget import MemoryBudget, run_within
@@ -82,32 +81,6 @@ MIN_INPUT_URL_TTL_S: Final = 600  # a stored input's signed URL lasts the attemp
 SUBMIT_TOKEN_WAIT_S: Final = 2.0  # a submit waits this long for a quota token, else hands back
 QUEUE_RECHECK_S: Final = 1.0  # a task waiting for a slot of its provider is offered again after
 USER_RECHECK_S: Final = 5.0  # ... for a slot its owner may take: behind other users' tasks
-
-# The HTTP statuses of the answers to the submit running in this context (None: no submit).
-_ANSWERS: ContextVar[list[int] | None] = ContextVar("submit_answers", default=None)
-
-
-class _Answer(Protocol):
-    status_code: int
-
-
-async def observe_answer(response: _Answer) -> None:
-    """An httpx response hook (the runtime installs it on the shared client): the status of each
-    answer a submit in progress gets, for its timeline note."""
-    answers = _ANSWERS.get()
-    if answers is not None:
-        answers.append(response.status_code)
-
-
-@contextlib.contextmanager
-def _answers() -> Iterator[list[int]]:
-    """The statuses of the answers the provider call inside the block gets, in order."""
-    answers: list[int] = []
-    token = _ANSWERS.set(answers)
-    try:
-        yield answers
-    finally:
-        _ANSWERS.reset(token)
 
 
 class ProcessingStep:
@@ -259,7 +232,7 @@ class ProcessingStep:
         slots = self._sync_slots.setdefault(name, asyncio.Semaphore(self.sync_calls))
         async with slots:
             started = time.perf_counter()
-            with _answers() as answers:
+            with answered_statuses() as answers:
                 try:
                     outcome = await provider.generate(submission)
                 except ProviderError as exc:
@@ -366,7 +339,7 @@ class ProcessingStep:
         """Submit, retrying transient failures inside the step (honouring Retry-After)."""
         for attempt in range(1, SUBMIT_TRIES + 1):
             started = time.perf_counter()
-            with _answers() as answers:
+            with answered_statuses() as answers:
                 try:
                     job_id = await provider.submit(submission)
                 except ProviderError as exc:
