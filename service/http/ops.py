@@ -17,9 +17,10 @@ from service.http import dashboard, sse
 from service.http.errors import AuthError, MalformedRequest
 from service.http.requests import caller
 from service.http.state import runtime
-from service.http.views import Status, iso
+from service.http.views import Status
 from service.ops.stats import DEFAULT_WINDOW_S, MAX_WINDOW_S, compute_kpis
 from service.settings import Settings
+from statemachine.clock import iso
 
 
 def parse_window(raw: str | None) -> int:

@@ -27,9 +27,9 @@ from typing_extensions import TypedDict
 from callbacks.standard_webhooks import generate_secret
 from service.http.requests import caller, read_json, visible_task
 from service.http.state import runtime
-from service.http.views import iso
 from service.media.fetch import FetchError, SafeFetcher
 from service.runtime import Runtime
+from statemachine.clock import iso
 from statemachine.errors import BadRequest, NotFound, Unavailable
 from statemachine.outbox import (
     DEFAULT_EVENTS,

@@ -43,8 +43,8 @@ from service.http import watch
 from service.http.errors import MalformedRequest
 from service.http.requests import readable_task
 from service.http.state import web
-from service.http.views import iso
 from service.runtime import Runtime
+from statemachine.clock import iso
 from statemachine.errors import BadRequest, StoreError, Unavailable
 from statemachine.feed import Broadcaster, Subscription
 from statemachine.states import TERMINAL, State

@@ -24,7 +24,8 @@ from typing_extensions import TypedDict
 
 from service.http.requests import caller, visible_task
 from service.http.state import runtime
-from service.http.views import STRICT, Timestamp, iso
+from service.http.views import STRICT, Timestamp
+from statemachine.clock import iso
 from statemachine.states import State
 from statemachine.task import Task
 from statemachine.timeline import TRUNCATED, Note
@@ -129,7 +130,8 @@ class TimelineDelivery(TypedDict):
     truncated: NotRequired[bool]
 
 
-Entry = TimelineTransition | TimelineSubmit | TimelineWebhook | TimelinePoll | TimelineDelivery
+NoteEntry = TimelineSubmit | TimelineWebhook | TimelinePoll | TimelineDelivery
+Entry = TimelineTransition | NoteEntry
 
 
 @with_config(STRICT)
@@ -183,10 +185,15 @@ def _created(task: Task) -> TimelineTransition:
     }
 
 
-def render_note(note: Note) -> Entry | None:
+def render_note(note: Note) -> NoteEntry | None:
     """A note in its kind's shape; None for a kind this version does not know."""
     render = _RENDERERS.get(note.kind)
-    return None if render is None else render(note.data, iso(note.at))
+    if render is None:
+        return None
+    entry = render(note.data, iso(note.at))
+    if note.data.get(TRUNCATED) is True:
+        entry["truncated"] = True
+    return entry
 
 
 def _submit(d: Mapping[str, Any], at: str) -> TimelineSubmit:
@@ -204,8 +211,6 @@ def _submit(d: Mapping[str, Any], at: str) -> TimelineSubmit:
         "sync": d.get("sync") is True,
         "outcome": _str(d, "outcome"),
     }
-    if _cut(d):
-        entry["truncated"] = True
     return entry
 
 
@@ -223,8 +228,6 @@ def _webhook(d: Mapping[str, Any], at: str) -> TimelineWebhook:
         "message": _str(d, "message"),
         "headers": _headers(d),
     }
-    if _cut(d):
-        entry["truncated"] = True
     return entry
 
 
@@ -241,8 +244,6 @@ def _poll(d: Mapping[str, Any], at: str) -> TimelinePoll:
         "status_code": _int(d, "status_code"),
         "latency_ms": _float(d, "latency_ms"),
     }
-    if _cut(d):
-        entry["truncated"] = True
     return entry
 
 
@@ -260,21 +261,15 @@ def _delivery(d: Mapping[str, Any], at: str) -> TimelineDelivery:
         "error": _str(d, "error"),
         "next_retry_at": iso(_float(d, "next_retry_at")),
     }
-    if _cut(d):
-        entry["truncated"] = True
     return entry
 
 
-_RENDERERS: Final[dict[str, Callable[[Mapping[str, Any], str], Entry]]] = {
+_RENDERERS: Final[dict[str, Callable[[Mapping[str, Any], str], NoteEntry]]] = {
     "submit": _submit,
     "webhook": _webhook,
     "poll": _poll,
     "delivery": _delivery,
 }
-
-
-def _cut(data: Mapping[str, Any]) -> bool:
-    return data.get(TRUNCATED) is True
 
 
 def _str(data: Mapping[str, Any], key: str) -> str | None:

@@ -10,12 +10,12 @@ fuzzer) catches a body that grew a key its type does not declare.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, overload
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 from pydantic import ConfigDict, Field, WithJsonSchema, with_config
 from typing_extensions import TypedDict
 
+from statemachine.clock import iso
 from statemachine.states import State
 from statemachine.store import User
 from statemachine.task import Task as TaskRecord
@@ -294,18 +294,6 @@ class Stats(TypedDict):
     thresholds: Thresholds
     verdict: Literal["acceptable", "tune", "redesign"] | None
     baseline: Baseline
-
-
-@overload
-def iso(ts: float) -> str: ...
-@overload
-def iso(ts: None) -> None: ...
-@overload
-def iso(ts: float | None) -> str | None: ...
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 async def task_json(

@@ -18,12 +18,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
 import structlog
 
+from statemachine.clock import iso
 from statemachine.errors import StoreError, Unavailable
 from statemachine.outbox import (
     TASK_DESTINATION,
@@ -51,10 +51,6 @@ class _Owner:
     endpoints: tuple[Endpoint, ...]
     has_secret: bool
     until: float
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 class OutboxFeeder:
