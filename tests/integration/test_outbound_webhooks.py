@@ -192,11 +192,12 @@ async def test_a_failing_receiver_sees_three_tries_with_growing_gaps(tmp_path: P
         assert first["error"] == "HTTP 500" and third["next_retry_at"] is None
 
         def gap(a: dict[str, Any]) -> float:
-            return iso_s(a["next_retry_at"]) - iso_s(a["at"])
+            # the schedule counts from the try's end: its latency is not part of the backoff
+            return iso_s(a["next_retry_at"]) - iso_s(a["at"]) - a["latency_ms"] / 1000
 
         base = 0.2
-        assert 0.75 * base <= gap(first) <= base + 0.05
-        assert 1.5 * base <= gap(second) <= 2 * base + 0.05
+        assert 0.75 * base - 0.002 <= gap(first) <= base + 0.002  # ISO times are to the µs
+        assert 1.5 * base - 0.002 <= gap(second) <= 2 * base + 0.002
         assert gap(second) > gap(first)
         # the receiver saw nothing early: each try came no sooner than its schedule allowed
         t1, t2, t3 = (r.at for r in receiver.verified)
@@ -210,7 +211,9 @@ def iso_s(text: str) -> float:
 
 
 async def test_a_message_fails_after_the_horizon(tmp_path: Path) -> None:
-    async with world(tmp_path, webhook_retry_horizon_s=0.5) as (hl, receiver):
+    # 0.2 s, then 0.4 s, 0.8 s: the second try is due within the horizon however late the
+    # first one started, and the fourth gap is past it
+    async with world(tmp_path, webhook_retry_horizon_s=1.5) as (hl, receiver):
         key = await hl.create_user("alice")
         receiver.secrets.append((await register(hl, key, receiver.url))["secret"])
         receiver.answers = [503] * 50

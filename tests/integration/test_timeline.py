@@ -320,6 +320,19 @@ async def test_only_the_owner_and_an_admin_read_a_timeline(hl: Hookline) -> None
 # --- the bound, and a timeline that fails ---------------------------------------------------------
 
 
+async def test_a_note_cut_to_its_size_cap_says_so(hl: Hookline) -> None:
+    key = await hl.create_user("alice", 100)
+    created = await hl.create_task(key)
+    await hl.wait_terminal(key, created["id"])
+    assert hl.runtime.timeline is not None
+    huge = {"provider": "sim", "job_id": "j" * 20_000, "status_code": 201}
+    await hl.runtime.timeline.note(created["id"], "submit", clock.now(), huge)
+    entries = (await timeline(hl, key, created["id"])).json()["entries"]
+    cut = [e for e in entries if e["kind"] == "submit" and e.get("truncated")]
+    assert len(cut) == 1 and len(cut[0]["job_id"] or "") < 20_000
+    assert not any(e.get("truncated") for e in entries if e is not cut[0])
+
+
 async def test_the_bound_per_task_holds_and_the_newest_notes_stay(tmp_path: Path) -> None:
     async with running_hookline(tmp_path, timeline_max_notes=3, **HOLD) as hl:
         key = await hl.create_user("alice", 100)
