@@ -184,8 +184,18 @@ class SafeFetcher:
 
     async def check_destination(self, url: str) -> None:
         """Raise ``FetchError`` unless ``url`` may be sent to under the rules above (resolved
-        now: a destination registered for later is checked again when it is used)."""
-        await self._addresses(self._parse(url))
+        now: a destination registered for later is checked again when it is used), within
+        ``timeout_s``: a name whose DNS never answers does not hold the request."""
+        parsed = self._parse(url)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._addresses(parsed)
+        except TimeoutError:
+            raise FetchError(
+                f"resolving {parsed.host} took over {self.timeout_s:g} s",
+                code="url_timeout",
+                retryable=True,
+            ) from None
 
     async def post(
         self, url: str, content: bytes, headers: Mapping[str, str], *, max_answer_bytes: int

@@ -515,3 +515,19 @@ async def test_a_body_without_a_length_holds_max_bytes(server: Server) -> None:
         await fetch.fetch(f"{server.base}/chunked-big")
     assert len((await fetch.fetch(f"{server.base}/image.png")).data) == len(PNG)
     await fetch.aclose()
+
+
+async def test_a_destination_whose_dns_never_answers_is_given_up_on() -> None:
+    """``check_destination`` (webhook registration) resolves on the request path: a hostile
+    name whose DNS hangs is refused after the fetcher's time limit, not waited on."""
+    hung = asyncio.Event()
+
+    async def never(host: str, port: int) -> list[str]:
+        await hung.wait()
+        return [PUBLIC_IP]
+
+    fetch = SafeFetcher(never_called_client(), max_bytes=1000, timeout_s=0.05, resolver=never)
+    with pytest.raises(FetchError) as caught:
+        await fetch.check_destination("https://slow.example/hook")
+    assert caught.value.code == "url_timeout"
+    assert not hung.is_set()
