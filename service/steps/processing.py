@@ -172,8 +172,13 @@ class ProcessingStep:
                         return lifecycle.Refused(t, "the lease is no longer held")
                     return t.with_changes(version=t.version + 1, updated_at=now, holds_slot=True)
 
-                result = await lifecycle.race(self.store, task.id, taken)
-                return not isinstance(result, lifecycle.Refused)
+                # The record as claimed is the first try (a heartbeat may have moved it on:
+                # the race then reads it again), saving a read per submit.
+                result = await lifecycle.race(self.store, task.id, taken, known=task)
+                if isinstance(result, lifecycle.Refused):
+                    return False
+                lease.latest = result
+                return True
         await lease.runner.hand_back(lease, "no provider slot", delay_s=wait, counted=False)
         return False
 
@@ -444,6 +449,7 @@ class ProcessingStep:
             detail=detail,
             changes=changes,
             guard=lambda t: lease.holds(t) and t.attempts == task.attempts,
+            known=lease.latest,
         )
         return None if isinstance(result, lifecycle.Refused) else early
 

@@ -27,7 +27,7 @@ import contextlib
 import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 import structlog
@@ -58,12 +58,19 @@ class Step(Protocol):
     async def run(self, lease: Lease) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Lease:
-    """A step's hold on its task: the record as claimed and the runner that holds it."""
+    """A step's hold on its task: the record as claimed, the runner that holds it, and the
+    newest record this lease wrote (the claim, then each of the step's own writes and lease
+    renewals). A step's next write tries ``latest`` first instead of reading the task again;
+    if something else moved the record on, the compare-and-set fails and the write reads it."""
 
     task: Task
     runner: StepRunner
+    latest: Task = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.latest = self.task
 
     @property
     def owner(self) -> str:
@@ -206,9 +213,10 @@ class StepRunner:
         claimed = await lifecycle.take_lease(self.store, task, self.owner, now, self.lease_s)
         if claimed is None:
             return
+        lease = Lease(claimed, self)
         with structlog.contextvars.bound_contextvars(task_id=task.id):
-            async with self._heartbeat(claimed):
-                await step.run(Lease(claimed, self))
+            async with self._heartbeat(lease):
+                await step.run(lease)
 
     async def _poisoned(self, task: Task, now: float) -> bool:
         """True if the task's step has lost its worker too often to run again: it is failed
@@ -221,10 +229,11 @@ class StepRunner:
         return True
 
     @contextlib.asynccontextmanager
-    async def _heartbeat(self, task: Task) -> AsyncIterator[None]:
+    async def _heartbeat(self, lease: Lease) -> AsyncIterator[None]:
         """While a step works: mark it running here and renew its lease every third of it."""
+        task = lease.task
         self._stepping.add(task.id)
-        beat = asyncio.create_task(self.beat(task.id), name=f"lease-{task.id}")
+        beat = asyncio.create_task(self.beat(task.id, lease), name=f"lease-{task.id}")
         try:
             yield
         finally:
@@ -232,8 +241,9 @@ class StepRunner:
             await asyncio.gather(beat, return_exceptions=True)
             self._stepping.discard(task.id)
 
-    async def beat(self, task_id: str) -> None:
-        """Renew this runner's lease on ``task_id`` until it is gone or the beat is cancelled."""
+    async def beat(self, task_id: str, lease: Lease | None = None) -> None:
+        """Renew this runner's lease on ``task_id`` until it is gone or the beat is cancelled
+        (each renewal becomes ``lease.latest``)."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
@@ -245,6 +255,8 @@ class StepRunner:
                 continue
             if held is None:
                 return  # the lease is gone; the step's own guarded writes will be refused
+            if lease is not None:
+                lease.latest = held
 
     # --- handing back ----------------------------------------------------------------------------
 

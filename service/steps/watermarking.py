@@ -87,6 +87,7 @@ class WatermarkingStep:
             self.timings.base,
             changes=lambda t: {"outputs": tuple(outputs)},
             guard=lease.holds,
+            known=lease.latest,
         )
 
     async def _render_outputs(self, task: Task) -> list[Output]:
