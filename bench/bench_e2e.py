@@ -754,6 +754,7 @@ ROWS: Final = (
     ("fake: output fetches / polls / cancels", "fake_output_fetches|fake_polls|fake_cancels"),
     ("upload bytes / width / height", "upload_bytes|upload_width|upload_height"),
     ("input sent as data URI / URL", "fake_data_uri_inputs|fake_url_inputs"),
+    ("input URLs fetched by the fake / failed", "fake_input_fetches|fake_input_fetch_failures"),
     ("webhook body mean bytes", "webhook_body_bytes_mean"),
     ("memory (hookline)", ""),
     ("PSS MiB start / baseline / all waiting / after", "hookline_pss_start_mib|"

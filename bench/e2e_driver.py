@@ -983,6 +983,8 @@ class Driver:
             fake_refused_body=stats["refused_body"],
             fake_data_uri_inputs=stats["data_uri_inputs"],
             fake_url_inputs=stats["url_inputs"],
+            fake_input_fetches=stats["input_fetches"],
+            fake_input_fetch_failures=stats["input_fetch_failures"],
             output_png_bytes=stats["png_bytes"],
         )
         await self.check_watermarks(docs, completed_ids, blob_dir)

@@ -14,11 +14,19 @@ the bench's driver completes it, through control routes that are not Replicate's
 
 - ``GET /_bench/stats`` → counts (created, held, succeeded, canceled, output fetches, refusals);
 - ``GET /_bench/held?after=SEQ`` → ``{"items": [{"seq", "id", "webhook"}], "last"}``: the
-  predictions still ``starting``, in creation order, after ``SEQ``;
+  predictions still ``starting``, in creation order, after ``SEQ`` and up to ``last`` (the seq
+  before the first one whose inputs are still downloading);
 - ``POST /_bench/complete`` ``{"ids": [...]}`` → ``{"items": [prediction, ...]}``: those
   predictions marked ``succeeded`` with ``output: [url]`` and returned whole — the body the
   driver signs and posts to each ``webhook``;
 - ``GET /_bench/png``: the output image itself (not counted as an output fetch).
+
+Like Replicate, the fake downloads every input given as an http(s) URL before the prediction
+may start (a data URI it decodes, as a model would): a prediction is held (listed by
+``/_bench/held``, counted in ``held``) only once its inputs are fetched, so a bench with
+``HOOKLINE_INPUTS_BY_URL=always`` pays for hookline serving each input inside phase A, as a real
+provider would make it pay. ``input_fetches`` / ``input_fetch_failures`` / ``input_fetched_bytes``
+count them.
 
 Each output URL (``/delivery/{id}/out-0.png`` on this host) serves one 256×256 PNG, made once at
 start-up and served from memory; a wrong token on it is refused (Replicate's file outputs may need
@@ -28,6 +36,8 @@ the API token; hookline sends it to the API's own host).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import io
 import itertools
 import random
@@ -37,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import orjson
 import uvicorn
 from PIL import Image
@@ -87,6 +98,9 @@ class Counters:
     data_uri_inputs: int = 0
     url_inputs: int = 0
     input_bytes: int = 0
+    input_fetches: int = 0
+    input_fetch_failures: int = 0
+    input_fetched_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -101,6 +115,12 @@ class Fake:
     order: list[str] = field(default_factory=list)
     counters: Counters = field(default_factory=Counters)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+    fetching: set[str] = field(default_factory=set)  # predictions whose inputs are downloading
+    _fetches: set[asyncio.Task[None]] = field(default_factory=set)
+    _client: httpx.AsyncClient | None = None
+
+    def is_held(self, pid: str) -> bool:
+        return self.predictions[pid]["status"] == "starting" and pid not in self.fetching
 
     def authorised(self, request: Request) -> bool:
         ok = secrets.compare_digest(
@@ -147,9 +167,32 @@ class Fake:
             if isinstance(value, str) and value.startswith("data:"):
                 self.counters.data_uri_inputs += 1
                 self.counters.input_bytes += len(value)
+                base64.b64decode(value.partition(",")[2])  # the model reads the image
             elif isinstance(value, str) and value.startswith(("http://", "https://")):
                 self.counters.url_inputs += 1
+                self.fetching.add(pid)
+                fetch = asyncio.get_running_loop().create_task(self.fetch_input(pid, value))
+                self._fetches.add(fetch)
+                fetch.add_done_callback(self._fetches.discard)
         return prediction
+
+    async def fetch_input(self, pid: str, url: str) -> None:
+        """Download one input URL, as Replicate does before a model runs; then the prediction
+        may be held (a failed fetch is counted: the bench reports it)."""
+        if self._client is None:
+            limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+            self._client = httpx.AsyncClient(timeout=30, limits=limits, trust_env=False)
+        try:
+            answer = await self._client.get(url)
+            if answer.status_code == 200:
+                self.counters.input_fetches += 1
+                self.counters.input_fetched_bytes += len(answer.content)
+            else:
+                self.counters.input_fetch_failures += 1
+        except httpx.HTTPError:
+            self.counters.input_fetch_failures += 1
+        finally:
+            self.fetching.discard(pid)
 
     def complete(self, pid: str) -> dict[str, Any] | None:
         prediction = self.predictions.get(pid)
@@ -244,18 +287,20 @@ def create_app(fake: Fake) -> Starlette:
         return Response(fake.png, media_type="image/png")
 
     async def stats(request: Request) -> Response:
-        held = sum(1 for p in fake.predictions.values() if p["status"] == "starting")
+        held = sum(1 for pid in fake.predictions if fake.is_held(pid))
         counts = {name: getattr(fake.counters, name) for name in Counters.__slots__}
         return json_response({**counts, "held": held, "png_bytes": len(fake.png)})
 
     async def held(request: Request) -> Response:
         after = int(request.query_params.get("after", "-1"))
-        items = [
-            {"seq": seq, "id": pid, "webhook": fake.predictions[pid]["webhook"]}
-            for seq, pid in enumerate(fake.order[after + 1 :], start=after + 1)
-            if fake.predictions[pid]["status"] == "starting"
-        ]
-        return json_response({"items": items, "last": len(fake.order) - 1})
+        items, last = [], len(fake.order) - 1
+        for seq, pid in enumerate(fake.order[after + 1 :], start=after + 1):
+            if pid in fake.fetching:  # held later: "last" stops before it, so it is not skipped
+                last = min(last, seq - 1)
+            elif fake.is_held(pid):
+                items.append({"seq": seq, "id": pid, "webhook": fake.predictions[pid]["webhook"]})
+        items = [item for item in items if item["seq"] <= last]
+        return json_response({"items": items, "last": last})
 
     async def complete(request: Request) -> Response:
         ids = orjson.loads(await request.body()).get("ids", [])

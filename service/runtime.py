@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
+from callbacks.http import new_client
 from callbacks.provider import Provider
 from callbacks.receiver import WebhookReceiver
 from callbacks.simulator import Simulator
@@ -238,9 +239,7 @@ def build_runtime(
         raise ValueError("a store given without its feed")
     assert feed is not None
     blobs = blobs if blobs is not None else build_blob_store(settings)
-    http = http or httpx.AsyncClient(
-        timeout=httpx.Timeout(PROVIDER_TIMEOUT_S), follow_redirects=False
-    )
+    http = http or new_client(timeout=httpx.Timeout(PROVIDER_TIMEOUT_S))
     if providers is None:
         sim_base = sim_base_url_for(settings) if simulator is not None else None
         sim_secret = simulator.config.webhook_secret if simulator is not None else None

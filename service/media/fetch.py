@@ -45,6 +45,7 @@ from typing import Any
 
 import httpx
 
+from callbacks.http import new_client
 from service.media.budget import MemoryBudget
 from service.media.images import sniff_content_type
 from statemachine.errors import BadRequest
@@ -153,9 +154,7 @@ class SafeFetcher:
         budget: MemoryBudget | None = None,
     ) -> None:
         self._owns_client = http is None
-        self._http = http or httpx.AsyncClient(
-            follow_redirects=False, timeout=timeout_s, trust_env=False
-        )
+        self._http = http or new_client(timeout=timeout_s)
         self.allow_hosts = _normalise_hosts(allow_hosts)
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s

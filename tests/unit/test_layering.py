@@ -25,7 +25,15 @@ import statemachine.errors
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("statemachine", "callbacks", "service")
-HTTP_LIBRARIES = ("httpx", "starlette", "uvicorn", "sse_starlette", "prometheus_client")
+HTTP_LIBRARIES = (
+    "httpx",
+    "aiohttp",
+    "httpx_aiohttp",
+    "starlette",
+    "uvicorn",
+    "sse_starlette",
+    "prometheus_client",
+)
 INNER_ROOMS = ("service.steps", "service.media", "service.blobs", "service.ops", "service.outbound")
 ERROR_MODULES = ("statemachine.errors", "callbacks.errors")
 
