@@ -184,6 +184,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.http.app import create_app
+    from service.logging import configure_logging
     from service.providers import SimulatorOff
 
     updates: dict[str, object] = {}
@@ -203,6 +204,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     except SimulatorOff as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_level, settings.log_format, cache=True)  # nothing re-configures
     tune_gc()
     uvicorn.run(
         app,

@@ -57,7 +57,7 @@ def start_server(routes: dict[str, tuple[int, dict[str, str], bytes]]) -> Iterat
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             server = holder[0]
-            # names lowercased: header names are case-insensitive (the client sends them in lower case)
+            # names lowercased: they are case-insensitive (the client sends them in lower case)
             server.seen.append(
                 {"path": self.path, **{k.lower(): v for k, v in self.headers.items()}}
             )
