@@ -36,6 +36,7 @@ import base64
 import contextlib
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, Literal
 
@@ -77,6 +78,7 @@ DATA_URI_MAX_BYTES: Final = 256_000
 # its signed URL when that URL is public https (the provider can fetch it), else inline;
 # "always", by URL (the provider reaches hookline's files by another route); "never", inline.
 InputsByUrl = Literal["auto", "always", "never"]
+UPLOAD_REFS_KEPT: Final = 4096  # uploads whose provider-ready key and size a process remembers
 MIN_INPUT_URL_TTL_S: Final = 600  # a stored input's signed URL lasts the attempt, at least this
 SUBMIT_TOKEN_WAIT_S: Final = 2.0  # a submit waits this long for a quota token, else hands back
 QUEUE_RECHECK_S: Final = 1.0  # a task waiting for a slot of its provider is offered again after
@@ -123,6 +125,9 @@ class ProcessingStep:
         # one slot check-and-take at a time per provider in this process: no overshoot here
         self._slot_locks: dict[str, asyncio.Lock] = {}
         self._preparing = KeyedLocks()  # one decode per derived input at a time
+        # (upload, limits) -> (the key the provider gets, its size): uploads never change, so
+        # once an upload was looked at for some limits, a task sending it by URL reads nothing
+        self._upload_refs: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
         self.rng = rng or random.Random()
 
     async def ready(self, task: Task, now: float) -> bool:
@@ -284,8 +289,17 @@ class ProcessingStep:
         copy, or the user's own URL when what it serves already conforms to the provider's
         limits (nothing decoded then)."""
         limits = provider.limits
+        ttl_s = max(MIN_INPUT_URL_TTL_S, int(self.timings.for_task(task).ai_hard_cap_s))
         if "upload" in item:
+            seen = (item["upload"], _variant(limits))
+            known = self._upload_refs.get(seen)
+            if known is not None and self._by_url(limits, known[1]):
+                self._upload_refs.move_to_end(seen)
+                return await self.blobs.url(known[0], ttl_s)
             key, data = await self._upload_for(item["upload"], limits)
+            self._upload_refs[seen] = (key, len(data))
+            if len(self._upload_refs) > UPLOAD_REFS_KEPT:
+                self._upload_refs.popitem(last=False)
         else:
             url = item["url"]
             fetched = await self.input_fetcher.fetch(url)
@@ -295,7 +309,6 @@ class ProcessingStep:
             data = await self._prepare(fetched.data, limits)
             key = f"inputs/{task.id}/{index}.{_extension(data)}"
             await self.blobs.put(key, data, _content_type(data))
-        ttl_s = max(MIN_INPUT_URL_TTL_S, int(self.timings.for_task(task).ai_hard_cap_s))
         if not limits.accepts_data_uri or len(data) > DATA_URI_MAX_BYTES:
             return await self.blobs.url(key, ttl_s)
         if self.inputs_by_url != "never" and self._blob_urls_public is not False:
@@ -305,6 +318,15 @@ class ProcessingStep:
             if self.inputs_by_url == "always" or self._blob_urls_public:
                 return url  # a few hundred bytes instead of the image, in the submit and echoes
         return f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
+
+    def _by_url(self, limits: Limits, size: int) -> bool:
+        """Whether an input of ``size`` bytes already stored goes to the provider by URL (as
+        ``_input_ref`` decides, once the blob store's URLs are known to be public or not)."""
+        if not limits.accepts_data_uri or size > DATA_URI_MAX_BYTES:
+            return True
+        return self.inputs_by_url == "always" or (
+            self.inputs_by_url == "auto" and self._blob_urls_public is True
+        )
 
     async def _upload_for(self, upload: str, limits: Limits) -> tuple[str, bytes]:
         """An upload as the provider accepts it: the upload itself when it conforms (uploads are
