@@ -11,10 +11,11 @@ Rules, checked for the first URL and again for every redirect hop (at most ``max
 
 **DNS rebinding.** The request is sent to the address that was checked, not to the name: the URL's
 host is replaced by that IP, the ``Host`` header carries the original name, and for https the
-``sni_hostname`` request extension makes httpcore send the original name as SNI *and* verify the
+``sni_hostname`` request extension makes the transport (aiohttp's ``server_hostname``, see
+callbacks/http.py ``new_client``) send the original name as SNI *and* verify the
 certificate against it. A second resolution, which an attacker's DNS could answer differently,
-never happens. (Connections are pooled per IP; a pooled TLS connection was verified for the name
-it was opened with — on a shared CDN IP that is the same server routing by ``Host``.)
+never happens. (Connections are pooled per IP and, for https, per name: a pooled TLS connection
+is reused only for the name its certificate was verified for.)
 
 **Bytes are counted as they arrive.** The body must be sent as it is: ``identity`` is asked for,
 and a response with any other ``Content-Encoding`` (gzip, deflate, br, zstd, stacked ones…) is
