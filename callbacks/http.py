@@ -22,6 +22,7 @@ when the path is built all the same (``url_path``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import math
@@ -54,21 +55,77 @@ DEFAULT_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connecti
 class _Transport(AiohttpTransport):
     """httpx's interface on aiohttp's client (``httpx-aiohttp``): the same requests, responses
     and errors for the code above it, at a quarter of httpcore's CPU per request (about 0.35
-    against 1.2 ms here, bench/RESULTS.md). One correction to its error mapping: a refused or
-    unresolvable connection is ``httpx.ConnectError`` (it maps every ``ClientConnectorError``
-    to ``ConnectTimeout``, a timeout), so a fetcher tries the next checked address and a
-    refused connection is not reported as a timeout."""
+    against 1.2 ms here, bench/RESULTS.md).
+
+    Every aiohttp error, from the request or from the body's stream, leaves as the
+    ``httpx.TransportError`` httpcore raised for the same failure (``_translated``): the
+    library's own mapping misses some (a malformed answer came out as a bare aiohttp error no
+    caller catches) and files others under the wrong kind (a refused connection or a peer that
+    hung up as a connect timeout). Messages never carry the request's headers (an aiohttp
+    error's repr does: an API key)."""
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            return await super().handle_async_request(request)
-        except httpx.ConnectTimeout as exc:
-            cause = exc.__cause__
-            if isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(
-                cause, aiohttp.ConnectionTimeoutError
-            ):
-                raise httpx.ConnectError(str(exc), request=request) from cause
-            raise
+            response = await super().handle_async_request(request)
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
+            raise _translated(exc, request) from _cause(exc)
+        response.stream = _TranslatedStream(response.stream, request)
+        return response
+
+
+class _TranslatedStream(httpx.AsyncByteStream):
+    """A response body whose aiohttp errors leave as httpx's (a body cut off, a bad chunk)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream | httpx.SyncByteStream, request: httpx.Request):
+        assert isinstance(inner, httpx.AsyncByteStream)
+        self._inner = inner
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
+            raise _translated(exc, self._request) from _cause(exc)
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
+            raise _translated(exc, self._request) from _cause(exc)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The aiohttp error behind ``exc`` (httpx-aiohttp raises its mapped errors from it)."""
+    cause = exc.__cause__
+    return cause if isinstance(exc, httpx.HTTPError) and cause is not None else exc
+
+
+def _translated(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    """The httpx error httpcore would have raised for the aiohttp error behind ``exc``."""
+    cause = _cause(exc)
+    kind: type[httpx.TransportError]
+    if isinstance(cause, aiohttp.SocketTimeoutError):
+        kind, text = httpx.ReadTimeout, "no data within the read timeout"
+    elif isinstance(cause, aiohttp.ServerTimeoutError):  # connecting, or waiting for the pool
+        kind, text = httpx.ConnectTimeout, "no connection within the connect timeout"
+    elif isinstance(cause, aiohttp.ClientConnectorError):  # refused, unresolvable, bad TLS
+        kind, text = httpx.ConnectError, f"cannot connect: {cause}"
+    elif isinstance(cause, aiohttp.ServerDisconnectedError):
+        kind, text = httpx.RemoteProtocolError, "the server disconnected without an answer"
+    elif isinstance(cause, aiohttp.ClientPayloadError):
+        kind, text = httpx.ReadError, "the answer's body was cut off or malformed"
+    elif isinstance(cause, aiohttp.ClientOSError):
+        kind, text = httpx.ReadError, f"the connection failed: {cause.strerror or cause}"
+    elif isinstance(cause, aiohttp.ClientResponseError):  # a malformed status line or header
+        kind, text = httpx.RemoteProtocolError, "the answer is not valid HTTP"
+    elif isinstance(cause, aiohttp.InvalidURL):
+        kind, text = httpx.UnsupportedProtocol, "the URL cannot be requested"
+    elif isinstance(exc, httpx.TransportError) and not isinstance(cause, aiohttp.ClientError):
+        return exc  # an httpx error of httpx's own
+    else:
+        kind, text = httpx.RemoteProtocolError, "the HTTP exchange failed"
+    return kind(f"{text} ({type(cause).__name__})", request=request)
 
 
 def new_client(
@@ -289,6 +346,9 @@ async def request_answer(
     timeout: httpx.Timeout | Any = httpx.USE_CLIENT_DEFAULT
     if timeout_s is not None:
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
+    # The whole exchange is bounded too: the transport bounds connecting and each read, not
+    # sending (a peer that stops reading a data-URI body) nor an answer that drips in.
+    whole_s = _whole_request_s(timeout if timeout_s is not None else client.timeout)
     content: AsyncIterator[bytes] | None = None
     if json is not None:  # orjson: a data-URI input makes a body of hundreds of KB
         body = orjson.dumps(json)
@@ -302,9 +362,12 @@ async def request_answer(
     try:
         # Streamed, so the body read is ours alone: a response holding its content sits in the
         # same kind of reference cycle as its request (see ``_sent_once``).
-        async with client.stream(
-            method, url, headers=headers, content=content, params=params, timeout=timeout
-        ) as response:
+        async with (
+            asyncio.timeout(whole_s),
+            client.stream(
+                method, url, headers=headers, content=content, params=params, timeout=timeout
+            ) as response,
+        ):
             listening = _STATUSES.get()
             if listening is not None:
                 listening.append(response.status_code)
@@ -325,6 +388,10 @@ async def request_answer(
         raise RetryableProviderError(
             f"{provider}: {within}: {type(exc).__name__}", details={"provider": provider}
         ) from exc
+    except TimeoutError as exc:
+        raise RetryableProviderError(
+            f"{provider}: the exchange took over {whole_s:g} s", details={"provider": provider}
+        ) from exc
     except httpx.HTTPError as exc:
         raise RetryableProviderError(
             f"{provider}: connection failed: {type(exc).__name__}: {exc}",
@@ -339,6 +406,13 @@ async def request_answer(
         raise RetryableProviderError(
             f"{provider}: response is not JSON", details={"provider": provider, "body": snippet}
         ) from exc
+
+
+def _whole_request_s(timeout: httpx.Timeout) -> float | None:
+    """How long a whole exchange may take: connecting, sending and reading each within its own
+    limit (None: unbounded, as the client was told)."""
+    parts = (timeout.connect, timeout.write, timeout.read)
+    return None if all(p is None for p in parts) else sum(p or 0.0 for p in parts)
 
 
 async def _sent_once(parts: list[bytes]) -> AsyncIterator[bytes]:

@@ -177,9 +177,9 @@ class ProcessingStep:
                         return lifecycle.Refused(t, "the lease is no longer held")
                     return t.with_changes(version=t.version + 1, updated_at=now, holds_slot=True)
 
-                # The record as claimed is the first try (a heartbeat may have moved it on:
-                # the race then reads it again), saving a read per submit.
-                result = await lifecycle.race(self.store, task.id, taken, known=task)
+                # The lease's newest record is the first try (if something moved it on, the
+                # race reads it again), saving a read per submit.
+                result = await lifecycle.race(self.store, task.id, taken, known=lease.latest)
                 if isinstance(result, lifecycle.Refused):
                     return False
                 lease.latest = result

@@ -255,8 +255,8 @@ class StepRunner:
                 continue
             if held is None:
                 return  # the lease is gone; the step's own guarded writes will be refused
-            if lease is not None:
-                lease.latest = held
+            if lease is not None and held.version > lease.latest.version:
+                lease.latest = held  # (a step write may have landed a newer one meanwhile)
 
     # --- handing back ----------------------------------------------------------------------------
 

@@ -441,6 +441,40 @@ async def test_an_unreachable_receiver_is_retried_not_lost(tmp_path: Path) -> No
             assert item["attempts"][0]["error"].startswith("url_unreachable")
 
 
+async def test_a_receiver_answering_malformed_http_is_a_failed_try(tmp_path: Path) -> None:
+    """A header line without a colon: the try is recorded as failed and retried (an error the
+    client did not translate left the message unrecorded, sent again after every lease)."""
+
+    async def malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nNo Colon Here\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(malformed, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    try:
+        async with running_hookline(
+            tmp_path, webhook_hosts="127.0.0.1", webhook_retry_base_s=0.1, webhook_poll_s=0.05
+        ) as hl:
+            key = await hl.create_user("alice")
+            await register(hl, key, url)
+            task = await hl.create_task(key)
+            await hl.wait_terminal(key, task["id"])
+            async with asyncio.timeout(BOUND_S):
+                while True:
+                    (item,) = await deliveries(hl, key, task["id"]) or [None]
+                    if item is not None and len(item["attempts"]) >= 2:
+                        break
+                    await asyncio.sleep(0.05)
+    finally:
+        server.close()
+    assert item["state"] == "pending"
+    assert [a["status_code"] for a in item["attempts"][:2]] == [None, None]
+    assert all(a["error"].startswith("url_unreachable") for a in item["attempts"][:2])
+
+
 async def test_each_try_is_on_the_tasks_timeline(tmp_path: Path) -> None:
     async with world(tmp_path) as (hl, receiver):
         key = await hl.create_user("alice")

@@ -1,0 +1,126 @@
+"""The outbound HTTP client (callbacks/http.py ``new_client``: httpx on aiohttp) fails the way its
+callers expect: every failure of a peer is an ``httpx.TransportError`` of the kind httpcore gave
+(the fetcher, the provider calls and the webhook deliverer catch those, nothing else), its text
+carries no request header, and a provider exchange is bounded as a whole. The peers are real
+sockets on loopback that misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from callbacks.errors import RetryableProviderError
+from callbacks.http import new_client, request_answer
+from service.media.fetch import FetchError, SafeFetcher
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+SECRET = "sk-live-do-not-log-me"
+
+
+@contextlib.asynccontextmanager
+async def peer(handle: Handler) -> AsyncIterator[str]:
+    """A TCP server on loopback running ``handle`` per connection; yields its base URL."""
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await handle(reader, writer)
+        writer.close()
+
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def answering(raw: bytes) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+
+    return handle
+
+
+async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")  # reads the request, answers nothing
+
+
+async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(3600)  # accepts, then reads nothing: the sender's buffers fill up
+
+
+MALFORMED = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nNo Colon Here\r\n\r\n"
+BAD_STATUS = b"HTTP/1.1 twohundred OK\r\n\r\n"
+CUT_OFF = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10
+
+
+def fetcher(base: str, timeout_s: float = 5.0) -> SafeFetcher:
+    host = base.removeprefix("http://")
+    return SafeFetcher(None, allow_hosts={host}, max_bytes=100_000, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("raw", [MALFORMED, BAD_STATUS], ids=["header", "status line"])
+async def test_a_malformed_answer_is_a_transport_error(raw: bytes) -> None:
+    async with peer(answering(raw)) as base, new_client(timeout=5) as client:
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            await client.get(f"{base}/x", headers={"Authorization": f"Bearer {SECRET}"})
+    assert SECRET not in str(caught.value) and SECRET not in repr(caught.value)
+
+
+@pytest.mark.parametrize("raw", [MALFORMED, BAD_STATUS, CUT_OFF], ids=["header", "status", "cut"])
+async def test_the_fetcher_reports_a_broken_peer_as_unreachable_and_retryable(raw: bytes) -> None:
+    async with peer(answering(raw)) as base:
+        fetch = fetcher(base)
+        try:
+            with pytest.raises(FetchError) as caught:
+                await fetch.fetch(f"{base}/in.png", headers={"x-key": SECRET})
+        finally:
+            await fetch.aclose()
+    assert caught.value.code == "url_unreachable" and caught.value.retryable
+    assert SECRET not in caught.value.message
+
+
+async def test_a_peer_that_hangs_up_is_not_a_timeout() -> None:
+    async with peer(hang_up) as base:
+        fetch = fetcher(base)
+        try:
+            with pytest.raises(FetchError) as caught:
+                await fetch.fetch(f"{base}/in.png")
+        finally:
+            await fetch.aclose()
+    assert caught.value.code == "url_unreachable", caught.value.message
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with new_client(timeout=5) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"http://127.0.0.1:{port}/x")
+
+
+async def test_a_provider_answering_malformed_http_is_a_retryable_provider_error() -> None:
+    async with peer(answering(MALFORMED)) as base, new_client(timeout=5) as client:
+        with pytest.raises(RetryableProviderError) as caught:
+            await request_answer(
+                client, "POST", f"{base}/v1/jobs", provider="p", headers={"x-key": SECRET}, json={}
+            )
+    assert SECRET not in str(caught.value) and SECRET not in repr(caught.value.details)
+
+
+async def test_a_provider_that_never_reads_the_submit_is_cut_off_as_a_whole() -> None:
+    """The transport bounds connecting and each read, not sending: a peer that stops reading a
+    large body would hold the submit (and its provider slot) forever without the whole-exchange
+    limit."""
+    big = {"input": "x" * 32_000_000}  # more than any socket buffer takes without a reader
+    async with peer(never_read) as base, new_client(timeout=0.3) as client:
+        with pytest.raises(RetryableProviderError) as caught:
+            await request_answer(client, "POST", f"{base}/v1/jobs", provider="p", json=big)
+    assert "took over" in caught.value.message or "timeout" in caught.value.message
