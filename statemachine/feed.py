@@ -178,15 +178,19 @@ class Watcher:
 
     async def _handle(self, event: FeedEvent) -> None:
         fields = {"watcher": self.name, "task_id": event.task_id, "position": event.position}
-        with structlog.contextvars.bound_contextvars(**fields):
-            try:
-                await self._handler(event)
-            except Exception:
-                # At-least-once means a failing handler must not stall everyone behind it: the
-                # handler records failures as task state itself; here it is logged and skipped.
-                log.exception(
-                    "watcher.handler_failed", **fields, feed_event=event.event, dest=event.dest
-                )
+        # bind + reset rather than ``bound_contextvars``, which reads the whole context first:
+        # this runs for every event of every watcher
+        tokens = structlog.contextvars.bind_contextvars(**fields)
+        try:
+            await self._handler(event)
+        except Exception:
+            # At-least-once means a failing handler must not stall everyone behind it: the
+            # handler records failures as task state itself; here it is logged and skipped.
+            log.exception(
+                "watcher.handler_failed", **fields, feed_event=event.event, dest=event.dest
+            )
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
 
     async def _save_periodically(self) -> None:
         while True:

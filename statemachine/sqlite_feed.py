@@ -5,19 +5,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Final
 
 from statemachine.sqlite_store import SqliteStore
 from statemachine.store import FeedEvent
 
+COALESCE_S: Final = 0.002
+
 
 class SqliteFeed:
     """The ChangeFeed of a SqliteStore: woken at once by this process's writes (the store's
-    listeners), polling every ``poll_interval_s`` for other processes' writes."""
+    listeners), polling every ``poll_interval_s`` for other processes' writes.
 
-    def __init__(self, store: SqliteStore, poll_interval_s: float = 0.5, batch: int = 500) -> None:
+    A woken subscriber waits ``coalesce_s`` before it reads: under load the database thread
+    commits a batch every millisecond or so, and each of a process's watchers (dispatcher,
+    metrics, outbound webhooks) would read the feed after every one of them; this way a read
+    takes several commits' events, for a few milliseconds more on each hand-over."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        poll_interval_s: float = 0.5,
+        batch: int = 500,
+        coalesce_s: float = COALESCE_S,
+    ) -> None:
         self._store = store
         self._poll_interval_s = poll_interval_s
         self._batch = batch
+        self._coalesce_s = coalesce_s
 
     async def subscribe(self, after: str | None) -> AsyncIterator[FeedEvent]:
         """Every event after ``after``, in order, then new ones as they are written, forever."""
@@ -33,3 +48,5 @@ class SqliteFeed:
                 if len(events) < self._batch:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), self._poll_interval_s)
+                        if self._coalesce_s:
+                            await asyncio.sleep(self._coalesce_s)

@@ -214,9 +214,12 @@ class StepRunner:
         if claimed is None:
             return
         lease = Lease(claimed, self)
-        with structlog.contextvars.bound_contextvars(task_id=task.id):
+        tokens = structlog.contextvars.bind_contextvars(task_id=task.id)
+        try:
             async with self._heartbeat(lease):
                 await step.run(lease)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
 
     async def _poisoned(self, task: Task, now: float) -> bool:
         """True if the task's step has lost its worker too often to run again: it is failed

@@ -103,6 +103,50 @@ async def test_an_in_process_write_wakes_the_subscriber_without_polling(
     assert sqlite_store.listener_count == 0
 
 
+async def test_commits_landing_while_a_woken_subscriber_waits_are_read_at_once(
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each watcher would read the feed after every commit; a woken subscriber waits its
+    ``coalesce_s`` first, and what was committed meanwhile comes in the same read. The wait is
+    held open by the test (no timing): the fake sleep returns when the test says so."""
+    owner = await user_with(sqlite_store, 100)
+    reads: list[int] = []
+    real_read = sqlite_store.feed_after
+
+    async def counted(after: str | None, limit: int) -> list[FeedEvent]:
+        got = await real_read(after, limit)
+        reads.append(len(got))
+        return got
+
+    monkeypatch.setattr(sqlite_store, "feed_after", counted)
+    coalescing, release = asyncio.Event(), asyncio.Event()
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        if seconds == 0.123:  # the subscriber's coalescing wait
+            coalescing.set()
+            await release.wait()
+        else:
+            await real_sleep(seconds)
+
+    monkeypatch.setattr("statemachine.sqlite_feed.asyncio.sleep", sleep)
+    events = SqliteFeed(sqlite_store, poll_interval_s=3600, coalesce_s=0.123).subscribe(
+        await sqlite_store.feed_head()
+    )
+    try:
+        first = asyncio.ensure_future(anext(events))
+        ids = await create_tasks(sqlite_store, owner, 1)
+        await asyncio.wait_for(coalescing.wait(), GUARD_S)  # woken, and waiting
+        ids += await create_tasks(sqlite_store, owner, 2)
+        release.set()
+        got = [await asyncio.wait_for(first, GUARD_S)]
+        got += [await asyncio.wait_for(anext(events), GUARD_S) for _ in range(2)]
+    finally:
+        await aclose(events)
+    assert [e.task_id for e in got] == ids
+    assert reads == [0, 3]  # the read before the wake-up, then one read for the three commits
+
+
 def _create_in_other_process(path: str, owner: str) -> None:
     async def create() -> None:
         store = SqliteStore(path)
