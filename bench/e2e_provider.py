@@ -50,6 +50,7 @@ from typing import Any
 import httpx
 import orjson
 import uvicorn
+from httpx_aiohttp import AiohttpTransport
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -179,9 +180,14 @@ class Fake:
     async def fetch_input(self, pid: str, url: str) -> None:
         """Download one input URL, as Replicate does before a model runs; then the prediction
         may be held (a failed fetch is counted: the bench reports it)."""
-        if self._client is None:
+        if self._client is None:  # aiohttp underneath: the fake's CPU must not be the limit
             limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-            self._client = httpx.AsyncClient(timeout=30, limits=limits, trust_env=False)
+            self._client = httpx.AsyncClient(
+                transport=AiohttpTransport(limits=limits, trust_env=False),
+                timeout=30,
+                limits=limits,
+                trust_env=False,
+            )
         try:
             answer = await self._client.get(url)
             if answer.status_code == 200:
