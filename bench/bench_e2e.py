@@ -12,7 +12,9 @@ Three kinds of process, each on its own, on one machine:
   ``--set KEY=VALUE`` overrides any of them (or sets any other); the settings in force are
   printed with the figures. The users come from ``hookline users create``.
 - **the provider fake** (``bench/e2e_provider.py``): Replicate's contract; it holds every
-  prediction until the driver completes it and sends no webhook of its own.
+  prediction until the driver completes it and sends no webhook of its own. Like Replicate, it
+  downloads an input given by URL (``HOOKLINE_INPUTS_BY_URL=always``) before the prediction
+  counts as held, so hookline serving it is part of phase A.
 - **the driver** (``bench/e2e_driver.py``): phase A — N × ``POST /v1/tasks``, 32 at once; phase
   B — N signed webhooks, 32 at once; then the checks. Its CPU is reported apart, and so is the
   fake's.
