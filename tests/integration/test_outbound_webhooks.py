@@ -130,6 +130,16 @@ async def settled(hl: Hookline, key: str, task_id: str, n: int = 1) -> list[dict
             await asyncio.sleep(0.05)
 
 
+async def tried(hl: Hookline, key: str, task_id: str, n: int) -> dict[str, Any]:
+    """The task's one delivery, once it has had ``n`` tries."""
+    async with asyncio.timeout(BOUND_S):
+        while True:
+            (item,) = await deliveries(hl, key, task_id) or [None]
+            if item is not None and len(item["attempts"]) >= n:
+                return item
+            await asyncio.sleep(0.05)
+
+
 async def test_a_completed_task_is_told_once_signed_with_the_task_as_data(tmp_path: Path) -> None:
     async with world(tmp_path) as (hl, receiver):
         key = await hl.create_user("alice")
@@ -430,12 +440,7 @@ async def test_an_unreachable_receiver_is_retried_not_lost(tmp_path: Path) -> No
             await register(hl, key, str(dead))
             task = await hl.create_task(key)
             await hl.wait_terminal(key, task["id"])
-            async with asyncio.timeout(BOUND_S):
-                while True:
-                    (item,) = await deliveries(hl, key, task["id"]) or [None]
-                    if item is not None and len(item["attempts"]) >= 2:
-                        break
-                    await asyncio.sleep(0.05)
+            item = await tried(hl, key, task["id"], 2)
             assert item["state"] == "pending"
             assert item["attempts"][0]["status_code"] is None
             assert item["attempts"][0]["error"].startswith("url_unreachable")
@@ -462,12 +467,7 @@ async def test_a_receiver_answering_malformed_http_is_a_failed_try(tmp_path: Pat
             await register(hl, key, url)
             task = await hl.create_task(key)
             await hl.wait_terminal(key, task["id"])
-            async with asyncio.timeout(BOUND_S):
-                while True:
-                    (item,) = await deliveries(hl, key, task["id"]) or [None]
-                    if item is not None and len(item["attempts"]) >= 2:
-                        break
-                    await asyncio.sleep(0.05)
+            item = await tried(hl, key, task["id"], 2)
     finally:
         server.close()
     assert item["state"] == "pending"
