@@ -61,38 +61,54 @@ class _Transport(AiohttpTransport):
     ``httpx.TransportError`` httpcore raised for the same failure (``_translated``): the
     library's own mapping misses some (a malformed answer came out as a bare aiohttp error no
     caller catches) and files others under the wrong kind (a refused connection or a peer that
-    hung up as a connect timeout). Messages never carry the request's headers (an aiohttp
-    error's repr does: an API key)."""
+    hung up as a connect timeout). Messages never carry the request's headers, and the aiohttp
+    error is not chained (``from None``): its repr holds the request's headers, an API key among
+    them; the message names its type instead."""
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
             response = await super().handle_async_request(request)
         except (httpx.HTTPError, aiohttp.ClientError) as exc:
-            raise _translated(exc, request) from _cause(exc)
+            raise _translated(exc, request) from None
         response.stream = _TranslatedStream(response.stream, request)
         return response
 
 
 class _TranslatedStream(httpx.AsyncByteStream):
-    """A response body whose aiohttp errors leave as httpx's (a body cut off, a bad chunk)."""
+    """A response body whose aiohttp errors leave as httpx's (a body cut off, a bad chunk), each
+    chunk within the request's read timeout: aiohttp's compiled parser, given a malformed chunk
+    size in a packet after the head, neither fails nor keeps its own read timer (the read
+    waited forever, the server gone or not)."""
 
     def __init__(self, inner: httpx.AsyncByteStream | httpx.SyncByteStream, request: httpx.Request):
         assert isinstance(inner, httpx.AsyncByteStream)
         self._inner = inner
         self._request = request
+        timeouts = request.extensions.get("timeout") or {}
+        self._read_s: float | None = timeouts.get("read")
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = aiter(self._inner)
         try:
-            async for chunk in self._inner:
+            while True:
+                try:
+                    async with asyncio.timeout(self._read_s):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise httpx.ReadTimeout(
+                        "no data within the read timeout (a stalled body)", request=self._request
+                    ) from None
                 yield chunk
         except (httpx.HTTPError, aiohttp.ClientError) as exc:
-            raise _translated(exc, self._request) from _cause(exc)
+            raise _translated(exc, self._request) from None
 
     async def aclose(self) -> None:
         try:
             await self._inner.aclose()
         except (httpx.HTTPError, aiohttp.ClientError) as exc:
-            raise _translated(exc, self._request) from _cause(exc)
+            raise _translated(exc, self._request) from None
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -411,8 +427,11 @@ async def request_answer(
 def _whole_request_s(timeout: httpx.Timeout) -> float | None:
     """How long a whole exchange may take: connecting, sending and reading each within its own
     limit (None: unbounded, as the client was told)."""
-    parts = (timeout.connect, timeout.write, timeout.read)
-    return None if all(p is None for p in parts) else sum(p or 0.0 for p in parts)
+    connecting = max(timeout.connect or 0.0, timeout.pool or 0.0)  # a pooled one, or a new one
+    parts = (timeout.connect, timeout.pool, timeout.write, timeout.read)
+    if all(p is None for p in parts):
+        return None
+    return connecting + (timeout.write or 0.0) + (timeout.read or 0.0)
 
 
 async def _sent_once(parts: list[bytes]) -> AsyncIterator[bytes]:

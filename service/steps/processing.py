@@ -182,7 +182,8 @@ class ProcessingStep:
                 result = await lifecycle.race(self.store, task.id, taken, known=lease.latest)
                 if isinstance(result, lifecycle.Refused):
                     return False
-                lease.latest = result
+                if result.version > lease.latest.version:  # (a renewal may have landed since)
+                    lease.latest = result
                 return True
         await lease.runner.hand_back(lease, "no provider slot", delay_s=wait, counted=False)
         return False
