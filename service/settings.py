@@ -203,6 +203,10 @@ class Settings(BaseSettings):
     file_url_ttl_s: int = 3600
     # how long a task's watch link (its GET and event stream without a key) stays valid
     watch_ttl_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    # live-progress streams (GET /v1/tasks/{id}/events) open at once in one process: per task
+    # (a watch link handed to an app's end users, each with a few tabs) and in all
+    sse_per_task: int = Field(default=32, ge=1, le=100_000)
+    sse_max_streams: int = Field(default=10_000, ge=1, le=1_000_000)
 
     # retention: feed events and webhook delivery records older than this are pruned in bounded
     # batches (never a feed event a persistent watcher has not passed)

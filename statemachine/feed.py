@@ -283,6 +283,10 @@ class Broadcaster:
         """Live subscribers."""
         return sum(len(subs) for subs in self._by_task.values())
 
+    def watching(self, task_id: str | None) -> int:
+        """Live subscribers of ``task_id`` (None: of every event)."""
+        return len(self._by_task.get(task_id, ()))
+
     def subscribe(self, task_id: str | None = None) -> Subscription:
         """Events of ``task_id`` (None: every event). Use as ``async with`` to unsubscribe."""
         sub = Subscription(self, task_id, self._queue_size)

@@ -216,7 +216,7 @@ def _operations() -> dict[tuple[str, str], Op]:
             "Follow a task live (Server-Sent Events)",
             "tasks",
             content={"text/event-stream": {"schema": {"type": "string"}}},
-            errors=(400, 404),
+            errors=(400, 404, 429),
             params=(
                 _param(
                     "Last-Event-ID",
@@ -229,7 +229,9 @@ def _operations() -> dict[tuple[str, str], Op]:
             "JSON>` (schema `StateEvent`); the current state comes first, `: ping` comments "
             "keep the connection open, and the stream ends after a terminal state. A watch "
             "link opens it without a key (`EventSource(watch_url path + '/events?watch=…')`); "
-            "a stream it opened also ends once the link expires or is revoked.",
+            "a stream it opened also ends once the link expires or is revoked. At most "
+            "`HOOKLINE_SSE_PER_TASK` streams of one task and `HOOKLINE_SSE_MAX_STREAMS` in all "
+            "are open at once per process: one more is a 429 `too_many_streams`.",
             watchable=True,
         ),
         (task[0] + "/watch_url", "POST"): Op(

@@ -17,6 +17,9 @@ The task's watch link opens the stream without a key (``?watch=<token>``: ``Even
 headers; service/http/watch.py). Such a stream checks its link again before each ping and ends
 once the link has expired or been rotated or revoked, so a revoked link keeps no stream open.
 
+At most ``HOOKLINE_SSE_PER_TASK`` streams of one task and ``HOOKLINE_SSE_MAX_STREAMS`` in all are
+open at once in a process; one more is a 429 ``too_many_streams`` (``Retry-After``).
+
 A ``Last-Event-ID`` that is not a feed position is a 400 (``bad_last_event_id``): silently starting
 over would hide a client bug. One from another task is harmless: only this task's events follow.
 
@@ -40,7 +43,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.http import watch
-from service.http.errors import MalformedRequest
+from service.http.errors import MalformedRequest, RateLimited
 from service.http.requests import readable_task
 from service.http.state import web
 from service.runtime import Runtime
@@ -195,6 +198,7 @@ async def task_events(request: Request) -> Response:
     task = reading.task
     after = last_event_id(request)
     broadcaster = rt.broadcaster
+    _check_room(rt, broadcaster, task.id)
     sub = broadcaster.subscribe(task.id)  # before any read: nothing can slip between
     try:
         if after is None:
@@ -208,6 +212,25 @@ async def task_events(request: Request) -> Response:
     holds = _link_check(rt, task.id, reading.watch_token) if reading.watch_token else None
     stream = _frames(rt, sub, task.id, opening, state.sse_ping_s, holds)
     return EventStream(stream, on_close=lambda: _unsubscribe(broadcaster, sub))
+
+
+def _check_room(rt: Runtime, broadcaster: Broadcaster, task_id: str) -> None:
+    """429 when the task already has ``HOOKLINE_SSE_PER_TASK`` streams open in this process, or
+    the process ``HOOKLINE_SSE_MAX_STREAMS``: a watch link passed around (or a script reopening
+    streams) cannot hold the process's memory, ~27 KB per stream."""
+    settings = rt.settings
+    if broadcaster.watching(task_id) >= settings.sse_per_task:
+        raise RateLimited(
+            f"task {task_id} has {settings.sse_per_task} live streams open; close one first",
+            retry_after_s=RETRY_MS / 1000,
+            code="too_many_streams",
+        )
+    if broadcaster.count >= settings.sse_max_streams:
+        raise RateLimited(
+            "this server has as many live streams open as it takes; retry later",
+            retry_after_s=RETRY_MS / 1000,
+            code="too_many_streams",
+        )
 
 
 def _link_check(rt: Runtime, task_id: str, token: str) -> Callable[[], Awaitable[bool]]:

@@ -291,3 +291,38 @@ async def test_a_resume_from_a_pruned_position_starts_from_the_current_state(
         assert states(got) == ["cancelled"]
         assert got[0].id == head
         await until(lambda: broadcaster(hl).count == 0)
+
+
+async def test_streams_per_task_and_per_process_are_capped(tmp_path: Path) -> None:
+    """A watch link passed around, or a script reopening streams, cannot hold the process's
+    memory: beyond ``HOOKLINE_SSE_PER_TASK`` streams of a task, or ``HOOKLINE_SSE_MAX_STREAMS``
+    in all, a stream is a 429 ``too_many_streams``; a closed stream frees its place."""
+    async with running_hookline(tmp_path, roles="api", sse_per_task=2, sse_max_streams=3) as hl:
+        key = await hl.create_user("alice")
+        a, b, c = [(await hl.create_task(key))["id"] for _ in range(3)]
+
+        def open_stream(task_id: str) -> Any:
+            return hl.client.stream("GET", f"/v1/tasks/{task_id}/events", headers=hl.auth(key))
+
+        async def refused(task_id: str) -> dict[str, Any]:
+            r = await hl.client.get(f"/v1/tasks/{task_id}/events", headers=hl.auth(key))
+            assert r.status_code == 429, r.text
+            assert int(r.headers["retry-after"]) >= 1
+            error: dict[str, Any] = r.json()["error"]
+            assert error["code"] == "too_many_streams"
+            return error
+
+        async with contextlib.AsyncExitStack() as stack:
+            first = await stack.enter_async_context(open_stream(a))
+            async with open_stream(a) as second:
+                assert first.status_code == second.status_code == 200
+                await until(lambda: broadcaster(hl).count == 2)
+                assert "live streams open" in (await refused(a))["message"]
+                third = await stack.enter_async_context(open_stream(b))
+                assert third.status_code == 200
+                await until(lambda: broadcaster(hl).count == 3)
+                assert "as many live streams" in (await refused(c))["message"]
+            await until(lambda: broadcaster(hl).count == 2)  # the second hung up
+            async with open_stream(a) as again:
+                assert again.status_code == 200
+        await until(lambda: broadcaster(hl).count == 0)
