@@ -35,7 +35,7 @@ from service.blobs.base import BlobStore
 from service.blobs.local import LocalBlobStore, load_or_create_secret
 from service.blobs.s3 import S3BlobStore, split_endpoint
 from service.media.budget import MemoryBudget
-from service.media.fetch import SafeFetcher
+from service.media.fetch import Resolver, SafeFetcher, isolated_resolver, system_resolver
 from service.media.watermark import WatermarkConfig
 from service.ops.live import live_watchers
 from service.ops.metrics import Metrics
@@ -80,6 +80,9 @@ log = structlog.get_logger()
 OUTPUT_MAX_BYTES = 50_000_000
 OUTPUT_FETCH_TIMEOUT_S = 60.0
 INPUT_FETCH_TIMEOUT_S = 30.0
+# lookups of names users chose (input URLs, webhook destinations) on their own threads at once:
+# a hostile name whose DNS never answers holds one of these, nothing else of the process
+USER_LOOKUPS_AT_ONCE = 16
 PROVIDER_TIMEOUT_S = 30.0
 # feed events the outbox feeder handles at once: each needs a task read and a write, which the
 # store batches when they come together (one at a time it fell behind completions)
@@ -118,6 +121,9 @@ class Runtime:
     # each task's notes (submits, webhooks, polls, deliveries) beside the store; None on a store
     # with no timeline adapter
     timeline: Timeline | None = None
+    # how names users chose (input URLs, webhook destinations) are resolved: on threads of their
+    # own, a bounded number at once (service/media/fetch.py isolated_resolver)
+    user_lookups: Resolver = system_resolver
     simulator: Simulator | None = None
     now: Callable[[], float] = clock.now
     _loops: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -282,12 +288,14 @@ def build_runtime(
     receiver.on_rejected = metrics.on_webhook_rejected
     # one budget of bytes for every image fetch and decode of the process
     media_budget = media_budget or MemoryBudget(settings.media_memory_budget_bytes)
+    user_lookups = isolated_resolver(USER_LOOKUPS_AT_ONCE)
     if input_fetcher is None:
         input_fetcher = SafeFetcher(
             http,
             allow_hosts=settings.input_host_set(),
             max_bytes=settings.max_upload_bytes,
             timeout_s=INPUT_FETCH_TIMEOUT_S,
+            resolver=user_lookups,
             budget=media_budget,
         )
     if output_fetchers is None:
@@ -315,7 +323,7 @@ def build_runtime(
     outbox = build_outbox(store)
     deliverer = None
     if outbox is not None and "dispatcher" in settings.role_set():
-        deliverer = build_deliverer(settings, outbox, http, now)
+        deliverer = build_deliverer(settings, outbox, http, now, resolver=user_lookups)
         deliverer.on_outcome = metrics.on_webhook_outcome
         if timeline is not None:
             deliverer.note = _delivery_notes(timeline)
@@ -344,6 +352,7 @@ def build_runtime(
         timeline=timeline,
         simulator=simulator,
         now=now,
+        user_lookups=user_lookups,
     )
 
 
@@ -458,7 +467,12 @@ def build_timeline(store: TaskStore, settings: Settings) -> Timeline | None:
 
 
 def build_deliverer(
-    settings: Settings, outbox: Outbox, http: httpx.AsyncClient, now: Callable[[], float]
+    settings: Settings,
+    outbox: Outbox,
+    http: httpx.AsyncClient,
+    now: Callable[[], float],
+    *,
+    resolver: Resolver = system_resolver,
 ) -> Deliverer:
     """The outbox's sender: destinations under the input fetches' SSRF rules, plus
     ``HOOKLINE_WEBHOOK_HOSTS``."""
@@ -467,6 +481,7 @@ def build_deliverer(
         allow_hosts=settings.webhook_host_set(),
         max_bytes=0,
         timeout_s=settings.webhook_timeout_s,
+        resolver=resolver,
     )
     return Deliverer(
         outbox,

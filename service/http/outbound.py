@@ -133,6 +133,7 @@ def destination_rules(rt: Runtime) -> SafeFetcher:
         allow_hosts=rt.settings.webhook_host_set(),
         max_bytes=0,
         timeout_s=rt.settings.webhook_timeout_s,
+        resolver=rt.user_lookups,
     )
 
 

@@ -4,10 +4,11 @@ Rules, checked for the first URL and again for every redirect hop (at most ``max
 
 - ``https`` only, unless the host (``host`` or ``host:port``) is in ``allow_hosts``;
 - no credentials in the URL;
-- the host is resolved once (``resolver``, default ``loop.getaddrinfo``) and every address must be
-  public: loopback, private, link-local, multicast, reserved, unspecified, CGNAT (100.64/10), cloud
-  metadata, and IPv6 forms embedding such an IPv4 (mapped, 6to4, Teredo, NAT64) are refused —
-  unless the host is in ``allow_hosts``, which trusts it whatever it resolves to.
+- the host is resolved once (``resolver``, default ``loop.getaddrinfo``; ``isolated_resolver`` for
+  names users choose) and every address must be public: loopback, private, link-local, multicast,
+  reserved, unspecified, CGNAT (100.64/10), cloud metadata, and IPv6 forms embedding such an IPv4
+  (mapped, 6to4, Teredo, NAT64) are refused — unless the host is in ``allow_hosts``, which trusts
+  it whatever it resolves to.
 
 **DNS rebinding.** The request is sent to the address that was checked, not to the name: the URL's
 host is replaced by that IP, the ``Host`` header carries the original name, and for https the
@@ -37,9 +38,11 @@ may succeed later; forbidden hosts, 4xx, encoded or oversized bodies and non-ima
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import ipaddress
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +96,57 @@ class FetchResult:
 async def system_resolver(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to, in the system's preferred order."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return _addresses_of(infos)
+
+
+def _addresses_of(infos: list[Any]) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def isolated_resolver(at_once: int) -> Resolver:
+    """A resolver for names a user chose (input URLs, webhook destinations): each lookup on a
+    daemon thread of its own, at most ``at_once`` at a time, the rest waiting their turn.
+
+    ``getaddrinfo`` cannot be cancelled: a lookup a hostile name's DNS never answers holds its
+    thread until the system resolver gives up, whatever the caller's timeout. On the loop's
+    shared resolver threads (libuv's four under uvloop, the default executor otherwise) a few
+    such names would stall every lookup and every thread hand-off of the process: provider
+    hosts, output URLs, blob and image work. Here they hold only their own threads, and a
+    daemon thread left hanging does not hold up the process's exit either."""
+    gate = asyncio.Semaphore(at_once)  # taken per lookup, given back when its thread ends
+
+    async def resolve(host: str, port: int) -> list[str]:
+        await gate.acquire()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[Any]] = loop.create_future()
+
+        def finish(infos: list[Any] | None, error: BaseException | None) -> None:
+            gate.release()  # only now: a caller that gave up early does not free the place
+            if answer.done():
+                return  # the caller gave up (its timeout) before the resolver answered
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(infos or [])
+
+        def lookup() -> None:
+            infos: list[Any] | None = None
+            error: BaseException | None = None
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except BaseException as exc:  # handed to the caller, whatever it is
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(finish, infos, error)
+
+        try:
+            threading.Thread(target=lookup, name="hookline-dns", daemon=True).start()
+        except BaseException:
+            gate.release()
+            raise
+        return _addresses_of(await answer)
+
+    return resolve
 
 
 def is_public_address(ip: IPAddress) -> bool:

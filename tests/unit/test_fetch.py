@@ -16,6 +16,7 @@ import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,13 @@ from PIL import Image
 from service.http.errors import http_status
 from service.media.budget import MemoryBudget
 from service.media.errors import OverBudget
-from service.media.fetch import FetchError, SafeFetcher, is_public_address
+from service.media.fetch import (
+    FetchError,
+    SafeFetcher,
+    is_public_address,
+    isolated_resolver,
+    system_resolver,
+)
 
 PUBLIC_IP = "93.184.215.14"
 
@@ -155,6 +162,9 @@ def server(other: Server) -> Iterator[Server]:
             ),
         }
     )
+
+
+GUARD_S = 30.0  # only against hangs: nothing here waits on time for its result
 
 
 def allow(*servers: Server) -> set[str]:
@@ -534,3 +544,50 @@ async def test_a_destination_whose_dns_never_answers_is_given_up_on() -> None:
         await fetch.check_destination("https://slow.example/hook")
     assert caught.value.code == "url_timeout"
     assert not hung.is_set()
+
+
+async def test_a_hanging_user_lookup_holds_only_its_own_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """getaddrinfo cannot be cancelled: a name whose DNS never answers keeps its thread. Names
+    users choose are looked up on threads of their own, at most ``at_once`` at a time, so the
+    loop's shared resolver (provider hosts, output URLs) and its executor keep working; a lookup
+    whose caller gave up still holds its place until its thread ends."""
+    release = threading.Event()
+    started: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host.startswith("hang"):
+            started.append(host)
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "no answer")
+        if host == "public.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    resolve = isolated_resolver(2)
+    try:
+        hung = [asyncio.ensure_future(resolve(f"hang{i}.example", 443)) for i in range(3)]
+        async with asyncio.timeout(GUARD_S):
+            while len(started) < 2:
+                await asyncio.sleep(0.01)
+        # two threads hang; the third lookup waits for a place instead of starting a thread
+        await asyncio.sleep(0.05)
+        assert sorted(started) == ["hang0.example", "hang1.example"]
+        # the shared resolver and the default executor are untouched by them
+        assert await system_resolver("public.example", 443) == ["93.184.216.34"]
+        assert await asyncio.to_thread(lambda: 42) == 42
+        # a caller giving up does not free its place: the thread still holds it
+        hung[0].cancel()
+        await asyncio.sleep(0.05)
+        assert len(started) == 2
+    finally:
+        release.set()
+    async with asyncio.timeout(GUARD_S):
+        results = await asyncio.gather(*hung, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert all(isinstance(r, socket.gaierror) for r in results[1:])
+    assert sorted(started) == ["hang0.example", "hang1.example", "hang2.example"]
+    assert await resolve("public.example", 443) == ["93.184.216.34"]  # the places came back
