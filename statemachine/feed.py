@@ -101,13 +101,29 @@ class Watcher:
 
     async def _start_position(self) -> str | None:
         """The saved position; with ``start_at_head`` and none saved (or ``persist`` off), the
-        feed's head: what happened before is not this watcher's to replay."""
+        feed's head: what happened before is not this watcher's to replay.
+
+        A persistent watcher starting at the head saves that start before it reads anything
+        (an empty feed's start is its ``origin``, where the feed has one): otherwise a process
+        killed before its first periodic save would start the next one at the head again, and
+        every event between the two heads would never be handled (the outbox's messages of
+        those events lost)."""
         if self._persist:
             saved = await self._store.load_position(self.name)
             if saved is not None or not self._start_at_head:
                 return saved
         elif not self._start_at_head:
             return None
+        head = await self._head()
+        start = head if head is not None else getattr(self._feed, "origin", None)
+        if self._persist and start is not None:
+            try:
+                await self._store.save_position(self.name, start)
+            except Exception as exc:  # the periodic save tries again once events move it
+                log.warning("watcher.save_failed", watcher=self.name, error=repr(exc))
+        return head
+
+    async def _head(self) -> str | None:
         delay_s = self._retry_base_s
         while True:
             try:

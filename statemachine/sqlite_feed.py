@@ -22,6 +22,9 @@ class SqliteFeed:
     metrics, outbound webhooks) would read the feed after every one of them; this way a read
     takes several commits' events, for a few milliseconds more on each hand-over."""
 
+    # the position before the first event: a watcher that starts on an empty feed saves it
+    origin: Final = "0"
+
     def __init__(
         self,
         store: SqliteStore,

@@ -135,6 +135,9 @@ async def test_commits_landing_while_a_woken_subscriber_waits_are_read_at_once(
     )
     try:
         first = asyncio.ensure_future(anext(events))
+        async with asyncio.timeout(GUARD_S):  # its first read done: it waits for a wake-up
+            while not reads:
+                await real_sleep(0.01)
         ids = await create_tasks(sqlite_store, owner, 1)
         await asyncio.wait_for(coalescing.wait(), GUARD_S)  # woken, and waiting
         ids += await create_tasks(sqlite_store, owner, 2)
@@ -216,6 +219,46 @@ async def test_watcher_resumes_from_its_saved_position_without_losing_events(
         await run
     assert first.positions + second.positions == await all_positions(store)
     assert await store.load_position("resume") == second.positions[-1]
+
+
+@pytest.mark.parametrize("before", [0, 3], ids=["empty feed", "events before"])
+async def test_a_watcher_starting_at_the_head_that_dies_unsaved_misses_nothing_after(
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch, before: int
+) -> None:
+    """A watcher starting at the head (the outbox feeder, the dispatcher) saves that start at
+    once: killed before its first periodic save, its next start used to take the head again,
+    and the events between the two heads were never handled (outbound messages lost)."""
+    owner = await user_with(sqlite_store, 100)
+    await create_tasks(sqlite_store, owner, before)  # before the watcher: not its to replay
+    head_at_start = len(await all_positions(sqlite_store))
+    feed = SqliteFeed(sqlite_store, poll_interval_s=0.05)
+    first = Collector()
+    watcher = Watcher("outbox-like", feed, sqlite_store, first, start_at_head=True)
+    run = asyncio.create_task(watcher.run())
+    async with asyncio.timeout(GUARD_S):  # its start is saved before it reads anything
+        while await sqlite_store.load_position("outbox-like") is None:
+            await asyncio.sleep(0.01)
+    await create_tasks(sqlite_store, owner, 2)
+    await first.wait_for((await all_positions(sqlite_store))[-1])
+
+    async def killed(*_: object) -> None:  # from now on nothing is saved: a SIGKILL
+        return None
+
+    monkeypatch.setattr(sqlite_store, "save_position", killed)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    monkeypatch.undo()
+
+    await create_tasks(sqlite_store, owner, 2)  # written while no watcher runs
+    second = Collector()
+    restarted = Watcher("outbox-like", feed, sqlite_store, second, start_at_head=True)
+    run = asyncio.create_task(restarted.run())
+    await second.wait_for((await all_positions(sqlite_store))[-1])
+    restarted.stop()
+    await asyncio.wait_for(run, GUARD_S)
+    # everything after the first start's head, the first run's events again (at least once)
+    assert second.positions == (await all_positions(sqlite_store))[head_at_start:]
 
 
 async def test_watcher_survives_a_failing_handler(store: TaskStore, feed: ChangeFeed) -> None:
