@@ -182,8 +182,7 @@ class ProcessingStep:
                 result = await lifecycle.race(self.store, task.id, taken, known=lease.latest)
                 if isinstance(result, lifecycle.Refused):
                     return False
-                if result.version > lease.latest.version:  # (a renewal may have landed since)
-                    lease.latest = result
+                lease.wrote(result)
                 return True
         await lease.runner.hand_back(lease, "no provider slot", delay_s=wait, counted=False)
         return False
@@ -310,19 +309,19 @@ class ProcessingStep:
             data = await self._prepare(fetched.data, limits)
             key = f"inputs/{task.id}/{index}.{_extension(data)}"
             await self.blobs.put(key, data, _content_type(data))
-        if not limits.accepts_data_uri or len(data) > DATA_URI_MAX_BYTES:
-            return await self.blobs.url(key, ttl_s)
-        if self.inputs_by_url != "never" and self._blob_urls_public is not False:
+        if self._blob_urls_public is None and self.inputs_by_url == "auto":
+            # a property of the blob store: decided once, on the first stored input's URL
             url = await self.blobs.url(key, ttl_s)
-            if self._blob_urls_public is None:  # a property of the blob store: decided once
-                self._blob_urls_public = self.input_fetcher.reachable_by_anyone(url)
-            if self.inputs_by_url == "always" or self._blob_urls_public:
-                return url  # a few hundred bytes instead of the image, in the submit and echoes
+            self._blob_urls_public = self.input_fetcher.reachable_by_anyone(url)
+        if self._by_url(limits, len(data)):
+            # a few hundred bytes instead of the image, in the submit and every echo of it
+            return await self.blobs.url(key, ttl_s)
         return f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
     def _by_url(self, limits: Limits, size: int) -> bool:
-        """Whether an input of ``size`` bytes already stored goes to the provider by URL (as
-        ``_input_ref`` decides, once the blob store's URLs are known to be public or not)."""
+        """Whether a stored input of ``size`` bytes goes to the provider by URL: always when
+        the provider takes no data URI or the input is too large for one, else as
+        ``HOOKLINE_INPUTS_BY_URL`` says (``auto``: when the blob store's URLs are public)."""
         if not limits.accepts_data_uri or size > DATA_URI_MAX_BYTES:
             return True
         return self.inputs_by_url == "always" or (

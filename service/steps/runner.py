@@ -72,6 +72,12 @@ class Lease:
     def __post_init__(self) -> None:
         self.latest = self.task
 
+    def wrote(self, task: Task) -> None:
+        """``task`` was written under this lease: the newest record so far unless a newer one
+        (a renewal or another of the step's writes, landing in between) is already known."""
+        if task.version > self.latest.version:
+            self.latest = task
+
     @property
     def owner(self) -> str:
         return self.runner.owner
@@ -258,8 +264,8 @@ class StepRunner:
                 continue
             if held is None:
                 return  # the lease is gone; the step's own guarded writes will be refused
-            if lease is not None and held.version > lease.latest.version:
-                lease.latest = held  # (a step write may have landed a newer one meanwhile)
+            if lease is not None:
+                lease.wrote(held)
 
     # --- handing back ----------------------------------------------------------------------------
 
