@@ -293,11 +293,12 @@ class Broadcaster:
     def __init__(self, queue_size: int = 256) -> None:
         self._queue_size = queue_size
         self._by_task: dict[str | None, set[Subscription]] = {}
+        self._count = 0  # kept, not summed: every stream opened asks (service/http/sse.py)
 
     @property
     def count(self) -> int:
         """Live subscribers."""
-        return sum(len(subs) for subs in self._by_task.values())
+        return self._count
 
     def watching(self, task_id: str | None) -> int:
         """Live subscribers of ``task_id`` (None: of every event)."""
@@ -307,6 +308,7 @@ class Broadcaster:
         """Events of ``task_id`` (None: every event). Use as ``async with`` to unsubscribe."""
         sub = Subscription(self, task_id, self._queue_size)
         self._by_task.setdefault(task_id, set()).add(sub)
+        self._count += 1
         return sub
 
     async def publish(self, event: FeedEvent) -> None:
@@ -328,8 +330,9 @@ class Broadcaster:
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop delivering to ``sub`` (what leaving its ``async with`` does); idempotent."""
         subs = self._by_task.get(sub.task_id)
-        if subs is None:
+        if subs is None or sub not in subs:
             return
         subs.discard(sub)
+        self._count -= 1
         if not subs:
             del self._by_task[sub.task_id]
