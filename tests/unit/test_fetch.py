@@ -552,42 +552,51 @@ async def test_a_hanging_user_lookup_holds_only_its_own_thread(
     """getaddrinfo cannot be cancelled: a name whose DNS never answers keeps its thread. Names
     users choose are looked up on threads of their own, at most ``at_once`` at a time, so the
     loop's shared resolver (provider hosts, output URLs) and its executor keep working; a lookup
-    whose caller gave up still holds its place until its thread ends."""
-    release = threading.Event()
-    started: list[str] = []
+    whose caller gave up still holds its place until its thread ends. Proven by the order of
+    the lookups' starts and ends, not by waiting."""
+    release = {f"hang{i}.example": threading.Event() for i in range(3)}
+    seen: list[tuple[str, str]] = []  # ("start" | "end", host), in the order they happened
+    lock = threading.Lock()
     real = socket.getaddrinfo
 
     def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
-        if host.startswith("hang"):
-            started.append(host)
-            release.wait(30)
+        if host in release:
+            with lock:
+                seen.append(("start", host))
+            release[host].wait(GUARD_S)
+            with lock:
+                seen.append(("end", host))
             raise socket.gaierror(socket.EAI_AGAIN, "no answer")
         if host == "public.example":
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
         return real(host, port, *args, **kwargs)
 
+    async def until(condition: Any) -> None:
+        async with asyncio.timeout(GUARD_S):
+            while not condition():
+                await asyncio.sleep(0.01)
+
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     resolve = isolated_resolver(2)
     try:
-        hung = [asyncio.ensure_future(resolve(f"hang{i}.example", 443)) for i in range(3)]
-        async with asyncio.timeout(GUARD_S):
-            while len(started) < 2:
-                await asyncio.sleep(0.01)
-        # two threads hang; the third lookup waits for a place instead of starting a thread
-        await asyncio.sleep(0.05)
-        assert sorted(started) == ["hang0.example", "hang1.example"]
-        # the shared resolver and the default executor are untouched by them
+        hung = [asyncio.ensure_future(resolve(host, 443)) for host in release]
+        await until(lambda: len(seen) >= 2)
+        # two threads hang; the shared resolver and the default executor are untouched by them
         assert await system_resolver("public.example", 443) == ["93.184.216.34"]
         assert await asyncio.to_thread(lambda: 42) == 42
-        # a caller giving up does not free its place: the thread still holds it
-        hung[0].cancel()
-        await asyncio.sleep(0.05)
-        assert len(started) == 2
+        hung[0].cancel()  # its caller gives up: its thread, and its place, stay
+        release["hang1.example"].set()  # one lookup ends: now the third may start
+        await until(lambda: ("start", "hang2.example") in seen)
     finally:
-        release.set()
+        for event in release.values():
+            event.set()
     async with asyncio.timeout(GUARD_S):
         results = await asyncio.gather(*hung, return_exceptions=True)
     assert isinstance(results[0], asyncio.CancelledError)
     assert all(isinstance(r, socket.gaierror) for r in results[1:])
-    assert sorted(started) == ["hang0.example", "hang1.example", "hang2.example"]
+    starts = [host for kind, host in seen if kind == "start"]
+    assert sorted(starts[:2]) == ["hang0.example", "hang1.example"]
+    # the third started only after a lookup ended: the cancelled caller freed no place
+    assert seen.index(("start", "hang2.example")) > seen.index(("end", "hang1.example"))
+    assert ("end", "hang0.example") not in seen[: seen.index(("start", "hang2.example"))]
     assert await resolve("public.example", 443) == ["93.184.216.34"]  # the places came back
