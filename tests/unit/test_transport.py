@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -150,3 +152,61 @@ async def test_a_malformed_chunk_after_the_head_ends_within_the_read_timeout() -
                 async with client.stream("GET", f"{base}/out.png") as answer:
                     async for _ in answer.aiter_raw():
                         pass
+
+
+PNG_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 4\r\n\r\nPNG!"
+JSON_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def answering_each(raw: bytes) -> Handler:
+    """Like ``answering``, for every request of a kept-alive connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(raw)
+            await writer.drain()
+
+    return handle
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def test_a_finished_exchange_is_freed_without_the_cyclic_collector() -> None:
+    """Each exchange's objects go when its caller lets go of them, not when the cyclic GC finds
+    them: httpx's response and the stream wrapped around it held each other, and under load
+    those cycles were megabytes of garbage held per in-flight burst (bench/RESULTS.md)."""
+    async with (
+        peer(answering_each(JSON_ANSWER)) as json_base,
+        peer(answering_each(PNG_ANSWER)) as png_base,
+        new_client(timeout=5) as client,
+    ):
+        fetch = fetcher(png_base)
+        try:
+            for _ in range(2):  # the first exchange opens the pools and connections
+                await client.get(f"{json_base}/x")
+                await request_answer(client, "POST", f"{json_base}/v1/jobs", provider="p", json={})
+                await fetch.fetch(f"{png_base}/out.png")
+            with collector_off():
+                response = await client.get(f"{json_base}/x")
+                assert response.json() == {}
+                held = weakref.ref(response)
+                del response
+                assert held() is None
+                for _ in range(5):
+                    await client.get(f"{json_base}/x")
+                    await request_answer(
+                        client, "POST", f"{json_base}/v1/jobs", provider="p", json={}
+                    )
+                    assert (await fetch.fetch(f"{png_base}/out.png")).data == b"PNG!"
+                assert gc.collect() == 0
+        finally:
+            await fetch.aclose()
