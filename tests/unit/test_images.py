@@ -6,6 +6,7 @@ import base64
 import contextlib
 import io
 import math
+import os
 import random
 import struct
 import zlib
@@ -439,3 +440,29 @@ def test_png_text_chunks_cannot_hold_megabytes_before_the_pixel_limit_applies() 
     assert len(data) < 20_000
     with pytest.raises(InvalidImage):
         decode_upload(data, "image/png")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_encoding_writes_through_a_descriptor_where_the_platform_has_one(
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow releases the GIL only when it encodes to a file descriptor (to a ``BytesIO`` it
+    holds it: the watermark step's encode then stalls the event loop); the bytes are the same."""
+    written_to: list[int] = []
+    real_save = Image.Image.save
+
+    def watching(img: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        fileno = getattr(fp, "fileno", None)
+        with contextlib.suppress(OSError, ValueError):
+            written_to.append(fileno() if fileno is not None else -1)
+        real_save(img, fp, *args, **kwargs)  # type: ignore[arg-type]
+
+    img = Image.effect_noise((64, 48), 40).convert("RGB")
+    monkeypatch.setattr(Image.Image, "save", watching)
+    data = encode(img, fmt, 90)
+    monkeypatch.undo()
+    params: dict[str, object] = {"JPEG": {"quality": 90, "comment": b""}, "PNG": {
+        "compress_level": 6}, "WEBP": {"quality": 90, "method": 4}}[fmt]  # fmt: skip
+    assert data == save(img, fmt, **params)
+    if hasattr(os, "memfd_create"):
+        assert written_to and written_to[0] >= 0
