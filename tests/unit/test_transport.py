@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from callbacks.errors import RetryableProviderError
-from callbacks.http import new_client, request_answer
+from callbacks.http import READ_CHUNK_BYTES, new_client, request_answer
 from service.media.fetch import FetchError, SafeFetcher
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -210,3 +210,24 @@ async def test_a_finished_exchange_is_freed_without_the_cyclic_collector() -> No
                 assert gc.collect() == 0
         finally:
             await fetch.aclose()
+
+
+BIG = 200_000
+BIG_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n" % BIG + b"x" * BIG
+)
+
+
+async def test_a_body_is_read_in_pieces_of_what_has_arrived_not_16_kib() -> None:
+    """httpx-aiohttp reads a body 16 KiB at a time: a 200 KB answer written at once took 13
+    passes through the stream layers. Each read now hands up what has arrived (up to
+    ``READ_CHUNK_BYTES``); the bytes are the same."""
+    async with (
+        peer(answering(BIG_ANSWER)) as base,
+        new_client(timeout=5) as client,
+        client.stream("GET", f"{base}/out.png") as answer,
+    ):
+        chunks = [chunk async for chunk in answer.aiter_raw()]
+    assert b"".join(chunks) == b"x" * BIG
+    assert max(len(c) for c in chunks) > 16 * 1024
+    assert max(len(c) for c in chunks) <= READ_CHUNK_BYTES
