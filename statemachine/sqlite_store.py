@@ -35,7 +35,7 @@ from statemachine.errors import (
     Unavailable,
 )
 from statemachine.sqlite_exec import BatchExecutor, Tx, connect
-from statemachine.states import REFUNDED_STATES, TERMINAL, State
+from statemachine.states import REFUNDED_STATES, TERMINAL, State, state_of
 from statemachine.store import FeedEvent, LedgerEntry, LedgerKind, Page, User
 from statemachine.task import Task, TaskDoc, from_doc, to_doc
 
@@ -211,7 +211,14 @@ def _load(doc: str) -> Task:
 def _feed_event(row: tuple[Any, ...]) -> FeedEvent:
     seq, task_id, owner, source, dest, event, at, version = row
     return FeedEvent(
-        str(seq), task_id, owner, State(source) if source else None, State(dest), event, at, version
+        str(seq),
+        task_id,
+        owner,
+        state_of(source) if source else None,
+        state_of(dest),
+        event,
+        at,
+        version,
     )
 
 

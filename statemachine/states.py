@@ -19,6 +19,18 @@ class State(StrEnum):
     CANCELLED = "cancelled"
 
 
+_STATES: Final = {s.value: s for s in State}
+
+
+def state_of(value: str) -> State:
+    """``State(value)`` without the enum machinery (1.2 µs a call on a small machine, against a
+    dict lookup): every stored record read parses one state per history entry."""
+    try:
+        return _STATES[value]
+    except KeyError:
+        raise ValueError(f"{value!r} is not a valid State") from None
+
+
 class Event(StrEnum):
     START = "start"
     SUBMITTED = "submitted"

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from statemachine.states import State
+from statemachine.states import State, state_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,9 @@ class HistoryEntry:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> HistoryEntry:
-        return cls(State(doc["from"]), State(doc["to"]), doc["event"], doc["at"], doc.get("detail"))
+        return cls(
+            state_of(doc["from"]), state_of(doc["to"]), doc["event"], doc["at"], doc.get("detail")
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +248,7 @@ def from_doc(doc: TaskDoc | dict[str, Any]) -> Task:
     return Task(
         id=doc["id"],
         owner=doc["owner"],
-        state=State(doc["state"]),
+        state=state_of(doc["state"]),
         version=doc["version"],
         provider=doc["provider"],
         model=doc["model"],

@@ -18,7 +18,7 @@ from statemachine.decide import (
     release,
     renew,
 )
-from statemachine.states import Event, State, is_valid_path, next_state
+from statemachine.states import Event, State, is_valid_path, next_state, state_of
 from statemachine.task import HistoryEntry, Task
 from tests.support.factories import make_task
 
@@ -251,3 +251,12 @@ def test_is_valid_path_accepts_the_lifecycle_and_rejects_jumps() -> None:
     assert not is_valid_path([(P, PR, Event.START), (AI, WM, Event.AI_SUCCEEDED)])  # a gap
     assert not is_valid_path([(P, PR, Event.START), (PR, PR, Event.FINISHED)])  # not allowed
     assert not is_valid_path([(P, CANCELLED, Event.CANCEL), (CANCELLED, PR, Event.RETRY)])
+
+
+def test_state_of_reads_every_state_and_refuses_what_is_none() -> None:
+    """The stored records' parser (``state_of``, a dict lookup) agrees with ``State(value)``."""
+    for state in State:
+        assert state_of(state.value) is State(state.value)
+    for bad in ("", "Pending", "done", "pending "):
+        with pytest.raises(ValueError, match="not a valid State"):
+            state_of(bad)
