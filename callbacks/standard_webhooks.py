@@ -6,21 +6,16 @@ space-separated ``<version>,<base64 signature>`` entries so a sender can rotate 
 entry that matches accepts, other versions (``v1a`` is ed25519) are skipped.
 
 Why the reference library (``standardwebhooks``, which the tests cross-check against) does not do
-the verifying: its ``Webhook.verify`` lacks three things a receiver needs. It reads its own wall
-clock with a fixed ±5-minute window, so neither the caller's one clock (``now`` here, a fake one in
-tests) nor a per-provider tolerance can reach it. It decodes the body as UTF-8 before checking
-anything, so a non-UTF-8 body raises ``UnicodeDecodeError`` instead of being verified over its
-bytes. And it unpacks each signature entry unguarded, so an entry without a comma (or with two),
-an empty one left by a double space, or bad base64, placed before the matching entry, raises
-``ValueError`` or ``binascii.Error`` where the spec says to skip it. (Replicate's helper,
-``replicate.webhooks.validate``, does not check the timestamp at all.)
+the verifying: its ``Webhook.verify`` reads its own wall clock with a fixed ±5-minute window, so
+neither the caller's one clock (``now`` here, a fake one in tests) nor a per-provider tolerance
+can reach it. Since 1.3 (the lowest version allowed) it agrees with this module on the rest: a
+non-UTF-8 body verified over its bytes, malformed signature entries skipped as the spec says.
+(Replicate's helper, ``replicate.webhooks.validate``, does not check the timestamp at all.)
 
-``sign`` does not call ``Webhook.sign`` either, though both make the same ``v1,`` entry byte for
-byte (a test holds them equal, so the outbound signer may use either): here signing and verifying
-share ``_signature``, one HMAC over the exact bytes. ``Webhook.sign`` takes the body as ``str``
-(given bytes it signs their ``repr``, ``b'…'``, without complaint) and the time as a ``datetime``
-whose zone it relabels as UTC instead of converting; calling it would decode bytes only for it to
-encode them again, and could not sign a non-UTF-8 body at all.
+``sign`` makes the same ``v1,`` entry as ``Webhook.sign`` byte for byte (a test holds them equal,
+for bytes bodies and zoned times too), but shares ``_signature`` with the verifier instead: one
+HMAC over the exact bytes, for a body that need not be UTF-8, and the time as the integer that
+goes on the wire rather than a ``datetime``.
 
 tests/unit/test_standard_webhooks.py proves each claim about ``standardwebhooks`` against the
 installed version, so a release that changes one fails a test and this text gets rewritten.

@@ -5,7 +5,6 @@ it does not call it (each test there fails if a release of the library lifts tha
 from __future__ import annotations
 
 import base64
-import binascii
 import inspect
 import json
 import time
@@ -193,49 +192,45 @@ def test_reference_tolerance_is_five_minutes_either_way(offset_s: int, accepted:
             Webhook(SECRET).verify(BODY, hdrs)
 
 
-def test_reference_verify_cannot_take_a_non_utf8_body() -> None:
-    """Our verifier authenticates the bytes; the library fails decoding them, and not with its
-    verification error."""
+def test_reference_verify_takes_a_non_utf8_body_unparsed() -> None:
+    """Both verify the bytes (before 1.3 the library failed decoding them as UTF-8); asked to
+    parse them, the library fails at the JSON, as it should."""
     body = b"\xff\xfe not utf-8"
     ts = int(time.time())
     hdrs = sw.sign_headers(SECRET, MSG_ID, ts, body)
     sw.verify(SECRET, hdrs, body, now=ts)
-    for json_parse in (True, False):
-        with pytest.raises(UnicodeDecodeError):
-            Webhook(SECRET).verify(body, hdrs, json_parse=json_parse)
+    Webhook(SECRET).verify(body, hdrs, json_parse=False)
+    with pytest.raises(json.JSONDecodeError):
+        Webhook(SECRET).verify(body, hdrs, json_parse=True)
 
 
 @pytest.mark.parametrize(
-    ("entry", "error"),
+    "entry",
     [
-        ("nocomma", ValueError),
-        ("v1,two,commas", ValueError),
-        ("v1a,eHg= ", ValueError),  # a double space between two entries
-        ("v1,!!!notbase64", binascii.Error),
-        ("v1,abc", binascii.Error),  # bad padding
+        "nocomma",
+        "v1,two,commas",
+        "v1a,eHg= ",  # a double space between two entries
+        "v1,!!!notbase64",
+        "v1,abc",  # bad padding
     ],
 )
-def test_reference_verify_crashes_on_a_malformed_entry_before_the_match(
-    entry: str, error: type[Exception]
-) -> None:
-    """The spec says skip what is not a valid entry; ours does, the library raises."""
+def test_reference_verify_skips_a_malformed_entry_before_the_match(entry: str) -> None:
+    """The spec says skip what is not a valid entry: both do (before 1.3 the library raised
+    ``ValueError`` or ``binascii.Error``)."""
     ts = int(time.time())
     hdrs = reference_headers(ts, before=entry + " ")
     sw.verify(SECRET, hdrs, BODY, now=ts)
-    with pytest.raises(error) as info:
-        Webhook(SECRET).verify(BODY, hdrs)
-    assert info.type is error
+    assert Webhook(SECRET).verify(BODY, hdrs) == json.loads(BODY)
 
 
-def test_reference_sign_signs_the_repr_of_a_bytes_body() -> None:
-    wrong = Webhook(SECRET).sign(MSG_ID, datetime.fromtimestamp(TS, tz=UTC), BODY)  # type: ignore[arg-type]
-    assert wrong != sw.sign(SECRET, MSG_ID, TS, BODY)
-    assert wrong == sw.sign(SECRET, MSG_ID, TS, repr(BODY).encode())
+def test_reference_sign_of_a_bytes_body_is_ours() -> None:
+    """Before 1.3 the library signed the ``repr`` of a bytes body (``b'…'``)."""
+    theirs = Webhook(SECRET).sign(MSG_ID, datetime.fromtimestamp(TS, tz=UTC), BODY)  # type: ignore[arg-type]
+    assert theirs == sw.sign(SECRET, MSG_ID, TS, BODY)
 
 
-def test_reference_sign_relabels_a_datetime_zone_as_utc() -> None:
-    """An aware time in UTC+8 is signed as if its wall time were UTC: 8 hours off."""
+def test_reference_sign_of_a_zoned_time_is_ours() -> None:
+    """An aware time in UTC+8 is the same instant (before 1.3 the library relabelled its wall
+    time as UTC: 8 hours off)."""
     at = datetime.fromtimestamp(TS, tz=timezone(timedelta(hours=8)))
-    signed = Webhook(SECRET).sign(MSG_ID, at, BODY.decode())
-    assert signed != sw.sign(SECRET, MSG_ID, TS, BODY)
-    assert signed == sw.sign(SECRET, MSG_ID, TS + 8 * 3600, BODY)
+    assert Webhook(SECRET).sign(MSG_ID, at, BODY.decode()) == sw.sign(SECRET, MSG_ID, TS, BODY)
