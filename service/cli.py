@@ -204,7 +204,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     except SimulatorOff as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format, cache=True)  # nothing re-configures
+    configure_logging(settings.log_level, settings.log_format, cache=True, queued=True)
     tune_gc()
     uvicorn.run(
         app,
