@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -20,6 +19,7 @@ from starlette.routing import Route
 
 from callbacks.errors import PermanentProviderError, RetryableProviderError
 from callbacks.http import request_json
+from tests.support.gc import collector_off
 from tests.support.server import serve_app
 
 BIG = 300_000
@@ -37,32 +37,22 @@ async def echo(request: Request) -> Response:
 APP = Starlette(routes=[Route("/", echo, methods=["POST"])])
 
 
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-@pytest.mark.usefixtures("no_cyclic_gc")
 async def test_large_bodies_are_freed_when_the_call_returns_not_by_the_cyclic_gc() -> None:
-    async with serve_app(APP) as url, httpx.AsyncClient() as client:
-        await request_json(client, "POST", url, provider="p", json={"warm": True})
-        tracemalloc.start()
-        try:
-            for _ in range(5):
-                body = {"a": "y" * BIG}
-                answer = await request_json(client, "POST", url, provider="p", json=body)
-                assert answer["id"] == "p1" and len(answer["input"]) > BIG
-            del answer, body
-            held = tracemalloc.get_traced_memory()[0]
-            gc.collect()
-            left_for_the_gc = held - tracemalloc.get_traced_memory()[0]
-        finally:
-            tracemalloc.stop()
+    with collector_off():
+        async with serve_app(APP) as url, httpx.AsyncClient() as client:
+            await request_json(client, "POST", url, provider="p", json={"warm": True})
+            tracemalloc.start()
+            try:
+                for _ in range(5):
+                    body = {"a": "y" * BIG}
+                    answer = await request_json(client, "POST", url, provider="p", json=body)
+                    assert answer["id"] == "p1" and len(answer["input"]) > BIG
+                del answer, body
+                held = tracemalloc.get_traced_memory()[0]
+                gc.collect()
+                left_for_the_gc = held - tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
     # 5 requests and 5 answers of 300 KB each: ~3 MB if the cycles kept them
     assert left_for_the_gc < BIG, f"{left_for_the_gc} bytes were waiting for the cyclic GC"
 

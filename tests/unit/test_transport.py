@@ -11,7 +11,7 @@ import contextlib
 import gc
 import socket
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -19,6 +19,7 @@ import pytest
 from callbacks.errors import RetryableProviderError
 from callbacks.http import READ_CHUNK_BYTES, new_client, request_answer
 from service.media.fetch import FetchError, SafeFetcher
+from tests.support.gc import collector_off
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 SECRET = "sk-live-do-not-log-me"
@@ -168,16 +169,6 @@ def answering_each(raw: bytes) -> Handler:
             await writer.drain()
 
     return handle
-
-
-@contextlib.contextmanager
-def collector_off() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def test_a_finished_exchange_is_freed_without_the_cyclic_collector() -> None:
