@@ -421,20 +421,39 @@ def _scale_to_l(img: Image.Image) -> Image.Image:
 def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     """Encode ``img`` as JPEG, PNG or WEBP without metadata. JPEG has no alpha: a transparent image
     is flattened onto white."""
-    with _scratch() as out:
-        _save(img, fmt.upper(), quality, out)
-        out.seek(0)
-        return out.read()
+    fmt = fmt.upper()
+    if fmt != "JPEG":
+        out = io.BytesIO()
+        _save(img, fmt, quality, out)
+        return out.getvalue()
+    with _jpeg_scratch() as scratch:
+        _save(img, fmt, quality, scratch)
+        scratch.seek(0)
+        return scratch.read()
 
 
-def _scratch() -> IO[bytes]:
-    """Where an encoder writes: a file in memory with a descriptor where the platform has one
-    (Linux's memfd). Pillow encodes to a descriptor with the GIL released and to a ``BytesIO``
-    holding it: the 0.4 ms JPEG encode of each output ran 1.8x on two threads instead of 1.1x,
-    at the same cost (bench/RESULTS.md)."""
-    if _MEMFD is None:
-        return io.BytesIO()
-    return open(_MEMFD("hookline-encode", os.MFD_CLOEXEC), "w+b")
+def _jpeg_scratch() -> IO[bytes]:
+    """Where a JPEG is encoded: a file in memory with a descriptor (Linux's memfd), else a
+    ``BytesIO`` (no memfd on the platform, or none to be had: no descriptors left, a sandbox
+    refusing it). Pillow's JPEG encoder releases the GIL when it writes to a descriptor and holds
+    it for a ``BytesIO``: two threads ran the 0.4 ms encode of each output 1.8x instead of 1.1x, at
+    the same cost (bench/RESULTS.md). PNG and WebP gain nothing (Pillow writes them through
+    Python either way), so they stay in a ``BytesIO``, whose buffer is handed over uncopied.
+
+    The output is held twice for a moment (the memfd's pages, the bytes read from them): at most
+    1.7 bytes a pixel each at quality 100 on pure noise, within the ``final + final`` of
+    ``DecodePlan.peak_bytes``."""
+    if _MEMFD is not None:
+        try:
+            fd = _MEMFD("hookline-encode", os.MFD_CLOEXEC)
+        except OSError:
+            return io.BytesIO()
+        try:
+            return open(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            raise
+    return io.BytesIO()
 
 
 _MEMFD: Final = getattr(os, "memfd_create", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import io
 import math
 import os
@@ -12,9 +13,10 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image, ImageChops, ImageDraw, ImageStat, PngImagePlugin
+from PIL import Image, ImageChops, ImageDraw, ImageFile, ImageStat, PngImagePlugin
 
 from service.http.errors import http_status
+from service.media import images
 from service.media.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from service.media.images import (
     DEFAULT_MAX_PIXELS,
@@ -442,27 +444,44 @@ def test_png_text_chunks_cannot_hold_megabytes_before_the_pixel_limit_applies() 
         decode_upload(data, "image/png")
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-def test_encoding_writes_through_a_descriptor_where_the_platform_has_one(
-    fmt: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Pillow releases the GIL only when it encodes to a file descriptor (to a ``BytesIO`` it
-    holds it: the watermark step's encode then stalls the event loop); the bytes are the same."""
-    written_to: list[int] = []
-    real_save = Image.Image.save
+ENCODE_PARAMS: dict[str, dict[str, object]] = {
+    "JPEG": {"quality": 90, "comment": b""},
+    "PNG": {"compress_level": 6},
+    "WEBP": {"quality": 90, "method": 4},
+}
 
-    def watching(img: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
-        fileno = getattr(fp, "fileno", None)
-        with contextlib.suppress(OSError, ValueError):
-            written_to.append(fileno() if fileno is not None else -1)
-        real_save(img, fp, *args, **kwargs)  # type: ignore[arg-type]
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd on this platform")
+def test_a_jpeg_is_encoded_to_a_descriptor_with_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pillow's JPEG encoder releases the GIL only when it writes to a file descriptor (the
+    ``fh`` of ``_encode_tile``); to a ``BytesIO`` it holds it, and the watermark step's encode
+    stalled the event loop. The bytes are those of an encode to a ``BytesIO``."""
+    descriptors: list[int | None] = []
+    real = ImageFile._encode_tile
+
+    def watching(im: Image.Image, fp: object, tile: object, bufsize: int, fh: int | None,
+                 exc: BaseException | None = None) -> None:  # fmt: skip
+        descriptors.append(fh)
+        real(im, fp, tile, bufsize, fh, exc)  # type: ignore[arg-type]
 
     img = Image.effect_noise((64, 48), 40).convert("RGB")
-    monkeypatch.setattr(Image.Image, "save", watching)
-    data = encode(img, fmt, 90)
+    monkeypatch.setattr(ImageFile, "_encode_tile", watching)
+    data = encode(img, "JPEG", 90)
     monkeypatch.undo()
-    params: dict[str, object] = {"JPEG": {"quality": 90, "comment": b""}, "PNG": {
-        "compress_level": 6}, "WEBP": {"quality": 90, "method": 4}}[fmt]  # fmt: skip
-    assert data == save(img, fmt, **params)
-    if hasattr(os, "memfd_create"):
-        assert written_to and written_to[0] >= 0
+    assert descriptors and all(fh is not None for fh in descriptors)
+    assert data == save(img, "JPEG", **ENCODE_PARAMS["JPEG"])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_encoding_needs_no_descriptor(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No memfd to be had (descriptors exhausted, a sandbox, another platform): the same bytes
+    through a ``BytesIO``."""
+
+    def refused(name: str, flags: int = 0) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(images, "_MEMFD", refused)
+    img = Image.effect_noise((64, 48), 40).convert("RGB")
+    assert encode(img, fmt, 90) == save(img, fmt, **ENCODE_PARAMS[fmt])
