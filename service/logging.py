@@ -6,20 +6,26 @@ rendered where it is logged and queued, and the writer thread writes what has qu
 write and flush. Written by the logging code itself, each line was a ``write`` system call on
 the event loop's thread, which let go of the GIL for it and then waited to take it back from the
 database and image threads: in bench_e2e about 0.3 ms of the loop's time per line, five lines a
-task (bench/RESULTS.md). A line still queued when the process is killed outright is lost; at a
-normal exit (``atexit``) every queued line is written first.
+task (bench/RESULTS.md).
+
+What the queue costs: a line still queued when the process is killed outright is lost (at a
+normal exit, ``atexit``, the writer goes on while it makes progress); lines written to stderr by
+other code (uvicorn's, a traceback) can come out before structlog lines logged earlier; and when
+stderr cannot keep up, lines beyond ``MAX_QUEUED`` are dropped, counted, and the count is written
+when it can be, instead of the service stalling on its logs. Where the writer thread is gone (a
+forked child, after ``close``) or stderr is missing, lines are written directly, as before.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import logging
 import queue
 import re
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any, Final, TextIO
 
@@ -54,25 +60,40 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
 class LineWriter:
     """Writes queued log lines to ``file`` from its own daemon thread (module docstring): each
     pass writes everything queued by then (up to ``MAX_BATCH`` lines) in one write and flush.
-    ``close`` (also run at exit) writes what is queued and ends the thread."""
+    ``close`` (also run at exit) lets it write what is queued and ends the thread."""
 
     MAX_BATCH: Final = 1024
+    MAX_QUEUED: Final = 50_000  # ~10 MB of lines waiting for a stderr that cannot keep up
+    STALLED_S: Final = 5.0  # ``close`` gives up once nothing was written for this long
 
     def __init__(self, file: TextIO) -> None:
         self._file = file
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._written = 0
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="hookline-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
     def put(self, line: str) -> None:
-        self._lines.put(line)
+        if not self._thread.is_alive():  # a forked child, after close: no writer to hand it to
+            self._write([line])
+        elif self._lines.qsize() >= self.MAX_QUEUED:
+            self.dropped += 1
+        else:
+            self._lines.put(line)
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        if self._thread.is_alive():
-            self._lines.put(None)
-            self._thread.join(timeout_s)
+    def close(self) -> None:
+        """Write what is queued (for as long as lines keep being written), then end."""
         atexit.unregister(self.close)
+        if not self._thread.is_alive():
+            return
+        self._lines.put(None)
+        written, since = self._written, time.monotonic()
+        while self._thread.is_alive() and time.monotonic() - since < self.STALLED_S:
+            self._thread.join(0.1)
+            if self._written != written:
+                written, since = self._written, time.monotonic()
 
     def _run(self) -> None:
         stopping = False
@@ -85,10 +106,19 @@ class LineWriter:
                     break
             lines = [line for line in batch if line is not None]
             stopping = len(lines) < len(batch)
+            if self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                lines.append(f"[hookline] {dropped} log lines dropped: stderr did not keep up")
             if lines:
-                with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
-                    self._file.write("\n".join(lines) + "\n")
-                    self._file.flush()
+                self._write(lines)
+                self._written += len(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+        except Exception:  # a closed or broken stream: logging never takes the service down
+            return
 
 
 class QueuedLogger:
@@ -107,8 +137,10 @@ class QueuedLogger:
 _writer: LineWriter | None = None
 
 
-def _queued_logger(*_: Any) -> QueuedLogger:
+def _queued_logger(*_: Any) -> QueuedLogger | structlog.PrintLogger:
     global _writer
+    if sys.stderr is None:  # started with stderr closed: structlog's own fallback (stdout)
+        return structlog.PrintLogger(None)
     if _writer is None:
         _writer = LineWriter(sys.stderr)
     return QueuedLogger(_writer)

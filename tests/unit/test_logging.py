@@ -82,3 +82,68 @@ def test_queued_lines_are_written_by_the_writer_thread_in_order_and_all_at_close
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["n"] for line in lines] == list(range(3000))
     assert stream.writers and threading.get_ident() not in stream.writers
+
+
+class _Held(io.StringIO):
+    """A stream whose first write waits until the test lets it go (a stderr that stalled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        assert self.release.wait(30)  # only against a hang; nothing waits on time for a result
+        return super().write(text)
+
+
+class _SmallWriter(LineWriter):
+    MAX_QUEUED = 10
+
+
+def test_lines_past_the_queue_bound_are_dropped_counted_and_the_count_written() -> None:
+    """A stderr that cannot keep up costs lines, not memory, and says how many."""
+    stream = _Held()
+    writer = _SmallWriter(stream)
+    writer.put("first")
+    assert stream.entered.wait(30)  # the writer holds "first" inside the stalled write
+    for n in range(100):
+        writer.put(f"line {n}")
+    stream.release.set()
+    writer.close()
+    out = stream.getvalue().splitlines()
+    kept = [line for line in out if line.startswith("line ")]
+    notice = [line for line in out if "log lines dropped" in line]
+    assert out[0] == "first" and len(kept) == _SmallWriter.MAX_QUEUED
+    assert notice == [f"[hookline] {100 - len(kept)} log lines dropped: stderr did not keep up"]
+
+
+class _Failing(_Recording):
+    """A stream that breaks once, on its first write, and says when it has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = threading.Event()
+
+    def write(self, text: str) -> int:
+        if not self.failed.is_set():
+            self.failed.set()
+            raise RuntimeError("a stream that breaks once")
+        return super().write(text)
+
+
+def test_a_failing_write_does_not_end_the_writer_and_lines_after_close_are_written() -> None:
+    stream = _Failing()
+    writer = LineWriter(stream)
+    writer.put("lost with the failed write")
+    assert stream.failed.wait(30)
+    writer.put("written by the writer, still there")
+    writer.close()
+    assert threading.get_ident() not in stream.writers  # no direct write: the thread lived on
+    writer.put("written after close, directly")
+    assert stream.getvalue().splitlines() == [
+        "written by the writer, still there",
+        "written after close, directly",
+    ]
+    assert threading.get_ident() in stream.writers
