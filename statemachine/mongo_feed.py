@@ -33,7 +33,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from statemachine.errors import BadRequest, StoreError
-from statemachine.states import NON_TERMINAL, State
+from statemachine.states import NON_TERMINAL, state_of
 from statemachine.store import FeedEvent, TaskStore
 from statemachine.task import Task
 
@@ -88,13 +88,13 @@ def event_doc(task: Task, *, created: bool) -> Doc:
 
 
 def _logged_event(seq: int, doc: Doc) -> FeedEvent:
-    source = State(doc["s"]) if doc["s"] is not None else None
+    source = state_of(doc["s"]) if doc["s"] is not None else None
     return FeedEvent(
         encode_position(seq),
         doc["t"],
         doc["o"],
         source,
-        State(doc["d"]),
+        state_of(doc["d"]),
         doc["e"],
         doc["a"],
         doc["v"],
@@ -310,7 +310,7 @@ def event_from_change(change: Doc) -> FeedEvent | None:
             task_id,
             full["owner"],
             None,
-            State(full["state"]),
+            state_of(full["state"]),
             CREATED_EVENT,
             full["created_at"],
             full["version"],
@@ -331,8 +331,8 @@ def event_from_change(change: Doc) -> FeedEvent | None:
         position,
         task_id,
         str(full.get("owner", "")),
-        State(entry["from"]),
-        State(entry["to"]),
+        state_of(entry["from"]),
+        state_of(entry["to"]),
         entry["event"],
         entry["at"],
         version,
@@ -347,8 +347,8 @@ def synthetic_event(doc: Doc, position: str) -> FeedEvent:
         position,
         str(doc["_id"]),
         doc["owner"],
-        State(last["from"]) if last else None,
-        State(doc["state"]),
+        state_of(last["from"]) if last else None,
+        state_of(doc["state"]),
         last["event"] if last else CREATED_EVENT,
         doc["updated_at"],
         doc["version"],

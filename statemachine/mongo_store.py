@@ -74,7 +74,7 @@ from statemachine.errors import (
     Unavailable,
 )
 from statemachine.mongo_feed import EventLog, event_doc, saved_event_number
-from statemachine.states import NON_TERMINAL, REFUNDED_STATES, State
+from statemachine.states import NON_TERMINAL, REFUNDED_STATES, State, state_of
 from statemachine.store import FeedEvent, LedgerEntry, LedgerKind, Page, User
 from statemachine.task import Task, from_doc, to_doc
 
@@ -710,7 +710,7 @@ class MongoStore:
         pipeline.append({"$group": {"_id": "$state", "n": {"$sum": 1}}})
         counts = dict.fromkeys(State, 0)
         counts.update(
-            {State(d["_id"]): int(d["n"]) for d in await _aggregate(self._tasks, pipeline)}
+            {state_of(d["_id"]): int(d["n"]) for d in await _aggregate(self._tasks, pipeline)}
         )
         return counts
 

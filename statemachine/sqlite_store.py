@@ -650,7 +650,7 @@ class SqliteStore:
         sql += " GROUP BY state"
         rows = await self._read(lambda c: c.execute(sql, args).fetchall())
         counts = dict.fromkeys(State, 0)
-        counts.update({State(s): n for s, n in rows})
+        counts.update({state_of(s): n for s, n in rows})
         return counts
 
     async def count_active(self, provider: str, owner: str | None = None) -> int:
