@@ -5,8 +5,9 @@ point (request_id, task_id); secrets redacted.
 rendered where it is logged and queued, and the writer thread writes what has queued up, in one
 write and flush. Written by the logging code itself, each line was a ``write`` system call on
 the event loop's thread, which let go of the GIL for it and then waited to take it back from the
-database and image threads: in bench_e2e about 0.3 ms of the loop's time per line, five lines a
-task (bench/RESULTS.md).
+database and image threads (a cProfile of the loop's thread in bench_e2e's phase B: 215 µs per
+call, three lines a task; a loop logging beside a busy database thread: 60–76 µs of CPU per line
+written directly, 36–48 queued; bench/RESULTS.md).
 
 What the queue costs: a line still queued when the process is killed outright is lost (at a
 normal exit, ``atexit``, the writer goes on while it makes progress); lines written to stderr by
@@ -70,7 +71,7 @@ class LineWriter:
         self._file = file
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._written = 0
-        self.dropped = 0
+        self._dropped = 0
         self._thread = threading.Thread(target=self._run, name="hookline-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -79,7 +80,7 @@ class LineWriter:
         if not self._thread.is_alive():  # a forked child, after close: no writer to hand it to
             self._write([line])
         elif self._lines.qsize() >= self.MAX_QUEUED:
-            self.dropped += 1
+            self._dropped += 1
         else:
             self._lines.put(line)
 
@@ -106,8 +107,8 @@ class LineWriter:
                     break
             lines = [line for line in batch if line is not None]
             stopping = len(lines) < len(batch)
-            if self.dropped:
-                dropped, self.dropped = self.dropped, 0
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
                 lines.append(f"[hookline] {dropped} log lines dropped: stderr did not keep up")
             if lines:
                 self._write(lines)

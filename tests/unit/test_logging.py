@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import threading
 
 import pytest
 import structlog
 
-from service.logging import LineWriter, QueuedLogger, configure_logging, redact
+from service.logging import LineWriter, QueuedLogger, _queued_logger, configure_logging, redact
 
 
 def test_secret_fields_and_secret_shaped_values_are_redacted() -> None:
@@ -147,3 +148,11 @@ def test_a_failing_write_does_not_end_the_writer_and_lines_after_close_are_writt
         "written after close, directly",
     ]
     assert threading.get_ident() in stream.writers
+
+
+def test_a_process_without_stderr_logs_through_structlogs_own_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started with stderr closed (``2>&-``): no writer thread over a stream that is not there."""
+    monkeypatch.setattr(sys, "stderr", None)
+    assert isinstance(_queued_logger(), structlog.PrintLogger)
