@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import secrets
+import random
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class RequestContext:
-    """Binds ``request_id`` (from ``X-Request-ID`` or new) into structlog's contextvars."""
+    """Binds ``request_id`` (from ``X-Request-ID`` or new) into structlog's contextvars.
+
+    A new id is 64 bits of the process's own generator (``random``, reseeded in a forked
+    child), not of the OS's: an id names a request in logs and is no secret, and ``os.urandom``
+    is a system call that lets go of the GIL, so under load the event loop waited for another
+    thread to hand it back on every request (3 of them per task, bench/RESULTS.md)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -23,7 +28,7 @@ class RequestContext:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:64]
                 break
-        request_id = request_id or secrets.token_hex(8)
+        request_id = request_id or f"{random.getrandbits(64):016x}"
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
 
