@@ -78,6 +78,17 @@ class _Transport(AiohttpTransport):
     httpx-aiohttp's 16 KiB: a 169 KB output took 11 passes through both libraries' stream
     layers and this module's timeout, 180 µs of the fetch's 950 (bench/RESULTS.md)."""
 
+    def get_client(self) -> aiohttp.ClientSession:
+        """httpx-aiohttp's session for these limits, with a jar that keeps no cookies (see
+        ``new_client``)."""
+        limit = self.limits.max_connections
+        connector = aiohttp.TCPConnector(
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+            limit=100 if limit is None else limit,  # aiohttp's own default, as httpx-aiohttp
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
             response = await super().handle_async_request(request)
@@ -175,15 +186,37 @@ def new_client(
     *, timeout: httpx.Timeout | float, limits: httpx.Limits = DEFAULT_LIMITS
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for hookline's own outbound requests (providers, fetches,
-    webhooks): no redirect followed, no proxy or ``.netrc`` from the environment, aiohttp
-    underneath. Its aiohttp session is made on the first request, on the loop that sends it."""
-    return httpx.AsyncClient(
+    webhooks): no redirect followed, no proxy or ``.netrc`` from the environment, no cookies,
+    aiohttp underneath. Its aiohttp session is made on the first request, on the loop that
+    sends it.
+
+    No cookies: neither library's jar keeps what an answer sets, so nothing is sent back. One
+    client fetches every user's URLs: a jar would hand a cookie one user's host set to the
+    next task fetching from it, and no provider API needs one. Both jars also cost CPU on
+    every answer (httpx's built a ``urllib`` request and response for each, about 4 % of the
+    loop's time, bench/RESULTS.md)."""
+    client = httpx.AsyncClient(
         transport=_Transport(limits=limits, trust_env=False),
         timeout=timeout,
         follow_redirects=False,
         trust_env=False,
         limits=limits,
     )
+    client._cookies = _NO_COOKIES  # the setter would copy it into a plain jar
+    return client
+
+
+class _NoCookies(httpx.Cookies):
+    """An httpx cookie jar that keeps nothing an answer sets (``new_client``)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
+        raise TypeError("hookline's outbound clients keep no cookies")
+
+
+_NO_COOKIES: Final = _NoCookies()
 
 
 _SNIPPET_CHARS = 500

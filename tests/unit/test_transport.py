@@ -222,3 +222,45 @@ async def test_a_body_is_read_in_pieces_of_what_has_arrived_not_16_kib() -> None
     assert b"".join(chunks) == b"x" * BIG
     assert max(len(c) for c in chunks) > 16 * 1024
     assert max(len(c) for c in chunks) <= READ_CHUNK_BYTES
+
+
+def cookie_setter(seen: list[str | None]) -> Handler:
+    """Answers every request on the connection with a ``Set-Cookie``; records each request's
+    ``Cookie`` header (None: none sent)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            cookie = [line for line in head.split("\r\n") if line.startswith("cookie:")]
+            seen.append(cookie[0].removeprefix("cookie:").strip() if cookie else None)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nSet-Cookie: session=of-whoever-came-first; Path=/\r\n"
+                b"Content-Type: image/png\r\nContent-Length: 2\r\n\r\nok"
+            )
+            await writer.drain()
+
+    return handle
+
+
+async def test_no_cookie_an_answer_sets_is_kept_or_sent_back() -> None:
+    """One client serves every user's fetches and every provider call: a cookie one answer set
+    would go with the next request to that host, another user's. Both jars (httpx's and
+    aiohttp's, which keeps a named host's cookies) keep nothing."""
+    seen: list[str | None] = []
+    async with peer(cookie_setter(seen)) as base, new_client(timeout=5) as client:
+        port = base.rsplit(":", 1)[1]
+        for url in (
+            f"{base}/a",
+            f"{base}/b",
+            f"http://localhost:{port}/c",
+            f"http://localhost:{port}/d",
+        ):
+            assert (await client.get(url)).status_code == 200
+        assert not client.cookies
+        fetch = fetcher(base)
+        try:
+            for _ in range(2):
+                assert (await fetch.fetch(f"{base}/e")).data == b"ok"
+        finally:
+            await fetch.aclose()
+    assert seen == [None] * 6
