@@ -27,11 +27,12 @@ import contextlib
 import email.utils
 import math
 import re
+import ssl
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -183,27 +184,154 @@ def _translated(exc: BaseException, request: httpx.Request) -> httpx.TransportEr
 
 
 def new_client(
-    *, timeout: httpx.Timeout | float, limits: httpx.Limits = DEFAULT_LIMITS
-) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` for hookline's own outbound requests (providers, fetches,
-    webhooks): no redirect followed, no proxy or ``.netrc`` from the environment, no cookies,
-    aiohttp underneath. Its aiohttp session is made on the first request, on the loop that
-    sends it.
+    *,
+    timeout: httpx.Timeout | float,
+    limits: httpx.Limits = DEFAULT_LIMITS,
+    verify: ssl.SSLContext | bool = True,
+) -> OutboundClient:
+    """The client for hookline's own outbound requests (providers, fetches, webhooks): no
+    redirect followed, no proxy or ``.netrc`` from the environment, no cookies, aiohttp
+    underneath. Its aiohttp session is made on the first request, on the loop that sends it.
 
     No cookies: neither library's jar keeps what an answer sets, so nothing is sent back. One
     client fetches every user's URLs: a jar would hand a cookie one user's host set to the
     next task fetching from it, and no provider API needs one. Both jars also cost CPU on
     every answer (httpx's built a ``urllib`` request and response for each, about 4 % of the
-    loop's time, bench/RESULTS.md)."""
-    client = httpx.AsyncClient(
-        transport=_Transport(limits=limits, trust_env=False),
-        timeout=timeout,
-        follow_redirects=False,
-        trust_env=False,
-        limits=limits,
-    )
-    client._cookies = _NO_COOKIES  # the setter would copy it into a plain jar
-    return client
+    loop's time, bench/RESULTS.md).
+
+    ``verify``: the TLS context servers are checked with (default: the system's CAs, through
+    httpx's ``create_ssl_context``)."""
+    return OutboundClient(timeout=timeout, limits=limits, verify=verify)
+
+
+class Answer(Protocol):
+    """What the fetcher reads of an answer: an ``httpx.Response`` (any httpx client) or a
+    ``DirectAnswer`` (``OutboundClient.exchange``)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class OutboundClient(httpx.AsyncClient):
+    """``new_client``'s client: httpx's interface on aiohttp, and ``exchange``, the same request
+    sent on the same aiohttp session without httpx's layers in between.
+
+    The two requests every task makes (its submit, ``request_answer``, and its output's fetch,
+    service/media/fetch.py) go through ``exchange``: httpx's client and models cost about
+    three times aiohttp's own CPU per request (270–310 against 85–110 µs, bench/RESULTS.md).
+    What a caller sees is the same either way: the answer's status, headers and raw body, and
+    every failure as the ``httpx.TransportError`` ``_Transport`` raises for it, its message
+    free of the request's headers."""
+
+    def __init__(
+        self,
+        *,
+        timeout: httpx.Timeout | float,
+        limits: httpx.Limits,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
+        self._direct = _Transport(limits=limits, trust_env=False, verify=verify)
+        super().__init__(
+            transport=self._direct,
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+            limits=limits,
+        )
+        self._cookies = _NO_COOKIES  # the setter would copy it into a plain jar
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | None = None,
+        timeouts: httpx.Timeout | None = None,
+        sni_hostname: str | None = None,
+        decode: bool = False,
+    ) -> DirectAnswer:
+        """Send one request (no redirect followed) and return its answer, the body unread:
+        read it with ``aiter_raw`` (each read within the read timeout), then ``aclose`` it.
+        ``decode``: a compressed body is decompressed (a provider's JSON), else it is handed
+        up as it came (the fetcher asks for and checks identity)."""
+        limits = timeouts or self.timeout
+        if not isinstance(self._direct.client, aiohttp.ClientSession):
+            self._direct.client = self._direct.get_client()
+        try:
+            response = await self._direct.client.request(
+                method,
+                url,
+                headers=headers,
+                data=content,
+                allow_redirects=False,
+                auto_decompress=decode,
+                compress=False,
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=limits.connect, sock_read=limits.read, connect=limits.pool
+                ),
+                server_hostname=sni_hostname,
+            )
+        except aiohttp.ClientError as exc:
+            raise _translated(exc, httpx.Request(method, url)) from None
+        return DirectAnswer(response, method, url, limits.read)
+
+
+class DirectAnswer:
+    """An answer of ``OutboundClient.exchange`` (see ``Answer``)."""
+
+    __slots__ = ("_method", "_read_s", "_response", "_url", "headers", "status_code")
+
+    def __init__(
+        self, response: aiohttp.ClientResponse, method: str, url: str, read_s: float | None
+    ) -> None:
+        self._response = response
+        self._method = method
+        self._url = url
+        self._read_s = read_s
+        self.status_code: int = response.status
+        self.headers: Mapping[str, str] = response.headers
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body in pieces of whatever has arrived, up to ``READ_CHUNK_BYTES`` each, each
+        within the read timeout (see ``_TranslatedStream``)."""
+        body = self._response.content
+        while True:
+            try:
+                async with asyncio.timeout(self._read_s):
+                    chunk = await body.read(READ_CHUNK_BYTES)
+            except TimeoutError:
+                raise httpx.ReadTimeout(
+                    "no data within the read timeout (a stalled body)", request=self._request()
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise _translated(exc, self._request()) from None
+            if not chunk:
+                return
+            yield chunk
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_raw()])
+
+    async def aclose(self) -> None:
+        try:
+            await self._response.__aexit__(None, None, None)
+        except aiohttp.ClientError as exc:
+            raise _translated(exc, self._request()) from None
+
+    def as_httpx(self, body: bytes) -> httpx.Response:
+        """This answer with its read ``body`` as an ``httpx.Response`` (``status_error``)."""
+        return _read_response(self.status_code, self._response.raw_headers, body, self._request())
+
+    def _request(self) -> httpx.Request:
+        return httpx.Request(self._method, self._url)
 
 
 class _NoCookies(httpx.Cookies):
@@ -415,46 +543,43 @@ async def request_answer(
     json: Any = None,
     params: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
-) -> tuple[Any, httpx.Headers]:
+) -> tuple[Any, Mapping[str, str]]:
     """``request_json`` that also gives the answer's headers (a synchronous provider's request
     id), and with ``timeout_s`` its own timeout instead of the client's (connect at most
-    ``CONNECT_TIMEOUT_S``)."""
-    timeout: httpx.Timeout | Any = httpx.USE_CLIENT_DEFAULT
+    ``CONNECT_TIMEOUT_S``). On ``new_client``'s client the request goes by
+    ``OutboundClient.exchange``; on any other httpx client, by httpx."""
+    timeout = client.timeout
     if timeout_s is not None:
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
     # The whole exchange is bounded too: the transport bounds connecting and each read, not
     # sending (a peer that stops reading a data-URI body) nor an answer that drips in.
-    whole_s = _whole_request_s(timeout if timeout_s is not None else client.timeout)
-    content: AsyncIterator[bytes] | None = None
+    whole_s = _whole_request_s(timeout)
+    body: bytes | None = None
     if json is not None:  # orjson: a data-URI input makes a body of hundreds of KB
         body = orjson.dumps(json)
-        headers = {
-            **(headers or {}),
-            "Content-Type": "application/json",
-            "Content-Length": str(len(body)),
-        }
-        content = _sent_once([body])
-        del body
+        headers = {**(headers or {}), "Content-Type": "application/json"}
+    if params:
+        url = str(httpx.URL(url, params=params))
     try:
-        # Streamed, so the body read is ours alone: a response holding its content sits in the
-        # same kind of reference cycle as its request (see ``_sent_once``).
-        async with (
-            asyncio.timeout(whole_s),
-            client.stream(
-                method, url, headers=headers, content=content, params=params, timeout=timeout
-            ) as response,
-        ):
-            listening = _STATUSES.get()
-            if listening is not None:
-                listening.append(response.status_code)
-            if not response.is_success:
-                await response.aread()
-                try:
-                    response.raise_for_status()
-                except httpx.HTTPStatusError as exc:
-                    raise status_error(response, provider=provider, now=clock.now()) from exc
-            raw = b"".join([part async for part in response.aiter_bytes()])
-            answer_headers = response.headers
+        async with asyncio.timeout(whole_s):
+            answer: DirectAnswer | _HttpxAnswer
+            if isinstance(client, OutboundClient):
+                answer = await client.exchange(
+                    method, url, headers=headers or {}, content=body, timeouts=timeout, decode=True
+                )
+            else:
+                answer = await _httpx_answer(client, method, url, headers, body, timeout)
+            del body
+            try:
+                listening = _STATUSES.get()
+                if listening is not None:
+                    listening.append(answer.status_code)
+                raw = await answer.aread()
+            finally:
+                await answer.aclose()
+            if not 200 <= answer.status_code < 300:
+                _raise_for_status(answer.as_httpx(raw), provider)
+            answer_headers = answer.headers
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
         raise PermanentProviderError(
             f"{provider}: bad request URL: {exc}", details={"provider": provider}
@@ -482,6 +607,64 @@ async def request_answer(
         raise RetryableProviderError(
             f"{provider}: response is not JSON", details={"provider": provider, "body": snippet}
         ) from exc
+
+
+def _raise_for_status(response: httpx.Response, provider: str) -> None:
+    """The translated error of a non-2xx answer, chained to httpx's ``HTTPStatusError``."""
+    try:
+        response.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        raise status_error(response, provider=provider, now=clock.now()) from exc
+
+
+class _HttpxAnswer:
+    """An answer sent by httpx (a client not made by ``new_client``), read as a
+    ``DirectAnswer`` is: the body decoded as httpx decodes it."""
+
+    def __init__(
+        self, response: httpx.Response, stream: contextlib.AbstractAsyncContextManager[Any]
+    ):
+        self._response = response
+        self._stream = stream
+        self.status_code = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+
+    async def aread(self) -> bytes:
+        return b"".join([part async for part in self._response.aiter_bytes()])
+
+    async def aclose(self) -> None:
+        await self._stream.__aexit__(None, None, None)
+
+    def as_httpx(self, body: bytes) -> httpx.Response:
+        raw = self._response.headers.raw
+        return _read_response(self.status_code, raw, body, self._response.request)
+
+
+def _read_response(
+    status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes, request: httpx.Request
+) -> httpx.Response:
+    """A response holding a body already read (and decoded: no ``Content-Encoding`` left)."""
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-encoding", b"content-length")]
+    return httpx.Response(status, headers=kept, content=body, request=request)
+
+
+async def _httpx_answer(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    headers: Mapping[str, str] | None,
+    body: bytes | None,
+    timeouts: httpx.Timeout,
+) -> _HttpxAnswer:
+    # Streamed, so the body read is ours alone: a response holding its content sits in the
+    # same kind of reference cycle as its request (see ``_sent_once``).
+    content = None
+    if body is not None:
+        headers = {**(headers or {}), "Content-Length": str(len(body))}
+        content = _sent_once([body])
+    stream = client.stream(method, url, headers=headers, content=content, timeout=timeouts)
+    response = await stream.__aenter__()
+    return _HttpxAnswer(response, stream)
 
 
 def _whole_request_s(timeout: httpx.Timeout) -> float | None:

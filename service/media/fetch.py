@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 
-from callbacks.http import new_client
+from callbacks.http import Answer, OutboundClient, new_client
 from service.media.budget import MemoryBudget
 from service.media.images import sniff_content_type
 from statemachine.errors import BadRequest
@@ -384,13 +384,13 @@ class SafeFetcher:
         *,
         method: str = "GET",
         content: bytes | None = None,
-    ) -> httpx.Response:
-        """Send a request to ``url`` pinned to each checked address in turn until one connects."""
+    ) -> Answer:
+        """Send a request to ``url`` pinned to each checked address in turn until one connects
+        (by ``OutboundClient.exchange`` on ``new_client``'s client, else by httpx)."""
         last: httpx.TransportError | None = None
         for address in await self._addresses(url):
-            request = self._pinned_request(url, address, headers, method=method, content=content)
             try:
-                return await self._http.send(request, stream=True, follow_redirects=False)
+                return await self._pinned(url, address, headers, method=method, content=content)
             except httpx.ConnectError as exc:
                 last = exc  # try the next address (e.g. ::1 refused, 127.0.0.1 listening)
             except httpx.TimeoutException as exc:
@@ -405,7 +405,7 @@ class SafeFetcher:
             f"cannot connect to {url.host}: {last}", code="url_unreachable", retryable=True
         ) from last
 
-    def _pinned_request(
+    async def _pinned(
         self,
         url: httpx.URL,
         address: str,
@@ -413,18 +413,29 @@ class SafeFetcher:
         *,
         method: str = "GET",
         content: bytes | None = None,
-    ) -> httpx.Request:
+    ) -> Answer:
+        """``url`` sent to ``address``, with the name it was written with as its ``Host`` and
+        (https) as the name its certificate must carry."""
         host_header = url.netloc.decode("ascii")  # the name (and a non-default port) as written
         pinned = url.copy_with(host=address)
-        extensions = {"sni_hostname": _ascii_host(url)} if url.scheme == "https" else {}
+        sni = _ascii_host(url) if url.scheme == "https" else None
         # identity: a compressed body could expand past max_bytes inside a single decoded chunk
         request_headers = {"Accept-Encoding": "identity", **headers, "Host": host_header}
-        return self._http.build_request(
-            method, pinned, headers=request_headers, content=content, extensions=extensions
+        if isinstance(self._http, OutboundClient):
+            return await self._http.exchange(
+                method, str(pinned), headers=request_headers, content=content, sni_hostname=sni
+            )
+        request = self._http.build_request(
+            method,
+            pinned,
+            headers=request_headers,
+            content=content,
+            extensions={} if sni is None else {"sni_hostname": sni},
         )
+        return await self._http.send(request, stream=True, follow_redirects=False)
 
     @staticmethod
-    def _check_status(response: httpx.Response) -> None:
+    def _check_status(response: Answer) -> None:
         status = response.status_code
         if 200 <= status < 300:
             return
@@ -437,7 +448,7 @@ class SafeFetcher:
         )
 
     @staticmethod
-    def _check_encoding(response: httpx.Response) -> None:
+    def _check_encoding(response: Answer) -> None:
         """Only a body sent as it is: its bytes on the wire are the bytes we get."""
         header: str = response.headers.get("content-encoding", "")
         codings = [c.strip().lower() for c in header.split(",")]
@@ -450,7 +461,7 @@ class SafeFetcher:
             )
 
     @staticmethod
-    def _check_type(response: httpx.Response, accept_image: bool) -> str:
+    def _check_type(response: Answer, accept_image: bool) -> str:
         header: str = response.headers.get("content-type", "")
         content_type = header.split(";", 1)[0].strip().lower()
         if accept_image and not (
@@ -463,7 +474,7 @@ class SafeFetcher:
             )
         return content_type
 
-    async def _read(self, response: httpx.Response) -> bytes:
+    async def _read(self, response: Answer) -> bytes:
         too_large = FetchError(
             f"the body is over {self.max_bytes} bytes",
             code="url_too_large",
@@ -478,7 +489,7 @@ class SafeFetcher:
         async with self.budget.hold(expected):
             return await self._receive(response, too_large)
 
-    async def _receive(self, response: httpx.Response, too_large: FetchError) -> bytes:
+    async def _receive(self, response: Answer, too_large: FetchError) -> bytes:
         """The body as it came over the wire (raw: never content-decoded), within max_bytes."""
         body = io.BytesIO()  # grows in place; getvalue() hands its buffer over without a copy
         try:
@@ -489,6 +500,7 @@ class SafeFetcher:
         except httpx.StreamConsumed:
             # A response built in memory (a mock transport) has no stream left to read; it
             # was checked to carry no Content-Encoding, so its content is its raw body.
+            assert isinstance(response, httpx.Response)
             if len(response.content) > self.max_bytes:
                 raise too_large from None
             return response.content

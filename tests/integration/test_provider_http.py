@@ -3,7 +3,10 @@ echo in the answer) is not left for the cyclic GC.
 
 httpx's request objects and httpcore's hold each other, and a response is reachable from them: a
 body either kept lingered until a full collection — hundreds of KB for every submit in flight,
-which made every waiting task cost ~600 KiB of memory in bench_e2e."""
+which made every waiting task cost ~600 KiB of memory in bench_e2e.
+
+Each test runs on both ways a call can go: ``new_client``'s client (``OutboundClient.exchange``,
+aiohttp only: what hookline runs) and any other httpx client (httpx's own path)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from callbacks.errors import PermanentProviderError, RetryableProviderError
-from callbacks.http import request_json
+from callbacks.http import new_client, request_json
 from tests.support.gc import collector_off
 from tests.support.server import serve_app
 
@@ -35,11 +38,19 @@ async def echo(request: Request) -> Response:
 
 
 APP = Starlette(routes=[Route("/", echo, methods=["POST"])])
+CLIENTS = {"exchange": lambda: new_client(timeout=10), "httpx": lambda: httpx.AsyncClient()}
 
 
-async def test_large_bodies_are_freed_when_the_call_returns_not_by_the_cyclic_gc() -> None:
+@pytest.fixture(params=sorted(CLIENTS))
+def client(request: pytest.FixtureRequest) -> httpx.AsyncClient:
+    return CLIENTS[request.param]()
+
+
+async def test_large_bodies_are_freed_when_the_call_returns_not_by_the_cyclic_gc(
+    client: httpx.AsyncClient,
+) -> None:
     with collector_off():
-        async with serve_app(APP) as url, httpx.AsyncClient() as client:
+        async with serve_app(APP) as url, client:
             await request_json(client, "POST", url, provider="p", json={"warm": True})
             tracemalloc.start()
             try:
@@ -57,8 +68,10 @@ async def test_large_bodies_are_freed_when_the_call_returns_not_by_the_cyclic_gc
     assert left_for_the_gc < BIG, f"{left_for_the_gc} bytes were waiting for the cyclic GC"
 
 
-async def test_errors_and_non_json_answers_keep_their_status_and_snippet() -> None:
-    async with serve_app(APP) as url, httpx.AsyncClient() as client:
+async def test_errors_and_non_json_answers_keep_their_status_and_snippet(
+    client: httpx.AsyncClient,
+) -> None:
+    async with serve_app(APP) as url, client:
         with pytest.raises(PermanentProviderError) as refused:
             await request_json(client, "POST", f"{url}/?fail=1", provider="p", json={})
         assert refused.value.details["status"] == 404

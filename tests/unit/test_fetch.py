@@ -7,21 +7,26 @@ reaches the internet: public names resolve through a fake resolver to a mock tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
 import ipaddress
 import socket
+import ssl
 import threading
 import zlib
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 from PIL import Image
 
+from callbacks.http import new_client
 from service.http.errors import http_status
 from service.media.budget import MemoryBudget
 from service.media.errors import OverBudget
@@ -600,3 +605,62 @@ async def test_a_hanging_user_lookup_holds_only_its_own_thread(
     assert seen.index(("start", "hang2.example")) > seen.index(("end", "hang1.example"))
     assert ("end", "hang0.example") not in seen[: seen.index(("start", "hang2.example"))]
     assert await resolve("public.example", 443) == ["93.184.216.34"]  # the places came back
+
+
+# -- real TLS: the pinned connection checks the certificate against the name ----------------------
+
+
+@asynccontextmanager
+async def tls_peer(ca: trustme.CA, name: str, seen: list[str]) -> AsyncIterator[int]:
+    """An HTTPS server on 127.0.0.1 whose certificate is for ``name``; records each request's
+    ``Host`` header; yields its port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            seen.extend(
+                v.split(":", 1)[1].strip()
+                for v in head.split("\r\n")
+                if v.lower().startswith("host:")
+            )
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n"
+                % len(PNG)
+                + PNG
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("certified", ["images.example", "other.example"])
+async def test_a_pinned_https_fetch_checks_the_certificate_against_the_name(certified: str) -> None:
+    """hookline's own client (``OutboundClient.exchange``) connects to the checked address and
+    sends the name as Host and SNI: a certificate for that name is accepted, one for another
+    name is refused, although both servers are the same address."""
+    ca = trustme.CA()
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    seen: list[str] = []
+    async with tls_peer(ca, certified, seen) as port:
+        host = f"images.example:{port}"
+        fetch = SafeFetcher(
+            new_client(timeout=5, verify=trusted),
+            allow_hosts={host},
+            max_bytes=10_000,
+            timeout_s=5,
+            resolver=fake_resolver({"images.example": ["127.0.0.1"]}),
+        )
+        if certified == "images.example":
+            result = await fetch.fetch(f"https://{host}/a.png")
+            assert (result.data, seen) == (PNG, [host])
+        else:
+            error = await expect(fetch, f"https://{host}/a.png", "url_unreachable", retryable=True)
+            assert "certificate" in error.message.lower() and seen == []
