@@ -39,8 +39,10 @@ stored, watermarked (a sample decoded) and served.
 ``--profile`` samples every hookline process with ``py-spy`` during phases A, B (and C) (from
 the ``bench`` extra) and writes speedscope files, folded stacks and a summary of the top
 self-time and cumulative frames (and of the outbound delivery path's) into a directory it prints
-(``BENCH_PY_SPY_ARGS=--gil``: only the thread holding the GIL is sampled). Speed is reported,
-never asserted.
+(``BENCH_PY_SPY_ARGS=--gil``: only the thread holding the GIL is sampled). ``BENCH_SITE_DIR``
+puts a directory first on every started process's ``PYTHONPATH``, so that a ``sitecustomize.py``
+there runs in them: ``bench/cprofile_site`` profiles hookline's event-loop thread with cProfile
+(its docstring says how). Speed is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -207,7 +209,16 @@ def base_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith("HOOKLINE_") and k.lower() not in proxies
     }
-    env.update(NO_PROXY="127.0.0.1,localhost", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    site = (
+        [str(Path(os.environ["BENCH_SITE_DIR"]).resolve())]
+        if os.environ.get("BENCH_SITE_DIR")
+        else []
+    )
+    env.update(
+        NO_PROXY="127.0.0.1,localhost",
+        PYTHONPATH=os.pathsep.join([*site, str(ROOT)]),
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -449,6 +460,7 @@ def write_profile_summary(out_dir: Path, files: Sequence[Path], cpu_s: float) ->
 
 LEVEL: Final = re.compile(r"\[(warning|error|critical|exception)\s*\]\s+(\S+)")
 STDLIB_LEVEL: Final = re.compile(r"^(WARNING|ERROR|CRITICAL):\s+(.*)")
+JSON_LEVELS: Final = frozenset({"warning", "error", "critical", "exception"})
 
 
 def scan_logs(logs: Mapping[str, Path]) -> dict[str, int]:
@@ -458,6 +470,12 @@ def scan_logs(logs: Mapping[str, Path]) -> dict[str, int]:
         if not name.startswith("hookline") or not path.exists():
             continue
         for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):  # a JSON line (HOOKLINE_LOG_FORMAT auto, stderr a file)
+                with contextlib.suppress(ValueError, AttributeError):
+                    event = json.loads(line)
+                    if (level := event.get("level")) in JSON_LEVELS:
+                        found[f"{level}: {event.get('event')}"] += 1
+                continue
             if match := LEVEL.search(line):
                 found[f"{match.group(1)}: {match.group(2)}"] += 1
             elif match := STDLIB_LEVEL.match(line):

@@ -249,7 +249,8 @@ class Settings(BaseSettings):
     output_quality: int = Field(default=90, ge=1, le=100)
 
     log_level: str = "info"
-    log_format: Literal["console", "json"] = "console"
+    # auto: console lines on a terminal, JSON lines anywhere else (a pipe, a file, a collector)
+    log_format: Literal["auto", "console", "json"] = "auto"
 
     @model_validator(mode="after")
     def _lease_outlasts_a_request(self) -> Settings:

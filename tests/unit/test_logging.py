@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import threading
 
@@ -45,6 +46,36 @@ def test_json_logs_carry_context_and_no_secrets(capsys: pytest.CaptureFixture[st
     assert line["request_id"] == "r1" and line["task_id"] == "tsk_9"
     assert line["token"] == "[redacted]"
     assert line["url"] == "https://h/cb?token=[redacted]&x=1"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_auto_logs_console_lines_on_a_terminal_and_json_elsewhere(
+    terminal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("info", "auto")
+    try:
+        structlog.get_logger("t").info("transition", task_id="tsk_1", to="completed")
+    finally:
+        structlog.reset_defaults()
+    line = stream.getvalue().strip()
+    if terminal:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", line)  # coloured: it is a terminal
+        assert plain != line and "] transition" in plain and "task_id=tsk_1" in plain
+    else:
+        assert json.loads(line) | {"timestamp": None} == {
+            "event": "transition",
+            "level": "info",
+            "task_id": "tsk_1",
+            "to": "completed",
+            "timestamp": None,
+        }
 
 
 def test_a_watch_link_in_a_log_line_loses_its_token() -> None:
