@@ -26,10 +26,10 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
-from callbacks.http import new_client
 from callbacks.provider import Provider
 from callbacks.receiver import WebhookReceiver
 from callbacks.simulator import Simulator
+from callbacks.transport import new_client
 from service.background import Background
 from service.blobs.base import BlobStore
 from service.blobs.local import LocalBlobStore, load_or_create_secret

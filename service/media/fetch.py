@@ -12,11 +12,12 @@ Rules, checked for the first URL and again for every redirect hop (at most ``max
 
 **DNS rebinding.** The request is sent to the address that was checked, not to the name: the URL's
 host is replaced by that IP, the ``Host`` header carries the original name, and for https the
-``sni_hostname`` request extension makes the transport (aiohttp's ``server_hostname``, see
-callbacks/http.py ``new_client``) send the original name as SNI *and* verify the
-certificate against it. A second resolution, which an attacker's DNS could answer differently,
-never happens. (Connections are pooled per IP and, for https, per name: a pooled TLS connection
-is reused only for the name its certificate was verified for.)
+original name is aiohttp's ``server_hostname`` (callbacks/transport.py
+``OutboundClient.exchange``; the ``sni_hostname`` request extension on any other httpx client),
+sent as SNI *and* the name the certificate is verified against. A second resolution, which an
+attacker's DNS could answer differently, never happens. (Connections are pooled per IP and, for
+https, per name: a pooled TLS connection is reused only for the name its certificate was verified
+for.)
 
 **Bytes are counted as they arrive.** The body must be sent as it is: ``identity`` is asked for,
 and a response with any other ``Content-Encoding`` (gzip, deflate, br, zstd, stacked ones…) is
@@ -49,7 +50,7 @@ from typing import Any
 
 import httpx
 
-from callbacks.http import Answer, OutboundClient, new_client
+from callbacks.transport import Answer, OutboundClient, new_client
 from service.media.budget import MemoryBudget
 from service.media.images import sniff_content_type
 from statemachine.errors import BadRequest

@@ -20,6 +20,7 @@ from callbacks.errors import (
     WebhookRejected,
 )
 from callbacks.provider import Delivery, Outcome, Submission
+from callbacks.transport import new_client
 from tests.fakes import WebhookSink
 from tests.fakes.bfl_fake import BflFake
 from tests.support.server import serve_app
@@ -58,7 +59,7 @@ async def _rig(fake: BflFake, webhook_secret: str | None = None) -> AsyncIterato
     async with (
         serve_app(fake.app) as base_url,
         serve_app(sink.app) as sink_url,
-        httpx.AsyncClient(timeout=10.0) as http,
+        new_client(timeout=10.0) as http,
     ):
         provider = BflProvider(
             http, api_key=fake.key, base_url=base_url, webhook_secret=webhook_secret

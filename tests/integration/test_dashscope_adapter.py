@@ -32,6 +32,7 @@ from callbacks.errors import (
     WebhookRejected,
 )
 from callbacks.provider import Outcome, Submission, checked_model
+from callbacks.transport import new_client
 from tests.fakes.dashscope_fake import IMAGE2IMAGE, TEXT2IMAGE, DashScopeFake
 from tests.integration.test_provider_paths import HOSTILE_JOB_IDS, HOSTILE_MODELS
 from tests.support.logs import captured_logs
@@ -97,7 +98,7 @@ class Rig:
 async def _rig(**fake_kw: Any) -> AsyncIterator[Rig]:
     clock = Clock()
     fake = DashScopeFake(clock=clock, **fake_kw)
-    async with serve_app(fake.app) as base_url, httpx.AsyncClient(timeout=10.0) as http:
+    async with serve_app(fake.app) as base_url, new_client(timeout=10.0) as http:
         provider = DashScopeProvider(http, api_key=fake.key, base_url=base_url)
         yield Rig(fake, provider, http, base_url, clock)
 

@@ -24,6 +24,7 @@ from callbacks.errors import (
 )
 from callbacks.fal import FalProvider, app_path
 from callbacks.provider import Delivery, Outcome, Submission
+from callbacks.transport import new_client
 from tests.fakes import WebhookSink
 from tests.fakes.fal_fake import FalFake
 from tests.support.server import serve_app
@@ -66,7 +67,7 @@ async def rig() -> AsyncIterator[Rig]:
     async with (
         serve_app(fake.app) as base_url,
         serve_app(sink.app) as sink_url,
-        httpx.AsyncClient(timeout=10.0) as http,
+        new_client(timeout=10.0) as http,
     ):
         provider = FalProvider(
             http, key=fake.key, base_url=base_url, jwks_url=f"{base_url}/.well-known/jwks.json"

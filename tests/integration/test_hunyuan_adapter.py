@@ -30,6 +30,7 @@ from callbacks.errors import (
 )
 from callbacks.hunyuan import MODEL, HunyuanProvider, tc3_authorization
 from callbacks.provider import Outcome, Submission, checked_model
+from callbacks.transport import new_client
 from tests.fakes.hunyuan_fake import HunyuanFake
 from tests.integration.test_provider_paths import HOSTILE_JOB_IDS, HOSTILE_MODELS
 from tests.support.server import serve_app
@@ -94,7 +95,7 @@ class Rig:
 async def _rig(**fake_kw: Any) -> AsyncIterator[Rig]:
     fake_clock, clock = Clock(), Clock()
     fake = HunyuanFake(clock=fake_clock, **fake_kw)
-    async with serve_app(fake.app) as base_url, httpx.AsyncClient(timeout=10.0) as http:
+    async with serve_app(fake.app) as base_url, new_client(timeout=10.0) as http:
         provider = HunyuanProvider(
             http,
             secret_id=fake.secret_id,

@@ -28,6 +28,7 @@ from callbacks.http import JOB_ID
 from callbacks.kling import KlingProvider, external_task_id
 from callbacks.kling import validate_model as kling_model
 from callbacks.provider import Delivery, Outcome, Submission, checked_model
+from callbacks.transport import new_client
 from tests.fakes import WebhookSink
 from tests.fakes.kling_fake import RISK_CONTROL_MSG, KlingFake
 from tests.integration.test_provider_paths import HOSTILE_JOB_IDS, HOSTILE_MODELS
@@ -107,7 +108,7 @@ async def _rig(**fake_kw: Any) -> AsyncIterator[Rig]:
     async with (
         serve_app(fake.app) as base_url,
         serve_app(sink.app) as sink_url,
-        httpx.AsyncClient(timeout=10.0) as http,
+        new_client(timeout=10.0) as http,
     ):
         provider = KlingProvider(
             http,

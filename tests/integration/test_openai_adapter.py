@@ -34,6 +34,7 @@ from callbacks.errors import (
 from callbacks.openai import OpenAiProvider, checked_response_id
 from callbacks.openai import validate_model as openai_model
 from callbacks.provider import Delivery, Outcome, Submission, checked_model
+from callbacks.transport import new_client
 from tests.fakes import RecordedRequest, WebhookSink
 from tests.fakes.openai_fake import OpenAiFake, image_bytes, openai_error
 from tests.integration.test_provider_paths import HOSTILE_JOB_IDS, HOSTILE_MODELS
@@ -96,7 +97,7 @@ async def _rig(fake: OpenAiFake) -> AsyncIterator[Rig]:
     async with (
         serve_app(fake.app) as base_url,
         serve_app(sink.app) as sink_url,
-        httpx.AsyncClient(timeout=10.0) as http,
+        new_client(timeout=10.0) as http,
     ):
         fake.webhook_url = f"{sink_url}/v1/callbacks/openai"
         provider = OpenAiProvider(

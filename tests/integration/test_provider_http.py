@@ -21,7 +21,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from callbacks.errors import PermanentProviderError, RetryableProviderError
-from callbacks.http import new_client, request_json
+from callbacks.http import request_json
+from callbacks.transport import new_client
 from tests.support.gc import collector_off
 from tests.support.server import serve_app
 

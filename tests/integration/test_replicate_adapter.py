@@ -27,6 +27,7 @@ from callbacks.errors import (
 )
 from callbacks.provider import Delivery, Outcome, Submission
 from callbacks.replicate import ReplicateProvider
+from callbacks.transport import new_client
 from service.providers import build_providers, default_output_hosts
 from service.settings import Settings
 from tests.fakes import WebhookSink
@@ -73,7 +74,7 @@ async def rig() -> AsyncIterator[Rig]:
     async with (
         serve_app(fake.app) as base_url,
         serve_app(sink.app) as sink_url,
-        httpx.AsyncClient(timeout=10.0) as http,
+        new_client(timeout=10.0) as http,
     ):
         provider = ReplicateProvider(http, api_token=fake.token, base_url=base_url)
         yield Rig(fake, sink, provider, http, base_url, f"{sink_url}/v1/callbacks/replicate/t1")

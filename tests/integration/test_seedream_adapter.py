@@ -33,6 +33,7 @@ from callbacks.seedream import (
     SeedreamProvider,
     validate_model,
 )
+from callbacks.transport import new_client
 from tests.fakes.seedream_fake import ROUTE, SeedreamFake
 from tests.integration.test_provider_paths import HOSTILE_MODELS
 from tests.support.server import serve_app
@@ -95,7 +96,7 @@ class Rig:
 async def rig() -> AsyncIterator[Rig]:
     clock = Clock()
     fake = SeedreamFake(clock=clock)
-    async with serve_app(fake.app) as served, httpx.AsyncClient(timeout=10.0) as http:
+    async with serve_app(fake.app) as served, new_client(timeout=10.0) as http:
         base_url = served + "/api/v3"
         provider = SeedreamProvider(http, api_key=fake.key, base_url=base_url)
         yield Rig(fake, provider, http, base_url, clock)

@@ -26,7 +26,7 @@ import pytest
 import trustme
 from PIL import Image
 
-from callbacks.http import new_client
+from callbacks.transport import new_client
 from service.http.errors import http_status
 from service.media.budget import MemoryBudget
 from service.media.errors import OverBudget
@@ -649,10 +649,10 @@ async def test_a_pinned_https_fetch_checks_the_certificate_against_the_name(cert
     trusted = ssl.create_default_context()
     ca.configure_trust(trusted)
     seen: list[str] = []
-    async with tls_peer(ca, certified, seen) as port:
+    async with tls_peer(ca, certified, seen) as port, new_client(timeout=5, verify=trusted) as http:
         host = f"images.example:{port}"
         fetch = SafeFetcher(
-            new_client(timeout=5, verify=trusted),
+            http,
             allow_hosts={host},
             max_bytes=10_000,
             timeout_s=5,

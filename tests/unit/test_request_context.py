@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 
@@ -30,6 +31,7 @@ async def test_a_new_request_id_is_echoed_bound_and_needs_no_os_randomness(
     def no_os_randomness(n: int) -> bytes:
         raise AssertionError("a request id asked the OS for randomness (a GIL-releasing call)")
 
+    monkeypatch.setattr(os, "urandom", no_os_randomness)
     monkeypatch.setattr(random, "_urandom", no_os_randomness)  # behind secrets.token_*
     async with _client() as client:
         answers = [await client.get("/") for _ in range(3)]

@@ -1,8 +1,9 @@
-"""The outbound HTTP client (callbacks/http.py ``new_client``: httpx on aiohttp) fails the way its
-callers expect: every failure of a peer is an ``httpx.TransportError`` of the kind httpcore gave
-(the fetcher, the provider calls and the webhook deliverer catch those, nothing else), its text
-carries no request header, and a provider exchange is bounded as a whole. The peers are real
-sockets on loopback that misbehave on purpose."""
+"""The outbound HTTP client (callbacks/transport.py ``new_client``: httpx on aiohttp, and its
+``exchange``, aiohttp alone) fails the way its callers expect: every failure of a peer is an
+``httpx.TransportError`` of the kind httpcore gave (the fetcher, the provider calls and the
+webhook deliverer catch those, nothing else), its text carries no request header, and a provider
+exchange is bounded as a whole. The peers are real sockets on loopback that misbehave on
+purpose."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from callbacks.errors import RetryableProviderError
-from callbacks.http import READ_CHUNK_BYTES, new_client, request_answer
+from callbacks.errors import PermanentProviderError, RetryableProviderError
+from callbacks.http import request_answer
+from callbacks.transport import READ_CHUNK_BYTES, OutboundClient, new_client
 from service.media.fetch import FetchError, SafeFetcher
 from tests.support.gc import collector_off
 
@@ -143,16 +145,30 @@ async def bad_chunk_later(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     await asyncio.sleep(3600)
 
 
-async def test_a_malformed_chunk_after_the_head_ends_within_the_read_timeout() -> None:
+async def read_raw(client: OutboundClient, way: str, url: str) -> list[bytes]:
+    """The body of a GET of ``url`` in the pieces read: by httpx or by ``exchange``."""
+    if way == "httpx":
+        async with client.stream("GET", url) as answer:
+            return [chunk async for chunk in answer.aiter_raw()]
+    direct = await client.exchange("GET", url, headers={})
+    try:
+        return [chunk async for chunk in direct.aiter_raw()]
+    finally:
+        await direct.aclose()
+
+
+WAYS = ["httpx", "exchange"]
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_a_malformed_chunk_after_the_head_ends_within_the_read_timeout(way: str) -> None:
     """aiohttp's compiled parser neither fails such a body nor keeps its read timer: the read
     waited forever. Each chunk is read within the request's read timeout instead (the guard
     only keeps a regression from hanging the suite)."""
     async with peer(bad_chunk_later) as base, new_client(timeout=0.3) as client:
         async with asyncio.timeout(GUARD_S):
             with pytest.raises((httpx.ReadTimeout, httpx.RemoteProtocolError)):
-                async with client.stream("GET", f"{base}/out.png") as answer:
-                    async for _ in answer.aiter_raw():
-                        pass
+                await read_raw(client, way, f"{base}/out.png")
 
 
 PNG_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 4\r\n\r\nPNG!"
@@ -209,16 +225,13 @@ BIG_ANSWER = (
 )
 
 
-async def test_a_body_is_read_in_pieces_of_what_has_arrived_not_16_kib() -> None:
+@pytest.mark.parametrize("way", WAYS)
+async def test_a_body_is_read_in_pieces_of_what_has_arrived_not_16_kib(way: str) -> None:
     """httpx-aiohttp reads a body 16 KiB at a time: a 200 KB answer written at once took 13
     passes through the stream layers. Each read now hands up what has arrived (up to
     ``READ_CHUNK_BYTES``); the bytes are the same."""
-    async with (
-        peer(answering(BIG_ANSWER)) as base,
-        new_client(timeout=5) as client,
-        client.stream("GET", f"{base}/out.png") as answer,
-    ):
-        chunks = [chunk async for chunk in answer.aiter_raw()]
+    async with peer(answering(BIG_ANSWER)) as base, new_client(timeout=5) as client:
+        chunks = await read_raw(client, way, f"{base}/out.png")
     assert b"".join(chunks) == b"x" * BIG
     assert max(len(c) for c in chunks) > 16 * 1024
     assert max(len(c) for c in chunks) <= READ_CHUNK_BYTES
@@ -264,3 +277,69 @@ async def test_no_cookie_an_answer_sets_is_kept_or_sent_back() -> None:
         finally:
             await fetch.aclose()
     assert seen == [None] * 6
+
+
+def recording(seen: list[str], raw: bytes) -> Handler:
+    """Answers ``raw`` to every request on the connection; records each request's head."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append((await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower())
+            writer.write(raw)
+            await writer.drain()
+
+    return handle
+
+
+async def test_every_way_out_names_hookline_as_its_user_agent() -> None:
+    seen: list[str] = []
+    async with peer(recording(seen, JSON_ANSWER)) as base, new_client(timeout=5) as client:
+        await client.get(f"{base}/x")  # httpx
+        await request_answer(client, "POST", f"{base}/v1/jobs", provider="p", json={})
+        fetch = SafeFetcher(
+            client, allow_hosts={base.removeprefix("http://")}, max_bytes=100, timeout_s=5
+        )
+        await fetch.fetch(f"{base}/out.json", accept_image=False)
+    agents = [[v for v in head.split("\r\n") if v.startswith("user-agent:")] for head in seen]
+    assert agents == [["user-agent: hookline"]] * 3
+
+
+STACKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Encoding: identity\r\n"
+    b"Content-Encoding: gzip\r\nContent-Length: 4\r\n\r\n\x1f\x8b\x08\x00"
+)
+
+
+async def test_a_header_sent_on_two_lines_reads_as_both_values() -> None:
+    """An answer's headers read as httpx reads them: ``identity`` then ``gzip`` on a line each
+    is ``identity, gzip``, a stacked encoding the fetcher refuses (aiohttp alone gives the
+    first line only: identity, and compressed bytes stored as an image)."""
+    async with peer(answering_each(STACKED)) as base, new_client(timeout=5) as client:
+        direct = await client.exchange("GET", f"{base}/out.png", headers={})
+        await direct.aclose()
+        assert direct.headers["content-encoding"] == "identity, gzip"
+        fetch = fetcher(base)
+        try:
+            with pytest.raises(FetchError) as refused:
+                await fetch.fetch(f"{base}/out.png")
+        finally:
+            await fetch.aclose()
+    assert refused.value.code == "unsupported_encoding"
+
+
+async def test_a_closed_client_sends_nothing() -> None:
+    seen: list[str] = []
+    async with peer(recording(seen, JSON_ANSWER)) as base:
+        client = new_client(timeout=5)
+        await client.aclose()
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.exchange("GET", f"{base}/x", headers={})
+        with pytest.raises(RuntimeError, match="closed"):
+            await request_answer(client, "GET", f"{base}/x", provider="p")
+    assert seen == []
+
+
+async def test_a_bad_url_with_params_is_a_permanent_provider_error() -> None:
+    async with new_client(timeout=5) as client:
+        with pytest.raises(PermanentProviderError, match="bad request URL"):
+            await request_answer(client, "GET", "http://h:port/x", provider="p", params={"a": "1"})
