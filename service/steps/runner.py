@@ -13,7 +13,7 @@ cancelled.
 At most ``concurrency`` steps run at once (``HOOKLINE_STEP_CONCURRENCY``), each on a driver that
 takes the next task id from a bounded backlog when its step ends; an offer beyond the backlog
 (``HOOKLINE_STEP_BACKLOG``) is dropped, and the task waits in the store until the reaper finds it
-by its deadline. A burst of 2,000 creates is then 32 steps in flight and 1,968 ids, not 2,000
+by its deadline. A burst of 2,000 creates is then 128 steps in flight and 1,872 ids, not 2,000
 steps each holding its inputs in memory.
 
 Who offers work: the dispatcher (the change feed) and the reaper (the backstop), nobody else; see
