@@ -209,6 +209,8 @@ def base_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith("HOOKLINE_") and k.lower() not in proxies
     }
+    if os.environ.get("BENCH_CPROFILE_OUT"):  # hookline runs in its work directory
+        env["BENCH_CPROFILE_OUT"] = str(Path(os.environ["BENCH_CPROFILE_OUT"]).resolve())
     site = (
         [str(Path(os.environ["BENCH_SITE_DIR"]).resolve())]
         if os.environ.get("BENCH_SITE_DIR")
@@ -475,6 +477,8 @@ def scan_logs(logs: Mapping[str, Path]) -> dict[str, int]:
                     event = json.loads(line)
                     if (level := event.get("level")) in JSON_LEVELS:
                         found[f"{level}: {event.get('event')}"] += 1
+                    if "exception" in event:  # a traceback, rendered into the line
+                        found["traceback"] += 1
                 continue
             if match := LEVEL.search(line):
                 found[f"{match.group(1)}: {match.group(2)}"] += 1

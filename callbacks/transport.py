@@ -247,7 +247,7 @@ class OutboundClient(httpx.AsyncClient):
             response = await self._direct.client.request(
                 method,
                 url,
-                headers={"User-Agent": USER_AGENT, **headers},
+                headers=_with_user_agent(headers),
                 data=content,
                 allow_redirects=False,
                 auto_decompress=decode,
@@ -315,6 +315,13 @@ class DirectAnswer:
 
     def _request(self) -> httpx.Request | None:
         return _request(self._method, self._url)
+
+
+def _with_user_agent(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """``headers`` with hookline's ``User-Agent`` unless they name one (in any case)."""
+    if any(name.lower() == "user-agent" for name in headers):
+        return headers
+    return {"User-Agent": USER_AGENT, **headers}
 
 
 def _request(method: str, url: str) -> httpx.Request | None:

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import httpx
 import structlog
@@ -78,6 +78,17 @@ from statemachine.timeline import Timeline
 log = structlog.get_logger()
 
 OUTPUT_MAX_BYTES = 50_000_000
+SPARE_CONNECTIONS: Final = 32  # polls, cancels, secret fetches beside the steps and deliveries
+
+
+def outbound_limits(settings: Settings) -> httpx.Limits:
+    """The shared outbound client's pool: a connection for every step and every webhook
+    delivery that may be in flight at once, and some to spare; a request waiting for a free
+    connection spends its connect timeout waiting (a submit would fail as unreachable)."""
+    total = settings.step_concurrency + settings.webhook_concurrency + SPARE_CONNECTIONS
+    return httpx.Limits(max_connections=total, max_keepalive_connections=total)
+
+
 OUTPUT_FETCH_TIMEOUT_S = 60.0
 INPUT_FETCH_TIMEOUT_S = 30.0
 # lookups of names users chose (input URLs, webhook destinations) on their own threads at once:
@@ -245,7 +256,9 @@ def build_runtime(
         raise ValueError("a store given without its feed")
     assert feed is not None
     blobs = blobs if blobs is not None else build_blob_store(settings)
-    http = http or new_client(timeout=httpx.Timeout(PROVIDER_TIMEOUT_S))
+    http = http or new_client(
+        timeout=httpx.Timeout(PROVIDER_TIMEOUT_S), limits=outbound_limits(settings)
+    )
     if providers is None:
         sim_base = sim_base_url_for(settings) if simulator is not None else None
         sim_secret = simulator.config.webhook_secret if simulator is not None else None

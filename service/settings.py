@@ -157,8 +157,8 @@ class Settings(BaseSettings):
     # steps (input preparation and submit, watermarking) running at once in one process; more
     # offers wait as task ids in a backlog of at most step_backlog, beyond it in the store (the
     # reaper finds them by their deadlines). 128: a step mostly waits (on the provider, the
-    # store, a thread), and with 32 a burst of webhooks queued for seconds (bench/RESULTS.md);
-    # what steps hold in memory is bounded by the media budget either way
+    # store, a thread), and with 32 a burst of webhooks queued for seconds (bench/RESULTS.md).
+    # Downloads and decodes share the media budget; between them each step holds its image
     step_concurrency: int = Field(default=128, ge=1, le=10_000)
     step_backlog: int = Field(default=10_000, ge=0, le=1_000_000)
     # Per provider or provider:model, as JSON, e.g.

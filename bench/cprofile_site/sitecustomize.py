@@ -2,7 +2,7 @@
 
     BENCH_SITE_DIR=bench/cprofile_site BENCH_CPROFILE_OUT=/tmp/loop.prof \
         python -m bench.bench_e2e ...
-    python -m pstats /tmp/loop.prof
+    python -m pstats /tmp/loop.prof.<pid>      # one file per serve process
 
 Python runs this file at start-up in every process the bench starts (``BENCH_SITE_DIR`` is put
 first on their ``PYTHONPATH``); it acts only in a ``serve`` process, and only with
@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-OUT = os.environ.get("BENCH_CPROFILE_OUT")
+OUT = os.environ.get("BENCH_CPROFILE_OUT")  # one file per process: OUT.<pid>
 
 if OUT and "serve" in sys.argv:
     import cProfile
@@ -29,7 +29,7 @@ if OUT and "serve" in sys.argv:
 
     def _write(*_: object) -> None:  # on the main thread: signal handlers run there
         _profile.disable()
-        _profile.dump_stats(OUT)
+        _profile.dump_stats(f"{OUT}.{os.getpid()}")
         _profile.enable()
 
     def _tick() -> None:

@@ -257,7 +257,7 @@ class SafeFetcher:
         """POST ``content`` to ``url`` under the same rules (pinned to the checked address, no
         redirect followed: a 3xx is the answer) within ``timeout_s``; return the status code.
         At most ``max_answer_bytes`` of the answer are kept, and then dropped (the transport
-        hands it up in reads of what has arrived, up to ``callbacks.http.READ_CHUNK_BYTES``
+        hands it up in reads of what has arrived, up to ``callbacks.transport.READ_CHUNK_BYTES``
         each: one read may hold that much more for a moment)."""
         parsed = self._parse(url)
         try:

@@ -111,7 +111,7 @@ class StepRunner:
         retry_backoff_s: float,
         max_lost_leases: int,
         now: Callable[[], float],
-        concurrency: int = 32,
+        concurrency: int = 128,
         backlog: int = 10_000,
         rng: random.Random | None = None,
     ) -> None:

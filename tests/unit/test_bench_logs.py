@@ -15,6 +15,7 @@ def test_warnings_and_errors_are_found_in_console_and_json_lines(tmp_path: Path)
         json.dumps({"event": "transition", "level": "info", "task_id": "tsk_1"}),
         json.dumps({"event": "step_failed", "level": "error", "task_id": "tsk_2"}),
         json.dumps({"event": "submit_retry", "level": "warning"}),
+        json.dumps({"event": "step_crashed", "level": "error", "exception": "Traceback ..."}),
         "{not json",
         "Traceback (most recent call last):",
     ]
@@ -23,5 +24,6 @@ def test_warnings_and_errors_are_found_in_console_and_json_lines(tmp_path: Path)
     assert scan_logs({"hookline": log}) == {
         "warning: submit_retry": 2,
         "error: step_failed": 1,
-        "traceback": 1,
+        "error: step_crashed": 1,
+        "traceback": 2,
     }

@@ -78,6 +78,18 @@ def test_auto_logs_console_lines_on_a_terminal_and_json_elsewhere(
         }
 
 
+def test_auto_with_no_stderr_logs_json_lines_to_stdout(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stderr", None)
+    configure_logging("info", "auto")
+    try:
+        structlog.get_logger("t").info("transition", task_id="tsk_1")
+    finally:
+        structlog.reset_defaults()
+    assert json.loads(capsys.readouterr().out.strip())["task_id"] == "tsk_1"
+
+
 def test_a_watch_link_in_a_log_line_loses_its_token() -> None:
     event = redact(None, "info", {"url": "https://h/v1/tasks/tsk_1?watch=1767225600.0.abcDEF"})
     assert event["url"] == "https://h/v1/tasks/tsk_1?watch=[redacted]"

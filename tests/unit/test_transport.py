@@ -300,8 +300,9 @@ async def test_every_way_out_names_hookline_as_its_user_agent() -> None:
             client, allow_hosts={base.removeprefix("http://")}, max_bytes=100, timeout_s=5
         )
         await fetch.fetch(f"{base}/out.json", accept_image=False)
+        await (await client.exchange("GET", f"{base}/x", headers={"user-agent": "mine"})).aclose()
     agents = [[v for v in head.split("\r\n") if v.startswith("user-agent:")] for head in seen]
-    assert agents == [["user-agent: hookline"]] * 3
+    assert agents == [["user-agent: hookline"]] * 3 + [["user-agent: mine"]]
 
 
 STACKED = (
