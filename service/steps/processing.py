@@ -79,6 +79,10 @@ DATA_URI_MAX_BYTES: Final = 256_000
 # "always", by URL (the provider reaches hookline's files by another route); "never", inline.
 InputsByUrl = Literal["auto", "always", "never"]
 UPLOAD_REFS_KEPT: Final = 4096  # uploads whose provider-ready key and size a process remembers
+# uploads whose data URI a process keeps (each at most DATA_URI_MAX_BYTES as base64: ~11 MB):
+# every task sending one of them inline shares the one string instead of reading, checking and
+# encoding the upload again and holding its own copy while its submit is in flight
+UPLOAD_URIS_KEPT: Final = 32
 MIN_INPUT_URL_TTL_S: Final = 600  # a stored input's signed URL lasts the attempt, at least this
 SUBMIT_TOKEN_WAIT_S: Final = 2.0  # a submit waits this long for a quota token, else hands back
 QUEUE_RECHECK_S: Final = 1.0  # a task waiting for a slot of its provider is offered again after
@@ -128,6 +132,7 @@ class ProcessingStep:
         # (upload, limits) -> (the key the provider gets, its size): uploads never change, so
         # once an upload was looked at for some limits, a task sending it by URL reads nothing
         self._upload_refs: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
+        self._upload_uris: OrderedDict[tuple[str, str], str] = OrderedDict()  # same key: URI
         self.rng = rng or random.Random()
 
     async def ready(self, task: Task, now: float) -> bool:
@@ -296,6 +301,10 @@ class ProcessingStep:
             if known is not None and self._by_url(limits, known[1]):
                 self._upload_refs.move_to_end(seen)
                 return await self.blobs.url(known[0], ttl_s)
+            inline = self._upload_uris.get(seen)
+            if inline is not None and known is not None and not self._by_url(limits, known[1]):
+                self._upload_uris.move_to_end(seen)
+                return inline
             key, data = await self._upload_for(item["upload"], limits)
             self._upload_refs[seen] = (key, len(data))
             if len(self._upload_refs) > UPLOAD_REFS_KEPT:
@@ -316,7 +325,12 @@ class ProcessingStep:
         if self._by_url(limits, len(data)):
             # a few hundred bytes instead of the image, in the submit and every echo of it
             return await self.blobs.url(key, ttl_s)
-        return f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
+        inline = f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
+        if "upload" in item:
+            self._upload_uris[(item["upload"], _variant(limits))] = inline
+            if len(self._upload_uris) > UPLOAD_URIS_KEPT:
+                self._upload_uris.popitem(last=False)
+        return inline
 
     def _by_url(self, limits: Limits, size: int) -> bool:
         """Whether a stored input of ``size`` bytes goes to the provider by URL: always when
