@@ -71,6 +71,17 @@ def fetcher(base: str, timeout_s: float = 5.0) -> SafeFetcher:
     return SafeFetcher(None, allow_hosts={host}, max_bytes=100_000, timeout_s=timeout_s)
 
 
+async def fetch_refused(base: str, path: str, headers: dict[str, str] | None = None) -> FetchError:
+    """The ``FetchError`` a fetch of ``base + path`` (allow-listed) ends with."""
+    fetch = fetcher(base)
+    try:
+        with pytest.raises(FetchError) as caught:
+            await fetch.fetch(f"{base}{path}", headers=headers)
+    finally:
+        await fetch.aclose()
+    return caught.value
+
+
 @pytest.mark.parametrize("raw", [MALFORMED, BAD_STATUS], ids=["header", "status line"])
 async def test_a_malformed_answer_is_a_transport_error(raw: bytes) -> None:
     async with peer(answering(raw)) as base, new_client(timeout=5) as client:
@@ -84,25 +95,15 @@ async def test_a_malformed_answer_is_a_transport_error(raw: bytes) -> None:
 @pytest.mark.parametrize("raw", [MALFORMED, BAD_STATUS, CUT_OFF], ids=["header", "status", "cut"])
 async def test_the_fetcher_reports_a_broken_peer_as_unreachable_and_retryable(raw: bytes) -> None:
     async with peer(answering(raw)) as base:
-        fetch = fetcher(base)
-        try:
-            with pytest.raises(FetchError) as caught:
-                await fetch.fetch(f"{base}/in.png", headers={"x-key": SECRET})
-        finally:
-            await fetch.aclose()
-    assert caught.value.code == "url_unreachable" and caught.value.retryable
-    assert SECRET not in caught.value.message
+        error = await fetch_refused(base, "/in.png", headers={"x-key": SECRET})
+    assert error.code == "url_unreachable" and error.retryable
+    assert SECRET not in error.message
 
 
 async def test_a_peer_that_hangs_up_is_not_a_timeout() -> None:
     async with peer(hang_up) as base:
-        fetch = fetcher(base)
-        try:
-            with pytest.raises(FetchError) as caught:
-                await fetch.fetch(f"{base}/in.png")
-        finally:
-            await fetch.aclose()
-    assert caught.value.code == "url_unreachable", caught.value.message
+        error = await fetch_refused(base, "/in.png")
+    assert error.code == "url_unreachable", error.message
 
 
 async def test_a_refused_connection_is_a_connect_error() -> None:
@@ -319,13 +320,8 @@ async def test_a_header_sent_on_two_lines_reads_as_both_values() -> None:
         direct = await client.exchange("GET", f"{base}/out.png", headers={})
         await direct.aclose()
         assert direct.headers["content-encoding"] == "identity, gzip"
-        fetch = fetcher(base)
-        try:
-            with pytest.raises(FetchError) as refused:
-                await fetch.fetch(f"{base}/out.png")
-        finally:
-            await fetch.aclose()
-    assert refused.value.code == "unsupported_encoding"
+        refused = await fetch_refused(base, "/out.png")
+    assert refused.code == "unsupported_encoding"
 
 
 async def test_a_closed_client_sends_nothing() -> None:
