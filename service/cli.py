@@ -189,11 +189,11 @@ def tune_malloc(libc: Any = None) -> bool:
     glibc gives a thread that finds the arenas busy an arena of its own, up to eight per core,
     and memory freed in one stays with it: the database thread, the log writer and the worker
     pool each kept the high-water mark of what they had held (a burst's input files, decoded
-    images). With two, PSS per waiting task in bench_e2e fell from 6.9-9.5 to 3.6-3.8 KiB, at
-    less CPU per task (bench/RESULTS.md). Called before any thread starts; an operator's own
-    ``MALLOC_ARENA_MAX`` wins; a C library without ``mallopt`` (musl's ignores it, macOS has
-    none) changes nothing. True when the limit was set."""
-    if "MALLOC_ARENA_MAX" in os.environ:
+    images). With two, PSS per waiting task in bench_e2e fell from 6.9-9.5 to 3.3-6.5 KiB, at
+    no more CPU per task (bench/RESULTS.md). Called before any thread starts; an operator's own
+    limit (``MALLOC_ARENA_MAX``, or ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``) wins; a C
+    library without ``mallopt`` (musl, macOS) changes nothing. True when the limit was set."""
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         mallopt = (libc if libc is not None else ctypes.CDLL(None)).mallopt

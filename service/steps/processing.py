@@ -79,9 +79,10 @@ DATA_URI_MAX_BYTES: Final = 256_000
 # "always", by URL (the provider reaches hookline's files by another route); "never", inline.
 InputsByUrl = Literal["auto", "always", "never"]
 UPLOAD_REFS_KEPT: Final = 4096  # uploads whose provider-ready key and size a process remembers
-# uploads whose data URI a process keeps (each at most DATA_URI_MAX_BYTES as base64: ~11 MB):
-# every task sending one of them inline shares the one string instead of reading, checking and
-# encoding the upload again and holding its own copy while its submit is in flight
+# uploads whose data URI a process keeps (each of at most DATA_URI_MAX_BYTES, 341 KB as base64:
+# 11 MB at most): every task sending one of them inline shares the one string instead of
+# reading, checking and encoding the upload again and holding a copy of its own (each submit
+# still makes its own JSON body)
 UPLOAD_URIS_KEPT: Final = 32
 MIN_INPUT_URL_TTL_S: Final = 600  # a stored input's signed URL lasts the attempt, at least this
 SUBMIT_TOKEN_WAIT_S: Final = 2.0  # a submit waits this long for a quota token, else hands back
@@ -296,28 +297,55 @@ class ProcessingStep:
         limits = provider.limits
         ttl_s = max(MIN_INPUT_URL_TTL_S, int(self.timings.for_task(task).ai_hard_cap_s))
         if "upload" in item:
-            seen = (item["upload"], _variant(limits))
-            known = self._upload_refs.get(seen)
-            if known is not None and self._by_url(limits, known[1]):
-                self._upload_refs.move_to_end(seen)
-                return await self.blobs.url(known[0], ttl_s)
-            inline = self._upload_uris.get(seen)
-            if inline is not None and known is not None and not self._by_url(limits, known[1]):
-                self._upload_uris.move_to_end(seen)
-                return inline
-            key, data = await self._upload_for(item["upload"], limits)
+            return await self._upload_ref(item["upload"], limits, ttl_s)
+        url = item["url"]
+        fetched = await self.input_fetcher.fetch(url)
+        fits = await asyncio.to_thread(_conforms, fetched.data, limits)
+        if fits and fetched.final_url == url and self.input_fetcher.reachable_by_anyone(url):
+            return url  # the provider fetches it itself, as we just did
+        data = await self._prepare(fetched.data, limits)
+        key = f"inputs/{task.id}/{index}.{_extension(data)}"
+        await self.blobs.put(key, data, _content_type(data))
+        return await self._stored_ref(key, data, limits, ttl_s)
+
+    async def _upload_ref(self, upload: str, limits: Limits, ttl_s: int) -> str:
+        """An upload's reference for ``limits``, looked at once per process: then every task
+        gets its URL without a read, or shares its one data URI. The first task of a burst
+        makes it; the others wait for it instead of each reading and encoding their own."""
+        seen = (upload, _variant(limits))
+        known = await self._known_ref(seen, limits, ttl_s)
+        if known is not None:
+            return known
+        async with self._preparing.hold(f"ref:{upload}:{seen[1]}"):
+            known = await self._known_ref(seen, limits, ttl_s)
+            if known is not None:
+                return known
+            key, data = await self._upload_for(upload, limits)
             self._upload_refs[seen] = (key, len(data))
             if len(self._upload_refs) > UPLOAD_REFS_KEPT:
                 self._upload_refs.popitem(last=False)
-        else:
-            url = item["url"]
-            fetched = await self.input_fetcher.fetch(url)
-            fits = await asyncio.to_thread(_conforms, fetched.data, limits)
-            if fits and fetched.final_url == url and self.input_fetcher.reachable_by_anyone(url):
-                return url  # the provider fetches it itself, as we just did
-            data = await self._prepare(fetched.data, limits)
-            key = f"inputs/{task.id}/{index}.{_extension(data)}"
-            await self.blobs.put(key, data, _content_type(data))
+            ref = await self._stored_ref(key, data, limits, ttl_s)
+            if ref.startswith("data:"):
+                self._upload_uris[seen] = ref
+                if len(self._upload_uris) > UPLOAD_URIS_KEPT:
+                    self._upload_uris.popitem(last=False)
+            return ref
+
+    async def _known_ref(self, seen: tuple[str, str], limits: Limits, ttl_s: int) -> str | None:
+        """The reference of an upload this process has looked at for these limits, if any."""
+        known = self._upload_refs.get(seen)
+        if known is None:
+            return None
+        self._upload_refs.move_to_end(seen)
+        if self._by_url(limits, known[1]):
+            return await self.blobs.url(known[0], ttl_s)
+        inline = self._upload_uris.get(seen)
+        if inline is not None:
+            self._upload_uris.move_to_end(seen)
+        return inline
+
+    async def _stored_ref(self, key: str, data: bytes, limits: Limits, ttl_s: int) -> str:
+        """A stored input's reference: its signed URL or its data URI (``_by_url``)."""
         if self._blob_urls_public is None and self.inputs_by_url == "auto":
             # a property of the blob store: decided once, on the first stored input's URL
             url = await self.blobs.url(key, ttl_s)
@@ -325,12 +353,7 @@ class ProcessingStep:
         if self._by_url(limits, len(data)):
             # a few hundred bytes instead of the image, in the submit and every echo of it
             return await self.blobs.url(key, ttl_s)
-        inline = f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
-        if "upload" in item:
-            self._upload_uris[(item["upload"], _variant(limits))] = inline
-            if len(self._upload_uris) > UPLOAD_URIS_KEPT:
-                self._upload_uris.popitem(last=False)
-        return inline
+        return f"data:{_content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
     def _by_url(self, limits: Limits, size: int) -> bool:
         """Whether a stored input of ``size`` bytes goes to the provider by URL: always when

@@ -227,13 +227,15 @@ async def test_a_stored_input_goes_by_url_when_the_provider_can_fetch_it(
             assert data_uri_bytes(ref) == ("image/jpeg", await hl.runtime.blobs.get(upload))
 
 
+@pytest.mark.parametrize("burst", [False, True], ids=["one by one", "at once"])
 @pytest.mark.parametrize("mode", ["always", "never"])
 async def test_an_upload_is_read_once_per_process_by_url_or_inline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, burst: bool
 ) -> None:
     """Uploads never change: once a process knows which key of an upload a provider gets (and
     its size), a task sending it by URL reads nothing, and tasks sending it inline share one
-    data URI (one string, not a copy of hundreds of KB per submit in flight)."""
+    data URI (one string, not a copy of hundreds of KB per submit in flight), also when they
+    all start at once (the first makes it, the others wait for it)."""
     async with running_hookline(tmp_path, inputs_by_url=mode) as hl:
         manual = await install_manual_provider(hl)
         key = await hl.create_user("alice")
@@ -247,7 +249,13 @@ async def test_an_upload_is_read_once_per_process_by_url_or_inline(
             return await real_get(blob_key)
 
         monkeypatch.setattr(blobs, "get", counted_get)
-        for n in range(1, 4):
+        if burst:
+            three = [{"upload": upload}] * 3
+            await asyncio.gather(
+                *(hl.create_task(key, provider="manual", inputs=[i]) for i in three)
+            )
+            await submitted(hl, manual, 3)
+        for n in range(1, 4) if not burst else ():
             await hl.create_task(key, provider="manual", inputs=[{"upload": upload}])
             await submitted(hl, manual, n)
         assert read == [upload]

@@ -3,8 +3,6 @@ from the parts they configure; comma-separated settings read as typed sets and l
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 from pydantic import ValidationError
 
@@ -146,28 +144,3 @@ def test_the_outbound_pool_has_a_connection_for_every_step_and_delivery(
 
     limits = outbound_limits(settings(step_concurrency=steps, webhook_concurrency=deliveries))
     assert limits.max_connections is not None and limits.max_connections > steps + deliveries
-
-
-class _Libc:
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []
-
-    def mallopt(self, param: int, value: int) -> int:
-        self.calls.append((param, value))
-        return 1
-
-
-def test_serve_limits_the_c_librarys_arenas_unless_the_operator_did(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from service.cli import M_ARENA_MAX, MALLOC_ARENAS, tune_malloc
-
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    libc = _Libc()
-    assert tune_malloc(libc) and libc.calls == [(M_ARENA_MAX, MALLOC_ARENAS)]
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert not tune_malloc(libc) and len(libc.calls) == 1
-    monkeypatch.delenv("MALLOC_ARENA_MAX")
-    assert not tune_malloc(object())  # no mallopt (macOS): nothing to do, no error
-    if platform.libc_ver()[0] == "glibc":
-        assert tune_malloc()  # this machine's own C library takes it
