@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Final, Protocol
 
 import aiohttp
@@ -95,22 +95,16 @@ class _TranslatedStream(httpx.AsyncByteStream):
         timeouts = request.extensions.get("timeout") or {}
         self._read_s: float | None = timeouts.get("read")
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
         chunks = aiter(self._inner)
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(self._read_s):
-                        chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise httpx.ReadTimeout(
-                        "no data within the read timeout (a stalled body)", request=self._request
-                    ) from None
-                yield chunk
-        except (httpx.HTTPError, aiohttp.ClientError) as exc:
-            raise _translated(exc, self._request) from None
+
+        async def next_piece() -> bytes:
+            try:
+                return await anext(chunks)
+            except StopAsyncIteration:
+                return b""
+
+        return _timed_pieces(next_piece, self._read_s, lambda: self._request)
 
     async def aclose(self) -> None:
         response = self._owner()
@@ -123,6 +117,30 @@ class _TranslatedStream(httpx.AsyncByteStream):
 
 
 _CLOSED: Final = httpx.ByteStream(b"")  # the stream of a closed response (``_Transport``)
+
+
+async def _timed_pieces(
+    next_piece: Callable[[], Awaitable[bytes]],
+    read_s: float | None,
+    request: Callable[[], httpx.Request | None],
+) -> AsyncIterator[bytes]:
+    """A body's pieces from ``next_piece`` until an empty one, each within ``read_s`` (see
+    ``_TranslatedStream``), every aiohttp error leaving as httpx's; ``request`` names the
+    request in an error (made only then)."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(read_s):
+                    piece = await next_piece()
+            except TimeoutError:
+                raise httpx.ReadTimeout(
+                    "no data within the read timeout (a stalled body)", request=request()
+                ) from None
+            if not piece:
+                return
+            yield piece
+    except (httpx.HTTPError, aiohttp.ClientError) as exc:
+        raise _translated(exc, request()) from None
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -171,8 +189,8 @@ def new_client(
     No cookies: neither library's jar keeps what an answer sets, so nothing is sent back. One
     client fetches every user's URLs: a jar would hand a cookie one user's host set to the
     next task fetching from it, and no provider API needs one. Both jars also cost CPU on
-    every answer (httpx's built a ``urllib`` request and response for each, about 4 % of the
-    loop's time, bench/RESULTS.md).
+    every answer (httpx's built a ``urllib`` request and response for each: 4 % of the loop
+    thread's time under cProfile, bench/RESULTS.md).
 
     ``verify``: the TLS context servers are checked with (default: the system's CAs, through
     httpx's ``create_ssl_context``)."""
@@ -279,23 +297,11 @@ class DirectAnswer:
         # fetcher refuses a stacked Content-Encoding; aiohttp's .get gives the first line only)
         self.headers: Mapping[str, str] = httpx.Headers(response.raw_headers)
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
+    def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body in pieces of whatever has arrived, up to ``READ_CHUNK_BYTES`` each, each
-        within the read timeout (see ``_TranslatedStream``)."""
+        within the read timeout."""
         body = self._response.content
-        while True:
-            try:
-                async with asyncio.timeout(self._read_s):
-                    chunk = await body.read(READ_CHUNK_BYTES)
-            except TimeoutError:
-                raise httpx.ReadTimeout(
-                    "no data within the read timeout (a stalled body)", request=self._request()
-                ) from None
-            except aiohttp.ClientError as exc:
-                raise _translated(exc, self._request()) from None
-            if not chunk:
-                return
-            yield chunk
+        return _timed_pieces(lambda: body.read(READ_CHUNK_BYTES), self._read_s, self._request)
 
     async def aread(self) -> bytes:
         """The whole body (``aiter_raw``'s pieces joined)."""
