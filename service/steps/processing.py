@@ -129,7 +129,7 @@ class ProcessingStep:
         self.budget = budget  # shared by every fetch and decode of the process
         # one slot check-and-take at a time per provider in this process: no overshoot here
         self._slot_locks: dict[str, asyncio.Lock] = {}
-        self._preparing = KeyedLocks()  # one decode per derived input at a time
+        self._preparing = KeyedLocks()  # one look at an upload for some limits at a time
         # (upload, limits) -> (the key the provider gets, its size): uploads never change, so
         # once an upload was looked at for some limits, a task sending it by URL reads nothing
         self._upload_refs: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
@@ -369,22 +369,21 @@ class ProcessingStep:
         """An upload as the provider accepts it: the upload itself when it conforms (uploads are
         normalised when they arrive: no metadata, upright), else its one prepared copy for these
         limits (``derived/…``), made by the first task that needs it and reused by every other,
-        in this process and the next. Two tasks preparing the same copy at once in this process
-        wait for one decode; in two processes, both write the same bytes to the same key."""
+        in this process and the next. In this process one task at a time looks (``_upload_ref``
+        holds the upload's lock); in two processes, both write the same bytes to the same key."""
         data = await self.blobs.get(upload)
         if await asyncio.to_thread(_conforms, data, limits):
             return upload, data
         plan = await asyncio.to_thread(plan_decode, data, fit=limits.max_side, shrink=True)
         fmt = expected_format(plan.mode, limits.formats)
         key = derived_key(upload, _variant(limits), CONTENT_TYPES[fmt].split("/")[-1])
-        async with self._preparing.hold(key):
-            try:
-                return key, await self.blobs.get(key)
-            except NotFound:
-                pass
-            prepared = await self._prepare(data, limits)
-            await self.blobs.put(key, prepared, _content_type(prepared))
-            return key, prepared
+        try:
+            return key, await self.blobs.get(key)
+        except NotFound:
+            pass
+        prepared = await self._prepare(data, limits)
+        await self.blobs.put(key, prepared, _content_type(prepared))
+        return key, prepared
 
     async def _prepare(self, data: bytes, limits: Limits) -> bytes:
         """The input as the provider accepts it, decoded with its peak memory reserved."""

@@ -111,8 +111,8 @@ class StepRunner:
         retry_backoff_s: float,
         max_lost_leases: int,
         now: Callable[[], float],
-        concurrency: int = 128,
-        backlog: int = 10_000,
+        concurrency: int,
+        backlog: int,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
