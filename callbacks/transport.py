@@ -241,6 +241,11 @@ class OutboundClient(httpx.AsyncClient):
         )
         self._cookies = _NoCookies()  # httpx's setter would copy it into a plain jar
 
+    @property
+    def max_connections(self) -> int | None:
+        """The most connections the pool opens at once (None: aiohttp's default)."""
+        return self._direct.limits.max_connections
+
     async def exchange(
         self,
         method: str,

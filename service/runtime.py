@@ -79,16 +79,6 @@ log = structlog.get_logger()
 
 OUTPUT_MAX_BYTES = 50_000_000
 SPARE_CONNECTIONS: Final = 32  # polls, cancels, secret fetches beside the steps and deliveries
-
-
-def outbound_limits(settings: Settings) -> httpx.Limits:
-    """The shared outbound client's pool: a connection for every step and every webhook
-    delivery that may be in flight at once, and some to spare; a request waiting for a free
-    connection spends its connect timeout waiting (a submit would fail as unreachable)."""
-    total = settings.step_concurrency + settings.webhook_concurrency + SPARE_CONNECTIONS
-    return httpx.Limits(max_connections=total, max_keepalive_connections=total)
-
-
 OUTPUT_FETCH_TIMEOUT_S = 60.0
 INPUT_FETCH_TIMEOUT_S = 30.0
 # lookups of names users chose (input URLs, webhook destinations) on their own threads at once:
@@ -98,6 +88,14 @@ PROVIDER_TIMEOUT_S = 30.0
 # feed events the outbox feeder handles at once: each needs a task read and a write, which the
 # store batches when they come together (one at a time it fell behind completions)
 FEEDER_CONCURRENCY = 32
+
+
+def outbound_limits(settings: Settings) -> httpx.Limits:
+    """The shared outbound client's pool: a connection for every step and every webhook
+    delivery that may be in flight at once, and some to spare; a request waiting for a free
+    connection spends its connect timeout waiting (a submit would fail as unreachable)."""
+    total = settings.step_concurrency + settings.webhook_concurrency + SPARE_CONNECTIONS
+    return httpx.Limits(max_connections=total, max_keepalive_connections=total)
 
 
 @dataclass

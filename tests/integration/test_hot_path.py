@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from callbacks.transport import OutboundClient
 from tests.support.hookline import Hookline, running_hookline
 
 _counting: list[bool] = []
@@ -40,3 +41,15 @@ async def test_a_warm_process_imports_nothing_while_a_task_runs(tmp_path: Path) 
             _counting.clear()
         assert done["state"] == "completed"
         assert _imports == [], f"imported on the hot path: {sorted(set(_imports))}"
+
+
+async def test_the_outbound_pool_has_a_connection_for_every_step_and_delivery(
+    tmp_path: Path,
+) -> None:
+    """A request waiting for a free connection spends its connect timeout waiting (a submit
+    would fail as unreachable): the one client every step and delivery shares has a
+    connection for each, and some to spare."""
+    async with running_hookline(tmp_path, step_concurrency=300, webhook_concurrency=60) as hl:
+        http = hl.runtime.http
+        assert isinstance(http, OutboundClient)
+        assert http.max_connections is not None and http.max_connections > 300 + 60

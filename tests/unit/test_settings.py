@@ -132,15 +132,3 @@ def test_env_example_names_real_settings_and_parses(monkeypatch: pytest.MonkeyPa
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.provider_quotas["dashscope"].submits_per_s == 2
     assert settings.openai_webhook_secret is not None
-
-
-@pytest.mark.parametrize("steps, deliveries", [(128, 32), (500, 100)])
-def test_the_outbound_pool_has_a_connection_for_every_step_and_delivery(
-    steps: int, deliveries: int
-) -> None:
-    """A request waiting for a free connection spends its connect timeout waiting: the one
-    client every step and delivery shares has a connection for each, and some to spare."""
-    from service.runtime import outbound_limits
-
-    limits = outbound_limits(settings(step_concurrency=steps, webhook_concurrency=deliveries))
-    assert limits.max_connections is not None and limits.max_connections > steps + deliveries
